@@ -1,0 +1,173 @@
+"""The embedded default policy: a tiny Qwen2 with a tokenizer trained on the spot, warm-started by SFT.
+
+No download: the tokenizer is a byte-level BPE trained here with no merges (256 byte tokens +
+two specials), with digits split one per token so arithmetic sees one token per digit. The
+model is a ~1.08M-parameter Qwen2 (hidden 128, 4 layers, 2 heads of dim 64, MLP 512, tied
+embeddings). ``ensure_default_policy`` SFTs it on the addition task and saves a Hugging Face
+checkpoint (safetensors) that transformers and vLLM both load, cached by a hash of the configs.
+
+Simplifications, on purpose:
+- The BPE has no merges: with digits split and a handful of symbols, merges would buy nothing.
+- The cache key hashes the configs and ``FORMAT_VERSION``; bump the latter when the recipe
+  changes in a way the configs do not show.
+- The SFT default is chosen to land the policy at a low but non-zero held-out accuracy, so the
+  RL stage has room to show learning (see DESIGN.md, "Facts about this machine's stack").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from cluster.tasks import make_problems
+from learner.sft import SFTConfig, greedy_accuracy, train_sft
+
+FORMAT_VERSION = 1
+EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|bos|>"  # declared for architectures that expect one; prompts never carry it
+SFT_REPORT = "relay_sft.json"
+
+
+class TinyModelConfig(BaseModel):
+    """Shape of the embedded tiny Qwen2 policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: int = Field(128, ge=1, description="residual stream width")
+    num_layers: int = Field(4, ge=1, description="transformer blocks")
+    num_heads: int = Field(
+        2, ge=1, description="attention heads (and KV heads); hidden_size / num_heads must be 64 for vLLM's CPU kernel"
+    )
+    intermediate_size: int = Field(512, ge=1, description="SwiGLU MLP width")
+    max_position_embeddings: int = Field(64, ge=8, description="longest prompt + response in tokens")
+    tie_word_embeddings: bool = Field(True, description="share the input embedding and the LM head")
+    seed: int = Field(0, description="seed for the weight initialisation")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges, digits one per token; ``<|endoftext|>`` is EOS and pad."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + 2,
+        special_tokens=[EOS_TOKEN, BOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["0123456789+-*=() "], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        bos_token=BOS_TOKEN,
+        padding_side="right",
+        model_max_length=1 << 16,
+    )
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig) -> Qwen2ForCausalLM:
+    """A freshly initialised float32 Qwen2 sized by ``cfg`` over ``tokenizer``'s vocabulary."""
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"model.hidden_size {cfg.hidden_size} is not divisible by model.num_heads {cfg.num_heads}")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    torch.manual_seed(cfg.seed)
+    return Qwen2ForCausalLM(config).float()
+
+
+def policy_key(sft_cfg: SFTConfig, model_cfg: TinyModelConfig) -> str:
+    """Stable short hash of everything that determines the saved policy."""
+    blob = json.dumps(
+        {"format": FORMAT_VERSION, "sft": sft_cfg.model_dump(), "model": model_cfg.model_dump()}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ensure_default_policy(
+    cache_dir: Path,
+    sft_cfg: SFTConfig | None = None,
+    model_cfg: TinyModelConfig | None = None,
+    log: Callable[[str], object] = print,
+) -> Path:
+    """Directory of the SFT-warm-started tiny policy, building it on the first call.
+
+    The checkpoint (model + tokenizer, safetensors) and ``relay_sft.json`` (held-out greedy
+    accuracy, SFT seconds, configs) are written into a temporary sibling and renamed into
+    ``cache_dir/tiny-qwen2-<hash>``, so a directory under the final name is always complete.
+    """
+    sft_cfg = sft_cfg or SFTConfig()
+    model_cfg = model_cfg or TinyModelConfig()
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"tiny-qwen2-{policy_key(sft_cfg, model_cfg)}"
+    if (final / SFT_REPORT).is_file():
+        log(f"default policy: cached at {final}")
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
+    try:
+        _build_policy(tmp, sft_cfg, model_cfg, log)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / SFT_REPORT).is_file():  # not a concurrent builder that finished first
+                raise
+            log(f"default policy: another process built {final} first")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _build_policy(out: Path, sft_cfg: SFTConfig, model_cfg: TinyModelConfig, log: Callable[[str], object]) -> None:
+    start = time.perf_counter()
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer, model_cfg)
+    train, held_out = make_problems(sft_cfg.n_train, sft_cfg.n_eval, digits=sft_cfg.digits, seed=sft_cfg.task_seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"default policy: SFT of a {n_params / 1e6:.2f}M-param Qwen2 for {sft_cfg.steps} steps -> {out.name}")
+    stats = train_sft(model, tokenizer, [(p.prompt, p.answer) for p in train], sft_cfg, log=log)
+    accuracy = greedy_accuracy(model, tokenizer, held_out)
+    log(f"default policy: held-out greedy accuracy {accuracy:.3f} after {stats['sft/seconds']:.1f} s of SFT")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    report = {
+        "heldout_greedy_accuracy": accuracy,
+        "n_heldout": len(held_out),
+        "sft_seconds": stats["sft/seconds"],
+        "build_seconds": time.perf_counter() - start,
+        "final_loss": stats["sft/final_loss"],
+        "n_params": n_params,
+        "sft_config": sft_cfg.model_dump(),
+        "model_config": model_cfg.model_dump(),
+    }
+    (out / SFT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def read_sft_report(policy_dir: Path) -> dict:
+    """The ``relay_sft.json`` written beside a policy by ``ensure_default_policy``."""
+    return json.loads((Path(policy_dir) / SFT_REPORT).read_text())
