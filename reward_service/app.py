@@ -1,0 +1,149 @@
+"""The reward service as one Ray Serve application.
+
+One deployment per source (``source-<name>``) and an ingress deployment (``RewardIngress``) that
+validates requests, fans them out to every source concurrently, and combines the answers
+(``reward_service.combine``). Plain classes are made deployments only in ``build_app``.
+
+Simplifications: running normalisation lives in the single ingress replica (more ingress replicas
+would each keep their own statistics); a source call that raises (e.g. its replica died) fails
+the whole call so that ``RewardClient`` retries it, while per-sample problems become error results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from reward_service.combine import RunningNorm, combine, finish, validate_request
+from reward_service.config import RewardConfig, RewardSourceConfig
+from reward_service.records import RewardRequest, RewardResult, SourceScore
+from reward_service.scorers import ModelScorer, RewardEnsemble, RuleScorer
+
+INGRESS_MAX_ONGOING = 256
+"""concurrent score calls the ingress accepts (callers beyond wait in Serve's queue)"""
+
+_SCORERS = {"rule": RuleScorer, "model": ModelScorer, "ensemble": RewardEnsemble}
+
+
+class RewardIngress:
+    """Validates, fans out to the sources, combines; also the debug HTTP route."""
+
+    def __init__(self, cfg: RewardConfig, sources: dict[str, DeploymentHandle]):
+        self._cfg = cfg
+        self._sources = sources
+        self._specs = {s.name: s for s in cfg.sources}
+        self._weights = {s.name: s.weight for s in cfg.sources}
+        self._norm = RunningNorm() if cfg.normalize else None
+        self._counts: Counter[str] = Counter()
+
+    def config(self) -> RewardConfig:
+        return self._cfg
+
+    async def score(self, requests: list[Any]) -> list[RewardResult]:
+        if not isinstance(requests, list):
+            raise TypeError(f"score() takes a list of RewardRequest, got {type(requests).__name__}")
+        self._counts["calls"] += 1
+        self._counts["requests"] += len(requests)
+        checked = [validate_request(r) for r in requests]
+        valid = [r for r in checked if isinstance(r, RewardRequest)]
+        per_source = await self._fan_out(valid)
+
+        combined: list[tuple[float | None, dict[str, float], str | None]] = []
+        j = 0
+        for item in checked:
+            if isinstance(item, str):
+                self._counts["invalid"] += 1
+                self._counts["errors"] += 1
+                combined.append((None, {}, item))
+                continue
+            scores = {name: per_source[name][j] for name in per_source}
+            j += 1
+            reward, components, error, non_finite = combine(item, scores, self._weights)
+            if non_finite:
+                self._counts["excluded"] += 1
+            elif error is not None:
+                self._counts["errors"] += 1
+            combined.append((reward, components, error))
+        return finish(combined, self._norm, self._cfg.clip)
+
+    async def _fan_out(self, requests: list[RewardRequest]) -> dict[str, list[SourceScore]]:
+        """Every source's scores for ``requests``; model sources get chunks of max_batch_size so that
+        several replicas share a large call."""
+        if not requests:
+            return {name: [] for name in self._sources}
+        calls: dict[str, list] = {}
+        for name, handle in self._sources.items():
+            spec = self._specs[name]
+            size = len(requests) if spec.kind == "rule" else spec.max_batch_size
+            calls[name] = [handle.score.remote(requests[i:i + size]) for i in range(0, len(requests), size)]
+        names = list(calls)
+        chunks = await asyncio.gather(*(asyncio.gather(*calls[n]) for n in names))
+        return {n: [s for chunk in parts for s in chunk] for n, parts in zip(names, chunks, strict=True)}
+
+    async def stats(self) -> dict[str, float]:
+        """Ingress counters plus model-source counters summed over live replicas."""
+        out = {k: float(self._counts[k]) for k in ("calls", "requests", "invalid", "errors", "excluded")}
+        out.update(truncated=0.0, batches=0.0, batched_items=0.0, max_batch_size_seen=0.0)
+        for replicas in (await self.source_stats()).values():
+            for st in replicas:
+                out["truncated"] += st.get("truncated", 0)
+                out["batches"] += st.get("batches", 0)
+                out["batched_items"] += st.get("items", 0)
+                out["max_batch_size_seen"] = max(out["max_batch_size_seen"], st.get("max_batch_size_seen", 0))
+        return out
+
+    async def source_stats(self) -> dict[str, list[dict]]:
+        """Per source, the stats() of each live replica."""
+        names = list(self._sources)
+        results = await asyncio.gather(
+            *(self._sources[n].broadcast("stats").results_async(return_exceptions=True) for n in names))
+        return {n: [r for r in rs if isinstance(r, dict)] for n, rs in zip(names, results, strict=True)}
+
+    async def __call__(self, http_request) -> Any:
+        """POST {"requests": [{"prompt", "response", "metadata"}]} -> {"results": [...]}."""
+        from starlette.responses import JSONResponse
+
+        try:
+            body = await http_request.json()
+        except ValueError as exc:
+            return JSONResponse({"error": f"body is not JSON: {exc}"}, status_code=400)
+        if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
+            return JSONResponse({"error": 'expected {"requests": [{"prompt": ..., "response": ..., '
+                                          '"metadata": {...}}, ...]}'}, status_code=400)
+        results = await self.score(body["requests"])
+        return JSONResponse({"results": [dataclasses.asdict(r) for r in results]})
+
+
+def source_deployment_name(name: str) -> str:
+    return f"source-{name}"
+
+
+def _source_options(src: RewardSourceConfig) -> dict:
+    opts: dict[str, Any] = {
+        "name": source_deployment_name(src.name),
+        "ray_actor_options": {"num_cpus": src.num_cpus, "num_gpus": src.num_gpus},
+        # A replica can only fill a batch of max_batch_size if it accepts that many calls at once.
+        "max_ongoing_requests": max(16, 4 * src.max_batch_size),
+    }
+    if src.autoscaling is not None:
+        opts["autoscaling_config"] = src.autoscaling.model_dump()
+    else:
+        opts["num_replicas"] = src.num_replicas or 1
+    return opts
+
+
+def build_app(cfg: RewardConfig) -> serve.Application:
+    """The Serve application for ``cfg``: one deployment per source plus the ingress."""
+    sources = {
+        src.name: serve.deployment(_SCORERS[src.kind]).options(**_source_options(src)).bind(src)
+        for src in cfg.sources
+    }
+    ingress = serve.deployment(RewardIngress).options(
+        name="RewardIngress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus})
+    return ingress.bind(cfg, sources)

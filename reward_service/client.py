@@ -1,0 +1,97 @@
+"""The driver's entry point to the reward service.
+
+``RewardClient.deploy(cfg)`` starts Serve (HTTP on cfg.http_host:cfg.http_port) and runs the app;
+``score`` goes through the ingress DeploymentHandle with a per-call timeout and retries the whole
+call when a replica dies or the call times out (Serve replaces dead replicas meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from reward_service.app import build_app
+from reward_service.config import RewardConfig
+from reward_service.records import RewardRequest, RewardResult
+
+logger = logging.getLogger(__name__)
+
+RETRY_BACKOFF_S = 0.5
+"""sleep before retry k is k * RETRY_BACKOFF_S"""
+
+
+class RewardServiceError(RuntimeError):
+    """A score call failed on every attempt."""
+
+
+class RewardClient:
+    def __init__(self, handle: DeploymentHandle, cfg: RewardConfig, app_name: str):
+        self._handle = handle
+        self.cfg = cfg
+        self.app_name = app_name
+
+    @classmethod
+    def deploy(cls, cfg: RewardConfig, app_name: str = "relay-reward") -> RewardClient:
+        """Start Serve (if needed) and run the reward app; ``ray.init()`` is the caller's job."""
+        if cfg.http_enabled:
+            serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+            route_prefix: str | None = f"/{app_name}"
+        else:
+            serve.start(proxy_location="Disabled")
+            route_prefix = None
+        handle = serve.run(build_app(cfg), name=app_name, route_prefix=route_prefix)
+        logger.info("reward service %r running with sources %s", app_name, [s.name for s in cfg.sources])
+        return cls(handle, cfg, app_name)
+
+    @classmethod
+    def connect(cls, app_name: str = "relay-reward") -> RewardClient:
+        """Attach to an app that is already running (its config is read back from the ingress)."""
+        handle = serve.get_app_handle(app_name)
+        cfg = handle.config.remote().result(timeout_s=30)
+        return cls(handle, cfg, app_name)
+
+    @property
+    def url(self) -> str:
+        """The debug HTTP route (POST JSON there)."""
+        return f"http://{self.cfg.http_host}:{self.cfg.http_port}/{self.app_name}"
+
+    def score(self, requests: list[RewardRequest]) -> list[RewardResult]:
+        """One RewardResult per request, in order. Raises RewardServiceError after max_retries retries."""
+        last: Exception | None = None
+        for attempt in range(self.cfg.max_retries + 1):
+            if attempt:
+                time.sleep(RETRY_BACKOFF_S * attempt)
+            try:
+                return self._handle.score.remote(requests).result(timeout_s=self.cfg.timeout_s)
+            except (ray.exceptions.RayError, TimeoutError) as exc:  # replica death, actor errors, timeouts
+                last = exc
+                logger.warning("reward call failed (attempt %d/%d): %s", attempt + 1,
+                               self.cfg.max_retries + 1, _first_line(exc))
+        raise RewardServiceError(
+            f"reward service {self.app_name!r}: score of {len(requests)} requests failed "
+            f"{self.cfg.max_retries + 1} times (timeout_s={self.cfg.timeout_s}); last error: {_first_line(last)}"
+        ) from last
+
+    def stats(self) -> dict[str, float]:
+        """Counters: calls, requests, invalid, errors, excluded (NaN/inf), truncated, batches,
+        batched_items, max_batch_size_seen (model counters are summed over live replicas)."""
+        return self._handle.stats.remote().result(timeout_s=self.cfg.timeout_s)
+
+    def source_stats(self) -> dict[str, list[dict]]:
+        """Per source, each live replica's own stats (batch sizes seen, truncation, ...)."""
+        return self._handle.source_stats.remote().result(timeout_s=self.cfg.timeout_s)
+
+    def shutdown(self) -> None:
+        """Delete this app; stop Serve too if no other application is left."""
+        serve.delete(self.app_name)
+        if not serve.status().applications:
+            serve.shutdown()
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc) if exc is not None else "none"
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
