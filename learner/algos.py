@@ -626,7 +626,7 @@ def rwr_weights(rewards: Tensor, beta: float = 1.0, top_fraction: float | None =
 
     rewards: (B,) -> detached (B,). Multiply per-sequence SFT losses by these.
     """
-    r = rewards.detach().float()
+    r = rewards.detach() if rewards.is_floating_point() else rewards.float()
     z = (r - r.mean()) / (r.std() + 1e-8) if r.numel() > 1 else torch.zeros_like(r)
     logits = z / beta
     if top_fraction is not None:
