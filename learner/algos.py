@@ -533,7 +533,7 @@ def value_loss(
     """
     sq = (values - returns) ** 2
     if clip is None:
-        return aggregate_loss(0.5 * sq, mask, agg_mode, loss_norm_constant), torch.zeros(())
+        return aggregate_loss(0.5 * sq, mask, agg_mode, loss_norm_constant), values.new_zeros(())
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     sq_clipped = (v_clipped - returns) ** 2
     frac = masked_mean((sq_clipped > sq).float(), mask).detach()
