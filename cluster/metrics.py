@@ -344,3 +344,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 break
             raise ValueError(f"{path}:{number} is not valid JSON") from None
     return records
+
+
+def markdown_table() -> str:
+    """The registry as the Markdown table in deploy/README.md (a test keeps the two equal)."""
+    rows = ["| key | Prometheus (as scraped) | kind | labels | description |", "|---|---|---|---|---|"]
+    for spec in METRICS.values():
+        labels = ", ".join(f"`{tag}`" for tag in spec.all_tag_keys)
+        rows.append(f"| `{spec.key}` | `{spec.exported_name}` | {spec.kind} | {labels} | {spec.description} |")
+    return "\n".join(rows)

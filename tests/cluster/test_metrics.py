@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.metrics import METRICS, JsonlLogger, MetricSink, flat_key, lookup, read_jsonl, split_key
+from cluster.metrics import METRICS, JsonlLogger, MetricSink, flat_key, lookup, markdown_table, read_jsonl, split_key
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "relay.json"
@@ -199,3 +199,10 @@ def test_alert_exprs_use_registered_metrics():
     names = relay_names_in(text)
     assert "ray_relay_system_heartbeat_timestamp_seconds" in names
     assert names <= exported_names(), sorted(names - exported_names())
+
+
+def test_readme_metrics_table_matches_registry():
+    text = (DEPLOY / "README.md").read_text()
+    start = text.index("-->", text.index("<!-- metrics table")) + len("-->")
+    table = text[start:text.index("<!-- end metrics table -->")].strip()
+    assert table == markdown_table(), "regenerate: python -c 'from cluster.metrics import markdown_table; ...'"
