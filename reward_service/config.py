@@ -163,4 +163,8 @@ class RewardModelTrainConfig(BaseModel):
     epochs: int = Field(2, ge=1, description="passes over the training pairs")
     batch_size: int = Field(32, ge=1, description="pairs per optimiser step")
     margin: float | None = Field(None, description="optional Bradley-Terry margin (see learner.algos)")
+    freeze_embeddings: bool = Field(True, description="keep the backbone's token embeddings fixed (fewer updated "
+                                                      "parameters: faster steps, less overfitting on small data)")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads; more than the free cores slows "
+                                                    "training sharply on a shared CPU")
     seed: int = Field(0, description="seed of data generation, split and initialisation")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from collections import Counter
 
 from ray import serve
@@ -38,7 +39,7 @@ class RuleScorer:
         return out
 
     def stats(self) -> dict:
-        return {"calls": self._calls, "errors": self._errors}
+        return {"calls": self._calls, "errors": self._errors, "pid": os.getpid()}
 
 
 class _BatchedScorer:
@@ -75,6 +76,7 @@ class _BatchedScorer:
             "max_batch_size_seen": max(self._batch_sizes, default=0),
             "batch_sizes": dict(self._batch_sizes),
             "truncated": self._truncated,
+            "pid": os.getpid(),
         }
 
 
