@@ -171,3 +171,37 @@ def _build_policy(out: Path, sft_cfg: SFTConfig, model_cfg: TinyModelConfig, log
 def read_sft_report(policy_dir: Path) -> dict:
     """The ``relay_sft.json`` written beside a policy by ``ensure_default_policy``."""
     return json.loads((Path(policy_dir) / SFT_REPORT).read_text())
+
+
+def check_vllm_loads(policy_dir: Path, prompt: str = "23+58=", log: Callable[[str], object] = print) -> None:
+    """Load ``policy_dir`` in vLLM (CPU) and in transformers; both greedy completions of ``prompt`` must agree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # local: vLLM is heavy and optional here
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(
+        model=str(policy_dir),
+        dtype="float32",
+        max_model_len=64,  # = max_position_embeddings
+        kv_cache_memory_bytes=64 << 20,  # CPU default is 4 GiB (VLLM_CPU_KVCACHE_SPACE); 64 MiB = 16k tokens here
+        seed=0,
+    )
+    log(f"vLLM engine start {time.perf_counter() - start:.1f} s")
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4))[0].outputs[0]
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    hf = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    hf_ids = hf[0, ids["input_ids"].shape[1] :].tolist()
+    log(f"vLLM {prompt!r} -> {out.text!r} {list(out.token_ids)}; transformers -> {tokenizer.decode(hf_ids)!r} {hf_ids}")
+    if list(out.token_ids) != hf_ids[: len(out.token_ids)]:
+        raise AssertionError("vLLM and transformers greedy completions differ")
+
+
+if __name__ == "__main__":
+    # python -m learner.bootstrap [CACHE_DIR]: build (or reuse) the default policy, then check vLLM loads it.
+    import sys
+
+    torch.set_num_threads(1)  # 2 threads crawl when other processes share this machine's 2 cores
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    check_vllm_loads(ensure_default_policy(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/relay-policies")))
