@@ -100,9 +100,8 @@ class RewardIngress:
     async def source_stats(self) -> dict[str, list[dict]]:
         """Per source, the stats() of each live replica."""
         names = list(self._sources)
-        results = await asyncio.gather(
-            *(self._sources[n].broadcast("stats").results_async(return_exceptions=True) for n in names))
-        return {n: [r for r in rs if isinstance(r, dict)] for n, rs in zip(names, results, strict=True)}
+        results = await asyncio.gather(*(_replica_stats(self._sources[n]) for n in names))
+        return dict(zip(names, results, strict=True))
 
     async def __call__(self, http_request) -> Any:
         """POST {"requests": [{"prompt", "response", "metadata"}]} -> {"results": [...]}."""
@@ -117,6 +116,15 @@ class RewardIngress:
                                           '"metadata": {...}}, ...]}'}, status_code=400)
         results = await self.score(body["requests"])
         return JSONResponse({"results": [dataclasses.asdict(r) for r in results]})
+
+
+async def _replica_stats(handle: DeploymentHandle) -> list[dict]:
+    """stats() of every live replica; replicas that are down (e.g. restarting) are left out."""
+    try:
+        results = await handle.broadcast("stats").results_async(return_exceptions=True)
+    except Exception:  # noqa: BLE001 - no replica available right now (DeploymentUnavailableError)
+        return []
+    return [r for r in results if isinstance(r, dict)]
 
 
 def source_deployment_name(name: str) -> str:

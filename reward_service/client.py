@@ -33,6 +33,8 @@ class RewardClient:
         self._handle = handle
         self.cfg = cfg
         self.app_name = app_name
+        self.retries = 0
+        """score attempts repeated after a failure, by this client"""
 
     @classmethod
     def deploy(cls, cfg: RewardConfig, app_name: str = "relay-reward") -> RewardClient:
@@ -64,6 +66,7 @@ class RewardClient:
         last: Exception | None = None
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
+                self.retries += 1
                 time.sleep(RETRY_BACKOFF_S * attempt)
             try:
                 return self._handle.score.remote(requests).result(timeout_s=self.cfg.timeout_s)
@@ -78,8 +81,9 @@ class RewardClient:
 
     def stats(self) -> dict[str, float]:
         """Counters: calls, requests, invalid, errors, excluded (NaN/inf), truncated, batches,
-        batched_items, max_batch_size_seen (model counters are summed over live replicas)."""
-        return self._handle.stats.remote().result(timeout_s=self.cfg.timeout_s)
+        batched_items, max_batch_size_seen (model counters are summed over live replicas), and this
+        client's retries."""
+        return {**self._handle.stats.remote().result(timeout_s=self.cfg.timeout_s), "retries": float(self.retries)}
 
     def source_stats(self) -> dict[str, list[dict]]:
         """Per source, each live replica's own stats (batch sizes seen, truncation, ...)."""

@@ -62,8 +62,9 @@ class RewardSourceConfig(BaseModel):
     pooling: Pooling | None = Field(
         None, description="where the scalar head reads the backbone: last (causal LMs), first or mean (encoders); "
                           "None = the checkpoint's own setting, else auto by architecture")
-    max_length: int = Field(128, ge=4, description="tokens kept per prompt+response; longer ones are truncated "
-                                                   "and counted in stats['truncated']")
+    max_length: int | None = Field(None, ge=4, description="tokens kept per prompt+response; longer ones are "
+                                                          "truncated and counted in stats['truncated']; "
+                                                          "None = the checkpoint's own setting")
     weight: float = Field(1.0, description="weight of this source in the combined reward")
     uncertainty_penalty: float = Field(
         0.0, ge=0.0, description="kind=ensemble: reward = mean - uncertainty_penalty * std over the models")

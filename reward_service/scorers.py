@@ -15,7 +15,7 @@ from collections import Counter
 from ray import serve
 
 from reward_service.config import RewardSourceConfig
-from reward_service.records import RewardRequest, SourceScore, describe
+from reward_service.records import RewardRequest, SourceScore
 from reward_service.rules import get_rule
 
 
@@ -35,7 +35,7 @@ class RuleScorer:
                 out.append(SourceScore(float(self._rule(req))))
             except ValueError as exc:
                 self._errors += 1
-                out.append(SourceScore(None, error=f"{exc} {describe(req)}"))
+                out.append(SourceScore(None, error=str(exc)))  # the combiner quotes the sample
         return out
 
     def stats(self) -> dict:

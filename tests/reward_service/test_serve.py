@@ -1,0 +1,226 @@
+"""The reward service on a real local Ray + Serve: one module-scoped cluster, a main app shared
+by most tests, small rule-only apps for clipping/normalisation, and a replica kill at the end."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+import requests
+
+from reward_service.client import RewardClient
+from reward_service.config import RewardConfig, RewardSourceConfig
+from reward_service.models import RewardModel
+from reward_service.records import RewardRequest
+from tests.reward_service.tiny_rm import save_tiny_rm
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GOOD = RewardRequest("23+58=", "81", {"answer": "81"})
+WRONG = RewardRequest("23+58=", "80", {"answer": "81"})
+PROSE = RewardRequest("23+58=", "eighty one", {"answer": "81"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rms")
+    return {"rm": save_tiny_rm(root / "rm", seed=3, max_length=8),
+            "one": save_tiny_rm(root / "one", constant=1.0),
+            "three": save_tiny_rm(root / "three", constant=3.0),
+            "nan": save_tiny_rm(root / "nan", constant=math.nan)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(cluster, ckpts):
+    cfg = RewardConfig(
+        sources=[
+            RewardSourceConfig(name="exact_match", kind="rule", rule="exact_match", weight=1.0, num_cpus=0.1),
+            RewardSourceConfig(name="format", kind="rule", rule="format", weight=0.5, num_cpus=0.1),
+            RewardSourceConfig(name="rm", kind="model", model_path=str(ckpts["rm"]), weight=0.25, num_cpus=0.5,
+                               max_batch_size=16, batch_wait_timeout_s=0.05),
+            RewardSourceConfig(name="ens", kind="ensemble", model_paths=[str(ckpts["one"]), str(ckpts["three"])],
+                               uncertainty_penalty=0.5, weight=0.1, num_cpus=0.5),
+        ],
+        http_port=_free_port(), timeout_s=20, max_retries=5)
+    c = RewardClient.deploy(cfg, app_name="reward-test")
+    yield c
+    c.shutdown()
+
+
+def _rule_app(name: str, **cfg_kwargs) -> RewardClient:
+    cfg = RewardConfig(sources=[RewardSourceConfig(name="exact_match", kind="rule", rule="exact_match", weight=3.0,
+                                                   num_cpus=0.1),
+                                RewardSourceConfig(name="length", kind="rule", rule="length_penalty", weight=1.0,
+                                                   num_cpus=0.1)],
+                       http_enabled=False, **cfg_kwargs)
+    return RewardClient.deploy(cfg, app_name=name)
+
+
+def _local_rm(path) -> RewardModel:
+    return RewardModel.from_pretrained(path).eval()
+
+
+def test_handle_scores_combine_rules_model_and_ensemble(client, ckpts):
+    results = client.score([GOOD, WRONG, PROSE])
+    rm_scores, _ = _local_rm(ckpts["rm"]).score(["23+58=81", "23+58=80", "23+58=eighty one"])
+    ens = 2.0 - 0.5 * 1.0  # mean of 1 and 3, population std 1
+    for res, em, fmt, rm in zip(results, [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], rm_scores, strict=True):
+        assert res.error is None
+        assert res.components["exact_match"] == em and res.components["format"] == fmt
+        assert res.components["rm"] == pytest.approx(rm, abs=1e-5)
+        assert res.components["ens"] == pytest.approx(ens)
+        assert res.components["ens/mean"] == pytest.approx(2.0) and res.components["ens/std"] == pytest.approx(1.0)
+        assert res.reward == pytest.approx(1.0 * em + 0.5 * fmt + 0.25 * rm + 0.1 * ens, abs=1e-5)
+
+
+def test_http_route(client):
+    body = {"requests": [{"prompt": "1+2=", "response": "3", "metadata": {"answer": "3"}},
+                         {"prompt": "1+2=", "response": ""}]}
+    reply = requests.post(client.url, json=body, timeout=20)
+    assert reply.status_code == 200
+    good, bad = reply.json()["results"]
+    assert good["components"]["exact_match"] == 1.0 and good["error"] is None
+    assert bad["reward"] is None and "response is empty" in bad["error"]
+    assert requests.post(client.url, json={"oops": 1}, timeout=20).status_code == 400
+
+
+def test_bad_requests_give_error_results_and_replicas_survive(client):
+    before = client.stats()
+    results = client.score([{"prompt": "1+1="}, {"prompt": "1+1=", "response": 2}, RewardRequest("1+1=", "  ", {}),
+                            RewardRequest("1+1=", "2", {}), GOOD])
+    assert "missing field(s) ['response']" in results[0].error
+    assert "response must be a string, got int" in results[1].error
+    assert "response is empty" in results[2].error
+    assert "rule 'exact_match' needs metadata['answer']" in results[3].error and "'1+1='" in results[3].error
+    assert all(r.reward is None for r in results[:4])
+    assert results[4].reward is not None and results[4].error is None
+    after = client.stats()
+    assert after["invalid"] - before["invalid"] == 3 and after["errors"] - before["errors"] == 4
+    assert client.score([GOOD])[0].error is None  # every replica still serves
+
+
+def test_concurrent_callers_form_batches(client):
+    texts = [RewardRequest(f"{i}+1=", str(i + 1), {"answer": str(i + 1)}) for i in range(96)]
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda r: client.score([r])[0], texts))
+    assert all(r.error is None for r in results)
+    (rm_replica,) = client.source_stats()["rm"]
+    sizes = {int(k): v for k, v in rm_replica["batch_sizes"].items()}
+    assert max(sizes) > 1, f"no batch larger than 1 formed: {sizes}"
+    assert max(sizes) <= 16
+    assert client.stats()["max_batch_size_seen"] > 1
+
+
+def test_truncation_is_counted(client):
+    before = client.stats()["truncated"]
+    client.score([RewardRequest("23+58=", "81 " * 20, {"answer": "81"})])
+    # the rm (max_length 8) and the ensemble (max_length 16) each truncate it once
+    assert client.stats()["truncated"] - before == 2
+
+
+def test_connect_to_running_app(client):
+    other = RewardClient.connect("reward-test")
+    assert other.cfg == client.cfg
+    assert other.score([GOOD])[0].components["exact_match"] == 1.0
+
+
+def test_nan_rewards_are_excluded_and_counted(cluster, ckpts):
+    cfg = RewardConfig(sources=[RewardSourceConfig(name="exact_match", kind="rule", rule="exact_match", num_cpus=0.1),
+                                RewardSourceConfig(name="nan_rm", kind="model", model_path=str(ckpts["nan"]),
+                                                   num_cpus=0.2)],
+                       http_enabled=False)
+    c = RewardClient.deploy(cfg, app_name="reward-nan")
+    try:
+        results = c.score([GOOD, WRONG])
+        assert all(r.reward is None for r in results)
+        assert "non-finite reward excluded: nan_rm=nan" in results[0].error and "'81'" in results[0].error
+        assert results[0].components == {"exact_match": 1.0}
+        assert c.stats()["excluded"] == 2
+    finally:
+        c.shutdown()
+
+
+def test_clipping(cluster):
+    c = _rule_app("reward-clip", clip=(-0.5, 2.0))
+    try:
+        good, long_wrong, wrong = c.score([GOOD, RewardRequest("23+58=", "8000", {"answer": "81"}), WRONG])
+        assert good.reward == 2.0 and good.components == {"exact_match": 1.0, "length": 0.0}  # 3.0 clipped
+        assert long_wrong.reward == -0.5 and long_wrong.components["length"] == -1.0  # -1.0 clipped
+        assert wrong.reward == 0.0
+    finally:
+        c.shutdown()
+
+
+def test_running_normalisation(cluster):
+    c = _rule_app("reward-norm", normalize=True)
+    try:
+        rewards = [r.reward for r in c.score([GOOD, WRONG, GOOD, WRONG])]  # raw 3, 0, 3, 0: mean 1.5, std 1.5
+        assert rewards == pytest.approx([1.0, -1.0, 1.0, -1.0], abs=1e-6)
+        # running over 3, 0, 3, 0, 3: mean 1.8, population variance (3 * 1.2**2 + 2 * 1.8**2) / 5 = 2.16
+        assert c.score([GOOD])[0].reward == pytest.approx((3 - 1.8) / math.sqrt(2.16), abs=1e-6)
+    finally:
+        c.shutdown()
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_replica_death_is_retried(client):
+    (victim,) = client.source_stats()["rm"]
+    batch = [RewardRequest(f"{i}+{i}=", str(2 * i), {"answer": str(2 * i)}) for i in range(64)]
+    results: list = []
+    errors: list = []
+    stop = threading.Event()
+
+    def caller():
+        try:
+            while not stop.is_set():
+                results.append(client.score(batch))
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(exc)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    _wait_for(lambda: len(results) >= 2, 30, "calls before the kill")
+    os.kill(victim["pid"], signal.SIGKILL)  # mid-run: the caller always has a call in flight
+    new = _wait_for(lambda: [st for st in client.source_stats()["rm"] if st["pid"] != victim["pid"]], 90,
+                    "a replacement rm replica")
+    done = len(results)
+    _wait_for(lambda: len(results) >= done + 3 or errors, 60, "calls after the recovery")
+    stop.set()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and not errors, errors
+    assert all(r.error is None for res in results for r in res)
+    assert client.stats()["retries"] >= 1, "the kill should have failed at least one in-flight call"
+    assert new[0]["pid"] != victim["pid"]
