@@ -101,10 +101,7 @@ class LearnerConfig(_Section):
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
     minibatch_size: int = Field(512, ge=1, description="sequences per optimizer step")
     micro_batch_size: int = Field(512, ge=1, description="sequences per forward/backward (gradient accumulation)")
-    critic: Literal["separate", "shared"] = Field("separate", description="ppo critic: its own backbone, or a "
-                                                  "value head on the policy's backbone")
     critic_lr: float = Field(1e-4, gt=0, description="critic learning rate (ppo)")
-    vf_coef: float = Field(0.5, ge=0, description="value-loss coefficient (ppo, shared critic)")
     value_clip: float | None = Field(0.2, gt=0, description="value clipping range; null = off")
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs of the learner actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the learner actor")

@@ -1,0 +1,322 @@
+"""The driver: places actors, runs the on-policy loop, logs every step, checkpoints.
+
+Runs in the process that ``relay train`` starts, locally or under ``ray job submit``.
+Per step: shard prompts across generation actors -> score through the reward service ->
+one learner update -> publish weights once -> every actor loads them. A crashed generation
+actor is restarted by Ray (``max_restarts``), caught up from the latest published version,
+and its shard is sampled again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from actors.rollout import Prompt, Rollout, ScoredRollout
+from cluster.config import RelayConfig
+from cluster.metrics import JsonlLogger, MetricSink
+from cluster.progress import Progress
+from cluster.resources import check_resources, init_ray
+from cluster.tasks import Problem, is_correct, make_problems
+from learner.weights import VersionStore
+from reward_service.client import RewardClient
+from reward_service.records import RewardRequest
+
+
+class RunError(RuntimeError):
+    """A problem the user can fix, reported without a traceback by the CLI."""
+
+
+def resolve_policy(cfg: RelayConfig, log=print) -> str:
+    """The policy checkpoint directory: the configured path, or the embedded default (built once)."""
+    if cfg.model.path is None:
+        from learner.bootstrap import ensure_default_policy
+
+        return str(ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, log=log))
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        raise RunError(f"model.path {str(path)!r} is not a Hugging Face checkpoint directory (no config.json); "
+                       "point it at a directory written by save_pretrained, or set it to null for the embedded model")
+    return str(path)
+
+
+def encode_prompts(problems: list[Problem], tokenizer, max_model_len: int, max_tokens: int) -> list[Prompt]:
+    if not problems:
+        raise RunError("the prompt set is empty: raise task.n_train / task.n_eval")
+    prompts = []
+    for i, p in enumerate(problems):
+        ids = tokenizer.encode(p.prompt, add_special_tokens=False)
+        if len(ids) + max_tokens > max_model_len:
+            raise RunError(f"prompt {i} ({p.prompt[:40]!r}) has {len(ids)} tokens; with generation.max_tokens="
+                           f"{max_tokens} it exceeds generation.max_model_len={max_model_len}. Raise max_model_len "
+                           "(up to the model's context) or shorten the prompts")
+        prompts.append(Prompt(i, p.prompt, ids, {"answer": p.answer}))
+    return prompts
+
+
+@dataclass
+class Fleet:
+    """The generation actors and the version each one holds."""
+
+    actors: list
+    timeout_s: float
+    versions: list[int] = field(default_factory=list)
+
+    def call(self, fn):
+        """``fn(actor) -> ObjectRef`` on every actor; results in actor order."""
+        return ray.get([fn(a) for a in self.actors], timeout=self.timeout_s)
+
+
+class Driver:
+    def __init__(self, cfg: RelayConfig, policy_path: str, log=print):
+        self.cfg, self.log = cfg, log
+        self.run_dir = Path(cfg.train.run_dir)
+        self.policy_path = policy_path
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        t = cfg.task
+        train, held_out = make_problems(t.n_train, t.n_eval, digits=t.digits, seed=t.seed)
+        g = cfg.generation
+        self.train_prompts = encode_prompts(train, self.tokenizer, g.max_model_len, g.max_tokens)
+        self.eval_prompts = encode_prompts(held_out[: cfg.train.eval_prompts], self.tokenizer,
+                                           g.max_model_len, g.max_tokens)
+        self.rng = random.Random(cfg.train.seed)
+        self.order: list[int] = []
+        self.store = VersionStore(cfg.checkpoint.keep_versions)
+        self.sink = MetricSink("driver") if cfg.metrics.prometheus else None
+        self.restarts = 0
+
+    # ---- placement -----------------------------------------------------------------------------
+    def start(self) -> None:
+        from actors.generation import GenerationActor
+        from learner.learner import Learner
+
+        g, lc = self.cfg.generation, self.cfg.learner
+        learner_cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(Learner)
+        gen_cls = ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=g.max_restarts,
+                             max_task_retries=0)(GenerationActor)
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}}
+        self.learner = learner_cls.options(runtime_env=env).remote(self.cfg, self.policy_path)
+        actors = [gen_cls.options(runtime_env=env).remote(g, self.policy_path, self.cfg.model.dtype, i)
+                  for i in range(g.num_actors)]
+        self.fleet = Fleet(actors, g.timeout_s + 120.0, [0] * len(actors))
+        self.fleet.call(lambda a: a.health.remote())  # engines are up (start takes ~20 s on CPU)
+        self.reward = RewardClient.deploy(self.cfg.reward)
+
+    # ---- the loop pieces -------------------------------------------------------------------------
+    def next_prompts(self) -> list[Prompt]:
+        n = self.cfg.train.prompts_per_step
+        if len(self.order) < n:
+            fresh = list(range(len(self.train_prompts)))
+            self.rng.shuffle(fresh)
+            self.order.extend(fresh)
+        picked, self.order = self.order[:n], self.order[n:]
+        # group ids = position in this step's batch, unique across actors
+        return [Prompt(j, self.train_prompts[i].text, self.train_prompts[i].token_ids, self.train_prompts[i].metadata)
+                for j, i in enumerate(picked)]
+
+    def _shards(self, prompts: list[Prompt]) -> list[list[Prompt]]:
+        k = len(self.fleet.actors)
+        return [prompts[i::k] for i in range(k)]
+
+    def _on_actor(self, i: int, method: str, *args):
+        """Call one actor; if it died, let Ray restart it, catch it up to the latest version, retry once."""
+        actor = self.fleet.actors[i]
+        try:
+            return ray.get(getattr(actor, method).remote(*args), timeout=self.fleet.timeout_s)
+        except ray.exceptions.RayActorError as e:
+            self.restarts += 1
+            self.log(f"generation actor {i} died ({str(e).splitlines()[0][:120]}); waiting for its restart")
+            self._catch_up(i)
+            return ray.get(getattr(actor, method).remote(*args), timeout=self.fleet.timeout_s)
+
+    def _catch_up(self, i: int) -> None:
+        actor = self.fleet.actors[i]
+        ray.get(actor.health.remote(), timeout=self.fleet.timeout_s)
+        if self.store.latest_version > 0:
+            version, ref = self.store.latest()
+            ray.get(actor.update_weights.remote(version, [ref]), timeout=self.fleet.timeout_s)
+            self.fleet.versions[i] = version
+        if self.sink:
+            self.sink.log({"system/actor_restarts_total": 1.0}, tags={"actor_id": str(i)})
+
+    def generate(self, prompts: list[Prompt]) -> tuple[list[Rollout], float]:
+        start = time.perf_counter()
+        shards = self._shards(prompts)
+        refs = [a.generate.remote(s) for a, s in zip(self.fleet.actors, shards, strict=True)]
+        results = []
+        for i, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref, timeout=self.fleet.timeout_s))
+            except ray.exceptions.RayActorError:
+                results.append(self._on_actor(i, "generate", shards[i]))
+        rollouts = [r for rs, _ in results for r in rs]
+        return rollouts, time.perf_counter() - start
+
+    def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], dict[str, float]]:
+        start = time.perf_counter()
+        results = self.reward.score([RewardRequest(r.prompt_text, r.response_text, r.metadata) for r in rollouts])
+        scored = [ScoredRollout(r, res.reward, res.components)
+                  for r, res in zip(rollouts, results, strict=True) if res.reward is not None]
+        excluded = len(rollouts) - len(scored)
+        for r, res in zip(rollouts, results, strict=True):
+            if res.reward is None:
+                self.log(f"excluded sample (prompt {r.prompt_text!r}, response {r.response_text!r}): {res.error}")
+        rewards = [s.reward for s in scored] or [0.0]
+        mean = sum(rewards) / len(rewards)
+        stats = {
+            "reward/latency_seconds": time.perf_counter() - start,
+            "reward/mean": mean,
+            "reward/std": (sum((x - mean) ** 2 for x in rewards) / len(rewards)) ** 0.5,
+            "reward/task_score": sum(is_correct(r.response_text, r.metadata["answer"]) for r in rollouts)
+            / len(rollouts),
+            "reward/excluded_total": float(excluded),
+        }
+        return scored, stats
+
+    def sync(self) -> dict[str, float]:
+        start = time.perf_counter()
+        version, ref, stats = ray.get(self.learner.publish.remote(), timeout=self.cfg.learner.timeout_s)
+        self.store.add(version, ref[0])
+        loads = [self._on_actor(i, "update_weights", version, ref) for i in range(len(self.fleet.actors))]
+        self.fleet.versions = [version] * len(self.fleet.actors)
+        stats["sync/load_seconds"] = max(x["sync/load_seconds"] + x["sync/fetch_seconds"] for x in loads)
+        stats["sync/seconds"] = time.perf_counter() - start
+        stats["sync/version"] = float(version)
+        return stats
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy exact match on the held-out prompts, sharded across the actors."""
+        shards = self._shards(self.eval_prompts)
+        texts = [t for i, s in enumerate(shards) for t in self._on_actor(i, "greedy", s)]
+        order = [p for s in shards for p in s]
+        correct = [is_correct(t, p.metadata["answer"]) for t, p in zip(texts, order, strict=True)]
+        lengths = [len(self.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+        return {"eval/task_score": sum(correct) / len(correct),
+                "eval/response_length_tokens": sum(lengths) / len(lengths)}
+
+    def rollout_stats(self, rollouts: list[Rollout], seconds: float, version: int) -> dict[str, float]:
+        n_tokens = sum(len(r.response_ids) for r in rollouts)
+        return {
+            "rollout/generation_seconds": seconds,
+            "rollout/tokens_per_second": n_tokens / max(seconds, 1e-9),
+            "rollout/generated_tokens_total": float(n_tokens),
+            "rollout/samples_total": float(len(rollouts)),
+            "rollout/response_length_mean_tokens": n_tokens / len(rollouts),
+            "rollout/staleness_versions": float(version - min(r.policy_version for r in rollouts)),
+            "reward/truncated_total": float(sum(r.finish_reason == "length" for r in rollouts)),
+        }
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        logger = JsonlLogger(self.run_dir / "metrics.jsonl") if cfg.metrics.jsonl else None
+        progress = Progress(cfg.train.steps) if cfg.metrics.progress else None
+        first_eval = self.evaluate()
+        self._emit(logger, 0, first_eval)
+        self.log(f"step 0: held-out greedy accuracy {first_eval['eval/task_score']:.3f} (SFT start)")
+        evals = [(0, first_eval["eval/task_score"])]
+        start, step, version = time.time(), 0, 0
+        while step < cfg.train.steps:
+            if cfg.train.time_limit_s and time.time() - start > cfg.train.time_limit_s:
+                self.log(f"time limit of {cfg.train.time_limit_s:.0f} s reached after {step} steps")
+                break
+            step += 1
+            metrics = self._step(version)
+            version = int(metrics["sync/version"])
+            if step % cfg.train.eval_every == 0:
+                metrics.update(self.evaluate())
+                evals.append((step, metrics["eval/task_score"]))
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                self.checkpoint(f"step_{step}")
+            self._emit(logger, step, metrics)
+            if progress:
+                progress.update(step, metrics)
+        if evals[-1][0] != step:
+            final = self.evaluate()
+            evals.append((step, final["eval/task_score"]))
+            self._emit(logger, step, final)
+        if progress:
+            progress.close()
+        ckpt = self.checkpoint("final")
+        summary = self._summary(evals, step, time.time() - start, ckpt)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if progress:
+            self.log(progress.summary({k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in summary.items()}))
+        if logger:
+            logger.close()
+        return summary
+
+    def _step(self, version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        rollouts, gen_seconds = self.generate(self.next_prompts())
+        metrics = self.rollout_stats(rollouts, gen_seconds, version)
+        scored, reward_stats = self.score(rollouts)
+        metrics.update(reward_stats)
+        learner_stats = ray.get(self.learner.train_step.remote(scored), timeout=self.cfg.learner.timeout_s)
+        metrics.update(learner_stats)
+        metrics.update(self.sync())
+        metrics["driver/step_seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def _emit(self, logger, step: int, metrics: dict[str, float]) -> None:
+        if logger:
+            logger.write(step, metrics)
+        if self.sink:
+            self.sink.log({k: v for k, v in metrics.items() if _registered(k)})
+            for i, v in enumerate(self.fleet.versions):
+                self.sink.log({"sync/policy_version": float(v)}, tags={"actor_id": str(i)})
+            self.sink.heartbeat()
+
+    def checkpoint(self, name: str) -> str:
+        path = str((self.run_dir / "checkpoints" / name).resolve())
+        return ray.get(self.learner.save.remote(path), timeout=self.cfg.learner.timeout_s)
+
+    def _summary(self, evals: list[tuple[int, float]], steps: int, seconds: float, ckpt: str) -> dict:
+        last3 = [s for _, s in evals[-3:]]
+        start_score = evals[0][1]
+        return {
+            "steps": steps,
+            "rl_seconds": round(seconds, 1),
+            "eval_start": start_score,
+            "eval_final": evals[-1][1],
+            "eval_last3_mean": sum(last3) / len(last3),
+            "eval_gain_points": 100 * (sum(last3) / len(last3) - start_score),
+            "eval_best": max(s for _, s in evals),
+            "actor_restarts": self.restarts,
+            "checkpoint": ckpt,
+        }
+
+    def shutdown(self) -> None:
+        try:
+            self.reward.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def _registered(key: str) -> bool:
+    from cluster.metrics import METRICS, split_key
+
+    return split_key(key)[0] in METRICS
+
+
+def train(cfg: RelayConfig, log=print) -> dict:
+    """``relay train``: build or find the policy, start Ray, run the loop, return the summary."""
+    policy_path = resolve_policy(cfg, log=log)
+    driver = Driver(cfg, policy_path, log=log)  # validates prompts before Ray starts
+    init_ray(cfg.cluster, log=log)
+    check_resources(cfg)
+    driver.start()
+    try:
+        return driver.run()
+    finally:
+        driver.shutdown()

@@ -1,0 +1,55 @@
+"""Starting or joining Ray, and failing fast when the cluster cannot hold the configured actors."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from cluster.config import ClusterConfig, RelayConfig
+
+
+class ResourceError(RuntimeError):
+    """The configuration asks for more than the cluster has."""
+
+
+def init_ray(cfg: ClusterConfig, log=print) -> None:
+    """Join ``cfg.address`` (or the job's cluster under ``ray job submit``), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log(f"joined Ray cluster at {address}")
+        return
+    # Generation and learning alternate on-policy, so logical CPUs may exceed physical cores.
+    num_cpus = cfg.local_num_cpus or max(4, os.cpu_count() or 1)
+    kwargs = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    log(f"started a local Ray with {num_cpus} logical CPUs")
+
+
+def requested(cfg: RelayConfig) -> dict[str, float]:
+    """Total CPUs/GPUs the learner, generation actors and reward replicas ask for."""
+    g, lc = cfg.generation, cfg.learner
+    cpus = lc.num_cpus + g.num_actors * g.num_cpus + cfg.reward.ingress_num_cpus
+    gpus = lc.num_gpus + g.num_actors * g.num_gpus
+    for s in cfg.reward.sources:
+        replicas = s.autoscaling.min_replicas if s.autoscaling else (s.num_replicas or 1)
+        cpus += replicas * s.num_cpus
+        gpus += replicas * s.num_gpus
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def check_resources(cfg: RelayConfig) -> None:
+    """Raise ResourceError naming what was asked and what exists, instead of pending forever."""
+    have = ray.cluster_resources()
+    want = requested(cfg)
+    short = {k: v for k, v in want.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        asked = ", ".join(f"{k}={v:g}" for k, v in want.items())
+        exists = ", ".join(f"{k}={have.get(k, 0.0):g}" for k in want)
+        raise ResourceError(
+            f"the configuration asks for {asked} (learner + {cfg.generation.num_actors} generation actors + reward "
+            f"replicas) but the cluster has {exists}. Lower generation.num_actors / num_cpus / num_gpus, "
+            "learner.num_cpus / num_gpus or reward replica resources, or add nodes")

@@ -1,0 +1,226 @@
+"""The learner: policy, frozen reference, optional critic; scored rollouts in, one update out.
+
+A plain class; ``cluster/driver.py`` makes it a Ray actor. Surface: ``train_step``,
+``publish``, ``save``, ``sequence_logprobs``. All math comes from ``learner/algos.py``.
+
+Simplifications, on purpose:
+- One learner process, no data or tensor parallelism: the policy must fit one device.
+- With one epoch and one minibatch the "old" logprobs are the current policy's, detached
+  from the same forward pass (ratio 1 at the start of the update, as in verl's on-policy
+  shortcut); with more updates per batch they come from a separate no-grad pass.
+- The reference model is loaded only when a KL term is configured.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.rollout import ScoredRollout
+from cluster.config import RelayConfig
+from learner import algos
+from learner.batch import RolloutBatch, collate
+from learner.critic import Critic
+from learner.weights import PackedWeights, pack_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Learner:
+    def __init__(self, cfg: RelayConfig, policy_path: str):
+        self.cfg = cfg
+        self.alg, self.lc = cfg.algorithm, cfg.learner
+        if self.lc.num_gpus > 0 and not torch.cuda.is_available():
+            raise RuntimeError(f"learner.num_gpus={self.lc.num_gpus} but this process sees no CUDA device")
+        if self.lc.torch_threads:
+            torch.set_num_threads(self.lc.torch_threads)
+        self.device = torch.device("cuda" if self.lc.num_gpus > 0 else "cpu")
+        dtype = DTYPES[cfg.model.dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        self.policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(self.device)
+        self.reference = None
+        if self.alg.kl_in != "none":
+            self.reference = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(self.device).eval()
+            self.reference.requires_grad_(False)
+        self.critic = Critic.build(self.policy, policy_path, self.lc, dtype) if self.alg.name == "ppo" else None
+        self.estimator = algos.get_advantage_estimator("gae" if self.alg.name == "ppo" else self.alg.name)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.lc.lr, weight_decay=self.lc.weight_decay)
+        warmup = max(1, self.lc.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        if self.alg.kl_target is not None:
+            self.kl_ctl = algos.AdaptiveKLController(self.alg.kl_coef, self.alg.kl_target, self.alg.kl_horizon)
+        else:
+            self.kl_ctl = algos.FixedKLController(self.alg.kl_coef)
+        self.version = 0
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    # ---- forward passes -------------------------------------------------------------------
+    def _token_logprobs(self, model, batch: RolloutBatch, with_entropy: bool = False):
+        """Logprobs ``(B, T)`` of each next token under ``model`` (and entropy ``(B, T)`` if asked)."""
+        ids = batch.input_ids.to(self.device)
+        logits = model(input_ids=ids, attention_mask=batch.attention_mask.to(self.device)).logits[:, :-1].float()
+        logits = logits / self.cfg.generation.temperature
+        logprobs = algos.gather_logprobs(logits, ids[:, 1:])
+        entropy = algos.entropy_from_logits(logits) if with_entropy else None
+        return logprobs, entropy
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
+        chunks = [self._token_logprobs(model, batch.select(idx))[0] for idx in self._micro_indices(len(batch))]
+        return torch.cat(chunks)
+
+    def _micro_indices(self, n: int, order: torch.Tensor | None = None):
+        order = torch.arange(n) if order is None else order
+        return list(order.split(self.lc.micro_batch_size))
+
+    # ---- one step ---------------------------------------------------------------------------
+    def train_step(self, scored: list[ScoredRollout]) -> dict[str, float]:
+        """Compute advantages and update the policy (and critic) on one step's scored rollouts."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        batch = collate(scored, self.pad_id)
+        keep = torch.ones(len(batch), dtype=torch.bool)
+        if self.alg.drop_uniform_groups and self.alg.name != "ppo":
+            keep = ~algos.uniform_group_mask(batch.rewards, batch.group_ids)
+        stats = {"learner/kept_fraction": keep.float().mean().item()}
+        if not keep.any():
+            return {**stats, "learner/skipped": 1.0, "learner/kl_coef": self.kl_ctl.value}
+        batch = batch.select(keep.nonzero().squeeze(1))
+        mask = batch.response_mask.to(self.device)
+
+        separate_old = self.lc.epochs > 1 or self.lc.minibatch_size < len(batch)
+        old_logprobs = self._no_grad_logprobs(self.policy, batch) if separate_old else None
+        ref_logprobs = self._no_grad_logprobs(self.reference, batch) if self.reference is not None else None
+        values = self.critic.values(batch, self.device, self.lc.micro_batch_size) if self.critic else None
+        timings["logprobs"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        advantages, returns, kl_stats = self._advantages(batch, mask, old_logprobs, ref_logprobs, values)
+        timings["advantages"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        update_stats = self._update(batch, mask, advantages, returns, old_logprobs, ref_logprobs, values)
+        timings["update"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+
+        self.kl_ctl.update(kl_stats.get("learner/kl", 0.0), len(batch))
+        stats.update(kl_stats)
+        stats.update(update_stats)
+        stats.update({
+            "learner/kl_coef": self.kl_ctl.value,
+            "learner/lr": self.scheduler.get_last_lr()[0],
+            "learner/advantage_mean": algos.masked_mean(advantages, mask).item(),
+            "learner/advantage_std": algos.masked_var(advantages, mask).sqrt().item(),
+            "learner/return_mean": algos.masked_mean(returns, mask).item(),
+            "learner/tokens_trained_total": float(mask.sum().item()),
+            "learner/steps_total": 1.0,
+        })
+        stats.update({f"learner/step_seconds{{phase={k}}}": v for k, v in timings.items()})
+        return stats
+
+    def _advantages(self, batch, mask, old_logprobs, ref_logprobs, values):
+        seq_rewards = batch.rewards.to(self.device)
+        stats: dict[str, float] = {}
+        if ref_logprobs is not None:
+            # KL against the policy that sampled (old); when old is not separate, the policy as it is now.
+            current = old_logprobs if old_logprobs is not None else self._no_grad_logprobs(self.policy, batch)
+            kl = algos.kl_estimate(current, ref_logprobs, self.alg.kl_kind) * mask
+            stats["learner/kl"] = algos.masked_mean(kl, mask).item()
+        if self.alg.kl_in == "reward":
+            token_rewards = algos.token_rewards_with_kl(seq_rewards, kl, mask, self.kl_ctl.value)
+        else:
+            token_rewards = algos.place_reward_on_last_token(seq_rewards, mask)
+        with torch.no_grad():
+            advantages, returns = self.estimator(
+                token_rewards=token_rewards, mask=mask, group_ids=batch.group_ids.to(self.device),
+                values=values, gamma=self.alg.gamma, lam=self.alg.lam,
+            )
+            if self.alg.name == "ppo":
+                advantages = algos.masked_whiten(advantages, mask)
+        return advantages, returns, stats
+
+    def _update(self, batch, mask, advantages, returns, old_logprobs, ref_logprobs, values) -> dict[str, float]:
+        n = len(batch)
+        sums: dict[str, float] = {}
+        updates = 0
+        for _ in range(self.lc.epochs):
+            order = torch.randperm(n)
+            for mb in order.split(self.lc.minibatch_size):
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in self._micro_indices(len(mb), mb):
+                    part = self._micro_loss(batch.select(micro), mask[micro], advantages[micro],
+                                            None if old_logprobs is None else old_logprobs[micro],
+                                            None if ref_logprobs is None else ref_logprobs[micro],
+                                            weight=len(micro) / len(mb))
+                    for k, v in part.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.lc.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                sums["learner/grad_norm"] = sums.get("learner/grad_norm", 0.0) + grad_norm.item()
+                updates += 1
+                if self.critic is not None:
+                    critic_stats = self.critic.update(batch.select(mb), mask[mb], values[mb], returns[mb], self.alg)
+                    for k, v in critic_stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+        return {k: v / updates for k, v in sums.items()}
+
+    def _micro_loss(self, micro: RolloutBatch, mask, advantages, old_logprobs, ref_logprobs, weight: float):
+        logprobs, entropy = self._token_logprobs(self.policy, micro, with_entropy=True)
+        old = logprobs.detach() if old_logprobs is None else old_logprobs
+        behaviour = micro.behaviour_logprobs.to(self.device) if self.alg.tis_cap is not None else None
+        loss, pstats = algos.policy_loss(
+            logprobs, old, advantages, mask, clip_low=self.alg.clip_low, clip_high=self.alg.clip_high,
+            dual_clip=self.alg.dual_clip, agg_mode=self.alg.loss_agg,
+            loss_norm_constant=self.cfg.generation.max_tokens,
+            behaviour_logprobs=behaviour, tis_cap=self.alg.tis_cap,
+        )
+        stats = {"learner/policy_loss": loss.item() * weight}
+        entropy_mean = algos.aggregate_loss(entropy, mask, "token-mean")
+        if self.alg.entropy_coef > 0:
+            loss = loss - self.alg.entropy_coef * entropy_mean
+        if self.alg.kl_in == "loss":
+            kl = algos.kl_loss(logprobs, ref_logprobs, mask, self.alg.kl_kind, self.alg.loss_agg,
+                               loss_norm_constant=self.cfg.generation.max_tokens)
+            loss = loss + self.kl_ctl.value * kl
+        (loss * weight).backward()
+        stats.update({
+            "learner/entropy": entropy_mean.item() * weight,
+            "learner/clip_fraction": pstats.clip_fraction.item() * weight,
+            "learner/approx_kl": pstats.approx_kl.item() * weight,
+            "learner/tis_weight_mean": pstats.tis_weight_mean.item() * weight,
+        })
+        return stats
+
+    # ---- weights out --------------------------------------------------------------------------
+    def publish(self) -> tuple[int, list, dict[str, float]]:
+        """Pack the policy under its Hugging Face names and ``ray.put`` it once; returns ``[ref]``."""
+        import ray
+
+        start = time.perf_counter()
+        self.version += 1
+        packed: PackedWeights = pack_weights(self.policy.named_parameters(), self.version)
+        ref = ray.put(packed)
+        stats = {"sync/publish_seconds": time.perf_counter() - start, "sync/bytes": float(packed.nbytes)}
+        return self.version, [ref], stats
+
+    def save(self, path: str) -> str:
+        self.policy.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        if self.critic is not None:
+            self.critic.save(f"{path}/critic")
+        return path
+
+    @torch.no_grad()
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """The policy's logprobs of ``response_ids`` after ``prompt_ids`` (temperature 1)."""
+        ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=self.device)
+        logits = self.policy(input_ids=ids).logits[:, :-1].float()
+        lp = algos.gather_logprobs(logits, ids[:, 1:])[0, len(prompt_ids) - 1 :]
+        return lp.tolist()
+
+    def state(self) -> dict[str, float]:
+        return {"version": self.version, "kl_coef": self.kl_ctl.value}
+

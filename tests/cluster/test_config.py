@@ -1,0 +1,72 @@
+"""The config schema: every bad key or value fails with a message naming it (no Ray needed)."""
+
+import pytest
+
+from cluster.config import ConfigError, load_config, parse_override
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_default_loads_and_matches_local_yaml():
+    assert load_config() == load_config("cluster/local.yaml")
+
+
+def test_gpu_example_is_valid():
+    cfg = load_config("cluster/gpu.yaml")
+    assert cfg.generation.num_gpus == 1 and cfg.model.dtype == "bfloat16"
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "generation:\n  num_actor: 2\n"))
+    msg = str(e.value)
+    assert "generation.num_actor" in msg and "did you mean 'generation.num_actors'" in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'generatoin'.*did you mean 'generation'"):
+        load_config(write(tmp_path, "generatoin: {}\n"))
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"learner\.lr: .*got 'fast'"):
+        load_config(write(tmp_path, "learner:\n  lr: fast\n"))
+
+
+def test_zero_actors_is_impossible():
+    with pytest.raises(ConfigError, match=r"generation\.num_actors: Input should be greater than or equal to 1"):
+        load_config(overrides=["generation.num_actors=0"])
+
+
+def test_unknown_algorithm_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"algorithm\.name.*'grpo'"):
+        load_config(overrides=["algorithm.name=trpo"])
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "generation: [unclosed\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a.b=null") == ("a.b", None)
+    cfg = load_config(overrides=["generation.num_actors=2", "algorithm.kl_target=0.05"])
+    assert cfg.generation.num_actors == 2 and cfg.algorithm.kl_target == 0.05
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("generation.num_actors")
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="exceeds task.n_eval"):
+        load_config(overrides=["task.n_eval=10", "train.eval_prompts=20"])
+    with pytest.raises(ConfigError, match="multiple of"):
+        load_config(overrides=["learner.minibatch_size=100", "learner.micro_batch_size=64"])

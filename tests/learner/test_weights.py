@@ -1,0 +1,52 @@
+"""Weight packing: one buffer per dtype, exact round trip, zero-copy views on the way out."""
+
+import numpy as np
+import pytest
+import torch
+
+from learner.weights import VersionStore, pack_weights, unpack_weights
+
+
+def named():
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("a.weight", torch.randn(3, 4, generator=g)),
+        ("b.bias", torch.randn(5, generator=g)),
+        ("c.weight", torch.randn(2, 3, generator=g).to(torch.bfloat16)),
+        ("d.weight", torch.randn(7, generator=g).to(torch.bfloat16)),
+    ]
+
+
+def test_round_trip_is_exact_for_fp32_and_bf16():
+    packed = pack_weights(named(), version=3)
+    assert packed.version == 3
+    assert set(packed.buffers) == {"float32", "bfloat16"}
+    assert packed.buffers["bfloat16"].dtype == np.int16  # bf16 bits travel as int16
+    out = dict(unpack_weights(packed))
+    for name, t in named():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape
+        assert torch.equal(out[name], t)
+    assert packed.nbytes == 12 * 4 + 5 * 4 + 6 * 2 + 7 * 2
+
+
+def test_unpacked_tensors_are_views_of_the_buffers():
+    packed = pack_weights(named(), version=1)
+    base = packed.buffers["float32"].ctypes.data
+    out = dict(unpack_weights(packed))
+    assert out["a.weight"].data_ptr() == base
+    assert out["b.bias"].data_ptr() == base + 12 * 4
+
+
+def test_unsupported_dtype_is_refused():
+    with pytest.raises(TypeError, match="int64"):
+        pack_weights([("x", torch.zeros(2, dtype=torch.int64))], 1)
+
+
+def test_version_store_keeps_the_last_k():
+    store = VersionStore(keep=2)
+    with pytest.raises(LookupError):
+        store.latest()
+    for v in (1, 2, 3):
+        store.add(v, f"ref{v}")
+    assert store.latest() == (3, "ref3")
+    assert list(store._refs) == [2, 3]
