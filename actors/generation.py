@@ -57,6 +57,10 @@ class GenerationActor:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.start_seconds = time.perf_counter() - start
+        from cluster.metrics import MetricSink
+
+        self.sink = MetricSink("generation", {"actor_id": str(actor_id)})
+        self.sink.heartbeat()
 
     def _sampling(self, n: int, greedy: bool):
         from vllm import SamplingParams
@@ -84,7 +88,13 @@ class GenerationActor:
                     finish_reason=sample.finish_reason or "length", prompt_text=prompt.text,
                     response_text=sample.text, metadata=dict(prompt.metadata), actor_id=self.actor_id,
                 ))
-        return rollouts, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.sink.log({"rollout/generated_tokens_total": float(sum(len(r.response_ids) for r in rollouts)),
+                       "rollout/generation_seconds": seconds})
+        self.sink.observe_many("rollout/response_length_tokens", [len(r.response_ids) for r in rollouts])
+        self.sink.observe_many("rollout/prompt_length_tokens", [len(p.token_ids) for p in prompts])
+        self.sink.heartbeat()
+        return rollouts, seconds
 
     def greedy(self, prompts: list[Prompt]) -> list[str]:
         """Greedy completions (held-out evaluation)."""
@@ -105,6 +115,8 @@ class GenerationActor:
         # Cached prefixes hold keys/values computed by the old weights.
         self.llm.reset_prefix_cache()
         self.policy_version = version
+        self.sink.log({"sync/policy_version": float(version)})
+        self.sink.heartbeat()
         done = time.perf_counter()
         return {"sync/fetch_seconds": fetched - start, "sync/load_seconds": done - fetched}
 

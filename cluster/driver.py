@@ -189,7 +189,6 @@ class Driver:
         self.fleet.versions = [version] * len(self.fleet.actors)
         stats["sync/load_seconds"] = max(x["sync/load_seconds"] + x["sync/fetch_seconds"] for x in loads)
         stats["sync/seconds"] = time.perf_counter() - start
-        stats["sync/version"] = float(version)
         return stats
 
     def evaluate(self) -> dict[str, float]:
@@ -232,7 +231,7 @@ class Driver:
                 break
             step += 1
             metrics = self._step(version)
-            version = int(metrics["sync/version"])
+            version = self.store.latest_version
             if step % cfg.train.eval_every == 0:
                 metrics.update(self.evaluate())
                 evals.append((step, metrics["eval/task_score"]))
@@ -265,14 +264,14 @@ class Driver:
         learner_stats = ray.get(self.learner.train_step.remote(scored), timeout=self.cfg.learner.timeout_s)
         metrics.update(learner_stats)
         metrics.update(self.sync())
-        metrics["driver/step_seconds"] = time.perf_counter() - t0
+        metrics["system/step_seconds"] = time.perf_counter() - t0
         return metrics
 
     def _emit(self, logger, step: int, metrics: dict[str, float]) -> None:
         if logger:
             logger.write(step, metrics)
         if self.sink:
-            self.sink.log({k: v for k, v in metrics.items() if _registered(k)})
+            self.sink.log({k: v for k, v in metrics.items() if _driver_exports(k)})
             for i, v in enumerate(self.fleet.versions):
                 self.sink.log({"sync/policy_version": float(v)}, tags={"actor_id": str(i)})
             self.sink.heartbeat()
@@ -303,10 +302,14 @@ class Driver:
             pass
 
 
-def _registered(key: str) -> bool:
+# Exported to Prometheus by the component that measures them, with its own labels.
+_EXPORTED_ELSEWHERE = ("learner/", "rollout/generated_tokens_total", "rollout/generation_seconds")
+
+
+def _driver_exports(key: str) -> bool:
     from cluster.metrics import METRICS, split_key
 
-    return split_key(key)[0] in METRICS
+    return split_key(key)[0] in METRICS and not key.startswith(_EXPORTED_ELSEWHERE)
 
 
 def train(cfg: RelayConfig, log=print) -> dict:

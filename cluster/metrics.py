@@ -115,6 +115,9 @@ _SPECS = [
     _g("learner/advantage_std", "standard deviation of advantages over response tokens"),
     _g("learner/return_mean", "mean return over response tokens"),
     _g("learner/lr", "learning rate"),
+    _g("learner/kept_fraction", "fraction of rollouts kept for the update (uniform-reward groups dropped)"),
+    _g("learner/tis_weight_mean", "mean truncated importance weight pi_old/pi_sampler over response tokens"),
+    _g("learner/value_clip_fraction", "fraction of value predictions clipped (0 without a critic)"),
     _c("learner/tokens_trained_total", "response tokens the learner updated on"),
     _c("learner/steps_total", "learner steps completed"),
     # sync/: weight publication through the object store
@@ -123,12 +126,14 @@ _SPECS = [
     _g("sync/policy_version", "policy version loaded by an actor", ("actor_id",)),
     _g("sync/publish_seconds", "learner time to pack and ray.put one weight version"),
     _g("sync/load_seconds", "slowest actor's time to fetch and load one weight version"),
+    _g("sync/fetch_seconds", "slowest actor's ray.get of the published version (zero-copy from the object store)"),
     # eval/: held-out greedy evaluation
     _g("eval/task_score", "held-out greedy exact-match fraction"),
     _g("eval/reward_mean", "held-out mean reward"),
     _g("eval/response_length_tokens", "held-out mean response length"),
     # system/
     _g("system/heartbeat_timestamp_seconds", "unix time of the component's last heartbeat"),
+    _g("system/step_seconds", "wall time of one whole RL step (generate, score, update, sync)"),
     _c("system/actor_restarts_total", "actor restarts observed by the driver", ("actor_id",)),
 ]
 

@@ -20,11 +20,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.rollout import ScoredRollout
 from cluster.config import RelayConfig
+from cluster.metrics import METRICS
 from learner import algos
 from learner.batch import RolloutBatch, collate
 from learner.critic import Critic
 from learner.weights import PackedWeights, pack_weights
 
+_EXPORTED = {k for k in METRICS if k.startswith("learner/")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,6 +57,10 @@ class Learner:
             self.kl_ctl = algos.FixedKLController(self.alg.kl_coef)
         self.version = 0
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        from cluster.metrics import MetricSink
+
+        self.sink = MetricSink("learner")
+        self.sink.heartbeat()
 
     # ---- forward passes -------------------------------------------------------------------
     def _token_logprobs(self, model, batch: RolloutBatch, with_entropy: bool = False):
@@ -86,7 +92,7 @@ class Learner:
             keep = ~algos.uniform_group_mask(batch.rewards, batch.group_ids)
         stats = {"learner/kept_fraction": keep.float().mean().item()}
         if not keep.any():
-            return {**stats, "learner/skipped": 1.0, "learner/kl_coef": self.kl_ctl.value}
+            return {**stats, "learner/kl_coef": self.kl_ctl.value}
         batch = batch.select(keep.nonzero().squeeze(1))
         mask = batch.response_mask.to(self.device)
 
@@ -118,6 +124,8 @@ class Learner:
             "learner/steps_total": 1.0,
         })
         stats.update({f"learner/step_seconds{{phase={k}}}": v for k, v in timings.items()})
+        self.sink.log({k: v for k, v in stats.items() if k in _EXPORTED or k.startswith("learner/step_seconds")})
+        self.sink.heartbeat()
         return stats
 
     def _advantages(self, batch, mask, old_logprobs, ref_logprobs, values):

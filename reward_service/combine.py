@@ -35,8 +35,10 @@ def validate_request(obj: object) -> RewardRequest | str:
     for key in ("prompt", "response"):
         if not isinstance(fields[key], str):
             return f"bad request: {key} must be a string, got {type(fields[key]).__name__}: {_quote(fields[key])}"
-        if not fields[key].strip():
-            return f"bad request: {key} is empty in {_quote(obj)}"
+    # An empty response is a legitimate (wrong) answer of the policy and is scored; an empty
+    # prompt is a malformed request.
+    if not fields["prompt"].strip():
+        return f"bad request: prompt is empty in {_quote(obj)}"
     meta = fields["metadata"]
     if meta is None:
         meta = {}
