@@ -10,8 +10,13 @@ Simplifications, on purpose:
 - The BPE has no merges: with digits split and a handful of symbols, merges would buy nothing.
 - The cache key hashes the configs and ``FORMAT_VERSION``; bump the latter when the recipe
   changes in a way the configs do not show.
-- The SFT default is chosen to land the policy at a low but non-zero held-out accuracy, so the
-  RL stage has room to show learning (see DESIGN.md, "Facts about this machine's stack").
+- The SFT default (440 steps) is chosen to land the policy at a low but non-zero held-out
+  accuracy, so the RL stage has room to show learning. Measured here (batch 128, lr 1e-3,
+  20 warmup steps, cosine, 4000 train / 500 held-out problems from make_problems(seed=0)):
+  300 steps 7.2%, 360 11.4%, 400 9-10%, 440 16-17%, 480 18%. 440 steps take ~45 s on two idle
+  cores; with other processes on the machine use one torch thread (two crawl, ~20x slower).
+- The RL stage must draw its held-out set from the same ``make_problems(n_train, n_eval, seed)``
+  call: a different n_train reshuffles the split and leaks SFT training problems into it.
 """
 
 from __future__ import annotations
