@@ -135,8 +135,9 @@ def _source_options(src: RewardSourceConfig) -> dict:
     opts: dict[str, Any] = {
         "name": source_deployment_name(src.name),
         "ray_actor_options": {"num_cpus": src.num_cpus, "num_gpus": src.num_gpus},
-        # A replica can only fill a batch of max_batch_size if it accepts that many calls at once.
-        "max_ongoing_requests": max(16, 4 * src.max_batch_size),
+        "max_ongoing_requests": src.max_ongoing_requests,
+        # one access-log line per internal call costs replica CPU at high rates; the ingress keeps its log
+        "logging_config": {"enable_access_log": False},
     }
     if src.autoscaling is not None:
         opts["autoscaling_config"] = src.autoscaling.model_dump()

@@ -75,6 +75,9 @@ class RewardSourceConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (ray_actor_options)")
     max_batch_size: int = Field(32, ge=1, description="serve.batch max_batch_size for model sources; 1 = no batching")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, description="serve.batch wait for a fuller batch, seconds")
+    max_ongoing_requests: int = Field(
+        128, ge=1, description="calls one replica accepts at once; must be >= max_batch_size to fill a batch. Calls "
+                               "beyond it wait in the caller's router, which retries with backoff (slow)")
 
     @model_validator(mode="after")
     def _kind_fields(self) -> RewardSourceConfig:
@@ -98,6 +101,9 @@ class RewardSourceConfig(BaseModel):
                 raise ValueError(f"{where}: kind=ensemble takes only model_paths (not rule/model_path)")
         if self.uncertainty_penalty and self.kind != "ensemble":
             raise ValueError(f"{where}.uncertainty_penalty only applies to kind=ensemble")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"{where}.max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or batches can never fill")
         if self.autoscaling is not None and self.num_replicas is not None:
             raise ValueError(f"{where}: give either num_replicas or autoscaling, not both")
         return self

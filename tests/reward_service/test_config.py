@@ -41,6 +41,7 @@ def test_backbone_default_is_the_packaged_minilm():
     ({"kind": "rule", "rule": "format", "pooling": "max"}, "pooling"),
     ({"kind": "rule", "rule": "format", "max_batch_size": 0}, "max_batch_size"),
     ({"kind": "rule", "rule": "format", "wieght": 2.0}, "wieght"),
+    ({"kind": "rule", "rule": "format", "max_batch_size": 64, "max_ongoing_requests": 8}, "batches can never fill"),
 ])
 def test_source_validation_names_the_problem(kwargs, message):
     with pytest.raises(ValidationError, match=message):
