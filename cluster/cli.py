@@ -44,6 +44,38 @@ def _train_rm(args) -> int:
     return 0
 
 
+def _pipeline(args) -> int:
+    import json
+
+    from cluster.pipeline import STAGES, run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    stages = tuple(args.stage) if args.stage else STAGES
+    results = run_pipeline(cfg, stages, force=args.force, force_stages=tuple(args.force_stage))
+    for stage, marker in results.items():
+        print(f"{stage}: {marker['checkpoint']} " + json.dumps(
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in marker["metrics"].items()
+             if isinstance(v, int | float)}))
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from cluster.driver import resolve_policy
+    from cluster.evaluation import evaluate_checkpoints
+
+    cfg = load_config(args.config, args.overrides)
+    reference = args.reference or resolve_policy(cfg)
+    metrics = evaluate_checkpoints(cfg, args.policy, reference, args.rm)
+    text = json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="RL post-training of language models on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and a summary of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(fn=_report)
+    p = sub.add_parser("pipeline", help="SFT -> reward model -> RL, each stage checkpointed under run_dir/<stage>/")
+    _config_args(p)
+    p.add_argument("--stage", action="append", default=[], metavar="NAME",
+                   help="run only this stage: sft, rm or rl (repeatable; default: all)")
+    p.add_argument("--force", action="store_true", help="redo stages that already finished")
+    p.add_argument("--force-stage", action="append", default=[], metavar="NAME",
+                   help="redo this stage (and the later ones run with it) even if it finished (repeatable)")
+    p.set_defaults(fn=_pipeline)
+    p = sub.add_parser("eval", help="held-out evaluation of a policy checkpoint vs a reference (no Ray)")
+    _config_args(p)
+    p.add_argument("--policy", required=True, help="policy checkpoint directory")
+    p.add_argument("--reference", help="reference checkpoint (default: model.path, or the embedded SFT policy)")
+    p.add_argument("--rm", help="reward-model checkpoint that scores responses (default: the task's rule)")
+    p.add_argument("--out", help="also write the metrics as JSON here")
+    p.set_defaults(fn=_eval)
     return parser
 
 

@@ -129,8 +129,16 @@ _SPECS = [
     _g("sync/fetch_seconds", "slowest actor's ray.get of the published version (zero-copy from the object store)"),
     # eval/: held-out greedy evaluation
     _g("eval/task_score", "held-out greedy exact-match fraction"),
-    _g("eval/reward_mean", "held-out mean reward"),
+    _g("eval/reward_mean", "held-out mean reward-service score (the RM in relay pipeline) of greedy responses"),
     _g("eval/response_length_tokens", "held-out mean response length"),
+    _g("eval/reference_reward_mean", "held-out mean reward-service score of the reference's greedy responses"),
+    _g("eval/win_rate_vs_reference", "fraction of held-out prompts where the reward service prefers the policy's "
+       "greedy response to the reference's (ties count half)"),
+    _g("eval/kl_to_reference", "mean per-token k3 KL(policy || reference) over sampled held-out responses"),
+    _g("eval/kl_k1_to_reference", "mean per-token k1 KL(policy || reference) over sampled held-out responses"),
+    _g("eval/distinct_1", "distinct unigrams / unigrams over held-out greedy responses"),
+    _g("eval/distinct_2", "distinct bigrams / bigrams over held-out greedy responses"),
+    _g("eval/reward_hacking_flag", "1 when the monitor suspects reward hacking (RM up, true score flat, drift)"),
     # system/
     _g("system/heartbeat_timestamp_seconds", "unix time of the component's last heartbeat"),
     _g("system/step_seconds", "wall time of one whole RL step (generate, score, update, sync)"),

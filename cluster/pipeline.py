@@ -1,0 +1,145 @@
+"""``relay pipeline``: SFT -> reward-model training -> RL (PPO by default), resumable by stage.
+
+Each stage writes a Hugging Face checkpoint under ``run_dir/<stage>/`` and, last, a
+``stage_done.json`` marker (stage, checkpoint, seconds, metrics). A stage with a marker is skipped
+on rerun unless forced (``--force`` for all, ``--force-stage NAME``); a stage directory without a
+marker is a crashed attempt and is redone from scratch. Any stage runs alone (``--stage rm``) as
+long as the stages it reads have finished.
+
+- ``sft``: the embedded tiny policy (``learner/bootstrap.py``: tokenizer, model, SFT on the task,
+  cached by config hash and copied here) when ``model.path`` is null; otherwise ``model.path``
+  fine-tuned with ``learner/sft.py`` on the task's training problems.
+- ``rm``: ``learner/rm_trainer.py::train_reward_model(cfg.reward_model)`` (MiniLM on preference pairs).
+- ``rl``: the driver (``cluster/driver.py``) with the policy and the reference both starting from the
+  SFT checkpoint, and the reward = one ``kind: model`` source serving the RM checkpoint (replacing
+  ``reward.sources``; the other reward settings are kept). Its run directory (metrics.jsonl,
+  checkpoints/final) is ``run_dir/rl``. The algorithm is ``algorithm.name`` of the config.
+
+Simplification: stages run in this process one after another; nothing is parallel across stages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cluster.config import RelayConfig
+from cluster.driver import RunError
+
+STAGES = ("sft", "rm", "rl")
+MARKER = "stage_done.json"
+NEEDS = {"sft": (), "rm": (), "rl": ("sft", "rm")}
+
+
+def stage_dir(cfg: RelayConfig, stage: str) -> Path:
+    return Path(cfg.train.run_dir) / stage
+
+
+def read_marker(cfg: RelayConfig, stage: str) -> dict | None:
+    """The stage's ``stage_done.json``, or None if the stage has not finished."""
+    path = stage_dir(cfg, stage) / MARKER
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _sft_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dict:
+    if cfg.model.path is None:
+        from learner.bootstrap import ensure_default_policy, read_sft_report
+
+        built = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, log=log)
+        shutil.copytree(built, out)
+        return {"heldout_greedy_accuracy": read_sft_report(out)["heldout_greedy_accuracy"], "cached_from": str(built)}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.tasks import make_problems
+    from learner.sft import greedy_accuracy, train_sft
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
+    t = cfg.task
+    train, held_out = make_problems(t.n_train, t.n_eval, digits=t.digits, seed=t.seed)
+    stats = train_sft(model, tokenizer, [(p.prompt, p.answer) for p in train], cfg.sft, log=log)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {"heldout_greedy_accuracy": greedy_accuracy(model, tokenizer, held_out),
+            "sft_final_loss": stats["sft/final_loss"]}
+
+
+def _rm_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dict:
+    from learner.rm_trainer import train_reward_model
+
+    return train_reward_model(cfg.reward_model, out, log=log)
+
+
+def rl_config(cfg: RelayConfig) -> RelayConfig:
+    """The RL stage's config: policy = SFT checkpoint, reward = the trained RM, run dir = ``run_dir/rl``."""
+    from reward_service.config import RewardSourceConfig
+
+    tree = cfg.model_dump()
+    tree["model"]["path"] = str(stage_dir(cfg, "sft").resolve())
+    tree["reward"]["sources"] = [RewardSourceConfig(name="rm", kind="model", model_path=str(
+        stage_dir(cfg, "rm").resolve())).model_dump()]
+    tree["train"]["run_dir"] = str(stage_dir(cfg, "rl"))
+    return RelayConfig.model_validate(tree)
+
+
+def _rl_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dict:
+    from cluster.driver import train
+
+    return train(rl_config(cfg), log=log)  # the summary, with the final checkpoint's path
+
+
+STAGE_FNS: dict[str, Callable[[RelayConfig, Path, Callable[[str], object]], dict]] = {
+    "sft": _sft_stage, "rm": _rm_stage, "rl": _rl_stage,
+}
+
+
+def run_stage(cfg: RelayConfig, stage: str, force: bool = False, log: Callable[[str], object] = print) -> dict:
+    """Run one stage (or return its marker if it finished and ``force`` is off)."""
+    if stage not in STAGE_FNS:
+        raise RunError(f"unknown pipeline stage {stage!r}; valid: {', '.join(STAGES)}")
+    done = read_marker(cfg, stage)
+    if done is not None and not force:
+        log(f"pipeline: stage {stage} already done ({done['checkpoint']}); skipping (--force-stage {stage} redoes it)")
+        return done
+    missing = [s for s in NEEDS[stage] if read_marker(cfg, s) is None]
+    if missing:
+        raise RunError(f"pipeline stage {stage!r} needs finished stage(s) {missing} under {cfg.train.run_dir}; "
+                       f"run `relay pipeline` (all stages) or `relay pipeline --stage {missing[0]}` first")
+    out = stage_dir(cfg, stage)
+    if out.exists():
+        shutil.rmtree(out)  # a crashed attempt or a forced rerun starts clean
+    start = time.time()
+    log(f"pipeline: stage {stage} -> {out}")
+    if stage == "rl":
+        metrics = STAGE_FNS[stage](cfg, out, log)
+        checkpoint = metrics["checkpoint"]
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        metrics = STAGE_FNS[stage](cfg, out, log)
+        checkpoint = str(out.resolve())
+    out.mkdir(parents=True, exist_ok=True)
+    marker = {"stage": stage, "checkpoint": checkpoint, "seconds": round(time.time() - start, 1),
+              "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}}
+    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return marker
+
+
+def run_pipeline(cfg: RelayConfig, stages: tuple[str, ...] = STAGES, force: bool = False,
+                 force_stages: tuple[str, ...] = (), log: Callable[[str], object] = print) -> dict[str, dict]:
+    """Run ``stages`` in pipeline order; returns each stage's marker.
+
+    A stage that reads a stage redone in this call is redone too (its inputs changed).
+    """
+    unknown = sorted((set(stages) | set(force_stages)) - set(STAGES))
+    if unknown:
+        raise RunError(f"unknown pipeline stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    results, redone = {}, set()
+    for stage in (s for s in STAGES if s in stages):
+        again = force or stage in force_stages or any(s in redone for s in NEEDS[stage])
+        if again or read_marker(cfg, stage) is None:
+            redone.add(stage)
+        results[stage] = run_stage(cfg, stage, force=again, log=log)
+    return results
