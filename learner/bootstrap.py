@@ -136,7 +136,7 @@ def ensure_default_policy(
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
     try:
-        _build_policy(tmp, sft_cfg, model_cfg, log)
+        _build_policy(tmp, final.name, sft_cfg, model_cfg, log)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -148,13 +148,15 @@ def ensure_default_policy(
     return final
 
 
-def _build_policy(out: Path, sft_cfg: SFTConfig, model_cfg: TinyModelConfig, log: Callable[[str], object]) -> None:
+def _build_policy(
+    out: Path, name: str, sft_cfg: SFTConfig, model_cfg: TinyModelConfig, log: Callable[[str], object]
+) -> None:
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, model_cfg)
     train, held_out = make_problems(sft_cfg.n_train, sft_cfg.n_eval, digits=sft_cfg.digits, seed=sft_cfg.task_seed)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"default policy: SFT of a {n_params / 1e6:.2f}M-param Qwen2 for {sft_cfg.steps} steps -> {out.name}")
+    log(f"default policy: SFT of a {n_params / 1e6:.2f}M-param Qwen2 for {sft_cfg.steps} steps -> {name}")
     stats = train_sft(model, tokenizer, [(p.prompt, p.answer) for p in train], sft_cfg, log=log)
     accuracy = greedy_accuracy(model, tokenizer, held_out)
     log(f"default policy: held-out greedy accuracy {accuracy:.3f} after {stats['sft/seconds']:.1f} s of SFT")
