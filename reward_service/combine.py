@@ -17,8 +17,8 @@ from reward_service.records import RewardRequest, RewardResult, SourceScore, des
 def validate_request(obj: object) -> RewardRequest | str:
     """A well-formed ``RewardRequest``, or a message saying what is wrong with ``obj``.
 
-    Accepts a ``RewardRequest`` or a dict with ``prompt``, ``response`` (non-empty strings) and an
-    optional ``metadata`` dict of strings (the HTTP route sends dicts).
+    Accepts a ``RewardRequest`` or a dict with ``prompt`` (a non-empty string), ``response`` (a string,
+    possibly empty) and an optional ``metadata`` dict of strings (the HTTP route sends dicts).
     """
     if isinstance(obj, RewardRequest):
         fields = {"prompt": obj.prompt, "response": obj.response, "metadata": obj.metadata}

@@ -12,12 +12,13 @@ def test_validate_accepts_records_and_dicts():
     assert validate_request(REQ) == REQ
     assert validate_request({"prompt": "1+1=", "response": "2"}) == RewardRequest("1+1=", "2", {})
     assert validate_request({"prompt": "p", "response": "r", "metadata": {"answer": "2"}}).metadata == {"answer": "2"}
+    # an empty response is a legitimate (wrong) policy answer: it is scored, not rejected
+    assert validate_request({"prompt": "p", "response": ""}) == RewardRequest("p", "", {})
 
 
 @pytest.mark.parametrize("bad, message", [
     ({"prompt": "p"}, "missing field(s) ['response']"),
     ({"prompt": "p", "response": 3}, "response must be a string, got int"),
-    ({"prompt": "p", "response": "   "}, "response is empty"),
     ({"prompt": "", "response": "r"}, "prompt is empty"),
     ({"prompt": "p", "response": "r", "metadata": {"answer": 2}}, "metadata must be a dict of strings"),
     ({"prompt": "p", "response": "r", "extra": 1}, "unknown field(s) ['extra']"),

@@ -99,22 +99,24 @@ def test_handle_scores_combine_rules_model_and_ensemble(client, ckpts):
 
 def test_http_route(client):
     body = {"requests": [{"prompt": "1+2=", "response": "3", "metadata": {"answer": "3"}},
-                         {"prompt": "1+2=", "response": ""}]}
+                         {"prompt": "1+2=", "response": "", "metadata": {"answer": "3"}},
+                         {"prompt": " ", "response": "3"}]}
     reply = requests.post(client.url, json=body, timeout=20)
     assert reply.status_code == 200
-    good, bad = reply.json()["results"]
+    good, empty, bad = reply.json()["results"]
     assert good["components"]["exact_match"] == 1.0 and good["error"] is None
-    assert bad["reward"] is None and "response is empty" in bad["error"]
+    assert empty["components"]["exact_match"] == 0.0 and empty["error"] is None  # empty answers are scored
+    assert bad["reward"] is None and "prompt is empty" in bad["error"]
     assert requests.post(client.url, json={"oops": 1}, timeout=20).status_code == 400
 
 
 def test_bad_requests_give_error_results_and_replicas_survive(client):
     before = client.stats()
-    results = client.score([{"prompt": "1+1="}, {"prompt": "1+1=", "response": 2}, RewardRequest("1+1=", "  ", {}),
-                            RewardRequest("1+1=", "2", {}), GOOD])
+    results = client.score([{"prompt": "1+1="}, {"prompt": "1+1=", "response": 2},
+                            RewardRequest("  ", "2", {"answer": "2"}), RewardRequest("1+1=", "2", {}), GOOD])
     assert "missing field(s) ['response']" in results[0].error
     assert "response must be a string, got int" in results[1].error
-    assert "response is empty" in results[2].error
+    assert "prompt is empty" in results[2].error
     assert "rule 'exact_match' needs metadata['answer']" in results[3].error and "'1+1='" in results[3].error
     assert all(r.reward is None for r in results[:4])
     assert results[4].reward is not None and results[4].error is None
