@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,6 +92,7 @@ def head(tmp_path_factory):
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
