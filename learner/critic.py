@@ -44,16 +44,26 @@ class Critic(torch.nn.Module):
         return torch.cat([self(batch.select(i), device) for i in idx])
 
     def update(self, batch: RolloutBatch, mask, old_values, returns, alg: AlgorithmConfig) -> dict[str, float]:
-        """One clipped value-loss step on a minibatch; returns value loss and explained variance."""
+        """One clipped value-loss step on a minibatch (accumulated over ``micro_batch_size`` slices).
+
+        mask, old_values, returns: ``(B, T)``; old_values are the values the advantages were computed
+        with (the clipping anchor). Returns value loss, clip fraction and the explained variance of
+        ``old_values``.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        values = self(batch, mask.device)
-        loss, clipped = algos.value_loss(values, old_values, returns, mask, clip=self.lc.value_clip)
-        loss.backward()
+        loss_sum, clipped_sum = 0.0, 0.0
+        for idx in torch.arange(len(batch)).split(self.lc.micro_batch_size):
+            weight = len(idx) / len(batch)
+            values = self(batch.select(idx), mask.device)
+            loss, clipped = algos.value_loss(values, old_values[idx], returns[idx], mask[idx], clip=self.lc.value_clip)
+            (loss * weight).backward()
+            loss_sum += loss.item() * weight
+            clipped_sum += float(clipped) * weight
         torch.nn.utils.clip_grad_norm_(self.parameters(), self.lc.max_grad_norm)
         self.optimizer.step()
         return {
-            "learner/value_loss": loss.item(),
-            "learner/value_clip_fraction": float(clipped),
+            "learner/value_loss": loss_sum,
+            "learner/value_clip_fraction": clipped_sum,
             "learner/explained_variance": algos.explained_variance(old_values, returns, mask).item(),
         }
 

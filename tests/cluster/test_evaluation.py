@@ -1,0 +1,118 @@
+"""Evaluation numbers against a hand-computed case, and the reward-hacking monitor (no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cluster.evaluation import (
+    EvalSamples,
+    Evaluator,
+    HackingThresholds,
+    distinct_n,
+    evaluation_metrics,
+    reward_hacking_flags,
+    token_kl,
+    win_rate,
+)
+
+
+def test_distinct_n_hand_case():
+    responses = [[1, 2, 1], [1, 2]]
+    # unigrams: 1,2,1,1,2 -> 2 distinct of 5; bigrams: (1,2),(2,1),(1,2) -> 2 distinct of 3
+    assert distinct_n(responses, 1) == pytest.approx(2 / 5)
+    assert distinct_n(responses, 2) == pytest.approx(2 / 3)
+    assert distinct_n([[1]], 2) == 0.0
+
+
+def test_win_rate_ties_count_half():
+    assert win_rate([1.0, 0.0, 0.5, 2.0], [0.0, 1.0, 0.5, 1.0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    with pytest.raises(ValueError):
+        win_rate([1.0], [])
+
+
+def test_token_kl_k1_k3_hand_case():
+    pol = [[math.log(0.5), math.log(0.25)], [math.log(0.5)]]
+    ref = [[math.log(0.25), math.log(0.25)], [math.log(1.0)]]
+    # r = ref - pol per token: ln(1/2), 0, ln 2
+    r = [math.log(0.5), 0.0, math.log(2.0)]
+    assert token_kl(pol, ref, "k1") == pytest.approx(sum(-x for x in r) / 3)  # = 0
+    assert token_kl(pol, ref, "k3") == pytest.approx(sum(math.exp(x) - 1 - x for x in r) / 3)
+    # k3 hand values: (0.5 - 1 + ln2) + 0 + (2 - 1 - ln2) = 0.5 -> mean 1/6
+    assert token_kl(pol, ref, "k3") == pytest.approx(1 / 6)
+
+
+def test_evaluation_metrics_hand_case():
+    s = EvalSamples(
+        answers=["81", "10", "7"],
+        responses=["81", " 10 ", "8"],
+        response_ids=[[8, 1, 0], [1, 0], [8, 8, 8, 8]],
+        rewards=[1.0, 0.5, 0.0],
+        reference_rewards=[0.0, 0.5, 1.0],
+        sample_logprobs=[[math.log(0.5)]],
+        sample_reference_logprobs=[[math.log(0.25)]],
+    )
+    m = evaluation_metrics(s)
+    assert m["eval/task_score"] == pytest.approx(2 / 3)  # " 10 " matches after stripping
+    assert m["eval/reward_mean"] == pytest.approx(0.5)
+    assert m["eval/reference_reward_mean"] == pytest.approx(0.5)
+    assert m["eval/win_rate_vs_reference"] == pytest.approx(0.5)  # win, tie, loss
+    assert m["eval/response_length_tokens"] == pytest.approx(3.0)
+    # unigrams 8,1,0,1,0,8,8,8,8: {0,1,8} of 9; bigrams (8,1),(1,0),(1,0),(8,8)x3: 3 distinct of 6
+    assert m["eval/distinct_1"] == pytest.approx(3 / 9)
+    assert m["eval/distinct_2"] == pytest.approx(3 / 6)
+    assert m["eval/kl_to_reference"] == pytest.approx(0.5 - 1 + math.log(2))
+    assert m["eval/kl_k1_to_reference"] == pytest.approx(math.log(2))
+
+
+def _h(rm: float, true: float, length: float = 3.0, d2: float = 0.5) -> dict[str, float]:
+    return {"eval/reward_mean": rm, "eval/task_score": true, "eval/response_length_tokens": length,
+            "eval/distinct_2": d2}
+
+
+def test_monitor_quiet_when_both_scores_rise():
+    history = [_h(0.1, 0.1), _h(0.2, 0.2), _h(0.3, 0.3), _h(0.4, 0.4), _h(0.5, 0.5)]
+    assert reward_hacking_flags(history) == []
+    assert reward_hacking_flags(history[:3]) == []  # too short to judge
+
+
+def test_monitor_flags_rm_up_true_flat():
+    history = [_h(0.1, 0.30), _h(0.2, 0.32), _h(0.4, 0.31), _h(0.6, 0.30), _h(0.8, 0.28)]
+    flags = reward_hacking_flags(history)
+    assert len(flags) == 1 and "RM score rising" in flags[0]
+
+
+def test_monitor_flags_length_and_repetition_drift():
+    history = [_h(0.1, 0.1, 3.0, 0.6), _h(0.1, 0.1, 3.0, 0.6), _h(0.1, 0.1, 6.0, 0.2), _h(0.1, 0.1, 6.0, 0.2),
+               _h(0.1, 0.1, 6.0, 0.2)]
+    flags = reward_hacking_flags(history, HackingThresholds())
+    assert any("length" in f for f in flags) and any("repetition" in f for f in flags)
+    assert not any("RM score" in f for f in flags)
+
+
+def test_evaluator_caches_reference_and_flags():
+    calls = {"ref": 0}
+    rm_by_round = iter([0.1, 0.2, 0.3, 0.5, 0.7])
+    state = {"rm": 0.0}
+
+    def policy(prompts):
+        state["rm"] = next(rm_by_round)
+        return ["1"] * len(prompts), [[1]] * len(prompts)
+
+    def reference(prompts):
+        calls["ref"] += 1
+        return ["0"] * len(prompts), [[0]] * len(prompts)
+
+    def score(prompts, responses, answers):
+        return [state["rm"] if r == "1" else 0.0 for r in responses]
+
+    ev = Evaluator(prompts=["1+1=", "2+2="], answers=["2", "4"], policy_greedy=policy, reference_greedy=reference,
+                   score=score)
+    logs: list[str] = []
+    results = [ev(log=logs.append) for _ in range(5)]
+    assert calls["ref"] == 1
+    assert results[0]["eval/win_rate_vs_reference"] == 1.0
+    assert "eval/kl_to_reference" not in results[0]  # no sampler given
+    assert [r["eval/reward_hacking_flag"] for r in results] == [0.0, 0.0, 0.0, 1.0, 1.0]  # needs window + 1 = 4 evaluations
+    assert logs and "reward-hacking monitor" in logs[0]
