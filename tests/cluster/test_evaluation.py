@@ -114,5 +114,5 @@ def test_evaluator_caches_reference_and_flags():
     assert calls["ref"] == 1
     assert results[0]["eval/win_rate_vs_reference"] == 1.0
     assert "eval/kl_to_reference" not in results[0]  # no sampler given
-    assert [r["eval/reward_hacking_flag"] for r in results] == [0.0, 0.0, 0.0, 1.0, 1.0]  # needs window + 1 = 4 evaluations
+    assert [r["eval/reward_hacking_flag"] for r in results] == [0.0, 0.0, 0.0, 1.0, 1.0]  # window + 1 needed
     assert logs and "reward-hacking monitor" in logs[0]
