@@ -63,6 +63,8 @@ class RewardClient:
 
     def score(self, requests: list[RewardRequest]) -> list[RewardResult]:
         """One RewardResult per request, in order. Raises RewardServiceError after max_retries retries."""
+        if not isinstance(requests, list):  # a caller bug: fail now rather than retry it
+            raise TypeError(f"score() takes a list of RewardRequest, got {type(requests).__name__}")
         last: Exception | None = None
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
