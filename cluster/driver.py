@@ -36,14 +36,29 @@ class RunError(RuntimeError):
 def resolve_policy(cfg: RelayConfig, log=print) -> str:
     """The policy checkpoint directory: the configured path, or the embedded default (built once)."""
     if cfg.model.path is None:
+        import torch
+
         from learner.bootstrap import ensure_default_policy
 
-        return str(ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, log=log))
+        # One thread: on 2 shared cores, two spinning OpenMP threads made SFT ~20x slower (measured).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return str(ensure_default_policy(Path(cfg.model.cache_dir), _sft_for_task(cfg), cfg.model.tiny, log=log))
+        finally:
+            torch.set_num_threads(threads)
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
         raise RunError(f"model.path {str(path)!r} is not a Hugging Face checkpoint directory (no config.json); "
                        "point it at a directory written by save_pretrained, or set it to null for the embedded model")
     return str(path)
+
+
+def _sft_for_task(cfg: RelayConfig):
+    """The SFT stage trains on the same train split the RL stage uses, so held-out stays held out."""
+    t = cfg.task
+    return cfg.sft.model_copy(update={"n_train": t.n_train, "n_eval": t.n_eval, "digits": t.digits,
+                                      "task_seed": t.seed})
 
 
 def encode_prompts(problems: list[Problem], tokenizer, max_model_len: int, max_tokens: int) -> list[Prompt]:
@@ -92,6 +107,7 @@ class Driver:
         self.store = VersionStore(cfg.checkpoint.keep_versions)
         self.sink = MetricSink("driver") if cfg.metrics.prometheus else None
         self.restarts = 0
+        self.evaluator = None  # cluster.evaluation.Evaluator, built at the first evaluation
 
     # ---- placement -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,7 +118,10 @@ class Driver:
         learner_cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(Learner)
         gen_cls = ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=g.max_restarts,
                              max_task_retries=0)(GenerationActor)
-        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}}
+        env = {"env_vars": {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        }}
         self.learner = learner_cls.options(runtime_env=env).remote(self.cfg, self.policy_path)
         actors = [gen_cls.options(runtime_env=env).remote(g, self.policy_path, self.cfg.model.dtype, i)
                   for i in range(g.num_actors)]
@@ -192,14 +211,13 @@ class Driver:
         return stats
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy exact match on the held-out prompts, sharded across the actors."""
-        shards = self._shards(self.eval_prompts)
-        texts = [t for i, s in enumerate(shards) for t in self._on_actor(i, "greedy", s)]
-        order = [p for s in shards for p in s]
-        correct = [is_correct(t, p.metadata["answer"]) for t, p in zip(texts, order, strict=True)]
-        lengths = [len(self.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
-        return {"eval/task_score": sum(correct) / len(correct),
-                "eval/response_length_tokens": sum(lengths) / len(lengths)}
+        """Held-out evaluation (cluster/evaluation.py): greedy true score, RM score, win rate and KL vs the
+        reference, length, distinct-n, reward-hacking flag. The first call (step 0) caches the reference's."""
+        if self.evaluator is None:
+            from cluster.evaluation import driver_evaluator
+
+            self.evaluator = driver_evaluator(self)
+        return self.evaluator(log=self.log)
 
     def rollout_stats(self, rollouts: list[Rollout], seconds: float, version: int) -> dict[str, float]:
         n_tokens = sum(len(r.response_ids) for r in rollouts)
