@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections import Counter
 from typing import Any
 
@@ -43,6 +44,10 @@ class RewardIngress:
 
     def config(self) -> RewardConfig:
         return self._cfg
+
+    def health(self) -> dict:
+        """The ingress replica's pid and its source names (for debugging and the replica-death test)."""
+        return {"pid": os.getpid(), "sources": list(self._sources)}
 
     async def score(self, requests: list[Any]) -> list[RewardResult]:
         if not isinstance(requests, list):

@@ -91,6 +91,10 @@ class RewardClient:
         """Per source, each live replica's own stats (batch sizes seen, truncation, ...)."""
         return self._handle.source_stats.remote().result(timeout_s=self.cfg.timeout_s)
 
+    def health(self) -> dict:
+        """The ingress replica's pid and source names."""
+        return self._handle.health.remote().result(timeout_s=self.cfg.timeout_s)
+
     def shutdown(self) -> None:
         """Delete this app; stop Serve too if no other application is left."""
         serve.delete(self.app_name)

@@ -55,6 +55,9 @@ def test_preferences_from_jsonl_path(tmp_path):
 
 @pytest.mark.slow
 def test_rm_reaches_70_percent_held_out(tmp_path):
-    """The quality bar: >= 0.70 held-out pairwise accuracy (measured 0.78 after one epoch, ~100 s on a busy CPU)."""
-    metrics = train_reward_model(RewardModelTrainConfig(n_pairs=3000, epochs=1), tmp_path / "rm", log=print)
+    """The quality bar: >= 0.70 held-out pairwise accuracy.
+
+    Measured 0.78-0.79 after one epoch, 100-110 s of training on a busy 2-core CPU (over 2 min with setup).
+    """
+    metrics = train_reward_model(RewardModelTrainConfig(n_pairs=3000), tmp_path / "rm", log=print)
     assert metrics["rm/eval_accuracy"] >= 0.70

@@ -199,7 +199,8 @@ def _wait_for(predicate, timeout_s: float, what: str):
 
 
 def test_replica_death_is_retried(client):
-    (victim,) = client.source_stats()["rm"]
+    """Kill the RM replica, then the ingress replica (which always holds the caller's call), mid-run:
+    every call still returns correct results through the client's retries, and Serve replaces both."""
     batch = [RewardRequest(f"{i}+{i}=", str(2 * i), {"answer": str(2 * i)}) for i in range(64)]
     results: list = []
     errors: list = []
@@ -212,17 +213,25 @@ def test_replica_death_is_retried(client):
         except Exception as exc:  # noqa: BLE001 - surfaced by the assert below
             errors.append(exc)
 
+    def replicas():
+        return client.source_stats()["rm"]
+
     thread = threading.Thread(target=caller)
     thread.start()
-    _wait_for(lambda: len(results) >= 2, 30, "calls before the kill")
-    os.kill(victim["pid"], signal.SIGKILL)  # mid-run: the caller always has a call in flight
-    new = _wait_for(lambda: [st for st in client.source_stats()["rm"] if st["pid"] != victim["pid"]], 90,
-                    "a replacement rm replica")
-    done = len(results)
-    _wait_for(lambda: len(results) >= done + 3 or errors, 60, "calls after the recovery")
-    stop.set()
-    thread.join(timeout=60)
+    try:
+        _wait_for(lambda: len(results) >= 2, 30, "calls before the kill")
+        (victim,) = replicas()
+        os.kill(victim["pid"], signal.SIGKILL)
+        _wait_for(lambda: [st for st in replicas() if st["pid"] != victim["pid"]], 90, "a replacement rm replica")
+
+        ingress_pid = client.health()["pid"]
+        os.kill(ingress_pid, signal.SIGKILL)  # the caller has a call in flight here almost all the time
+        _wait_for(lambda: len(results) and client.health()["pid"] != ingress_pid, 90, "a replacement ingress")
+        done = len(results)
+        _wait_for(lambda: len(results) >= done + 3 or errors, 60, "calls after the recovery")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
     assert not thread.is_alive() and not errors, errors
-    assert all(r.error is None for res in results for r in res)
-    assert client.stats()["retries"] >= 1, "the kill should have failed at least one in-flight call"
-    assert new[0]["pid"] != victim["pid"]
+    assert all(r.error is None and r.components["exact_match"] == 1.0 for res in results for r in res)
+    assert client.retries >= 1, "a kill should have failed at least one in-flight call"
