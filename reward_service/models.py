@@ -110,7 +110,8 @@ class RewardModel(nn.Module):
     def score(self, texts: list[str]) -> tuple[list[float], int]:
         """Rewards for ``texts`` (B,) and the number truncated."""
         batch, truncated = self.encode(texts)
-        return self(**batch).float().tolist(), truncated
+        device = self.head.weight.device
+        return self(**{k: v.to(device) for k, v in batch.items()}).float().tolist(), truncated
 
 
 def _load_backbone(path: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:

@@ -51,6 +51,7 @@ class _BatchedScorer:
         torch.set_num_threads(max(1, round(source.num_cpus)))
         self._batch_sizes: Counter[int] = Counter()
         self._truncated = 0
+        self._device = "cuda" if source.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self._score_text.set_max_batch_size(source.max_batch_size)
         self._score_text.set_batch_wait_timeout_s(source.batch_wait_timeout_s)
 
@@ -90,7 +91,8 @@ class ModelScorer(_BatchedScorer):
         from reward_service.models import RewardModel
 
         super().__init__(source)
-        self._model = RewardModel.from_pretrained(source.model_path, source.pooling, source.max_length).eval()
+        self._model = RewardModel.from_pretrained(source.model_path, source.pooling, source.max_length)
+        self._model.eval().to(self._device)
 
     def _forward(self, texts: list[str]) -> tuple[list[SourceScore], int]:
         values, truncated = self._model.score(texts)
@@ -109,7 +111,7 @@ class RewardEnsemble(_BatchedScorer):
         from reward_service.models import RewardModel
 
         super().__init__(source)
-        self._models = [RewardModel.from_pretrained(p, source.pooling, source.max_length).eval()
+        self._models = [RewardModel.from_pretrained(p, source.pooling, source.max_length).eval().to(self._device)
                         for p in source.model_paths]
         self._penalty = source.uncertainty_penalty
 
