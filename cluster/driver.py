@@ -156,9 +156,21 @@ class Driver:
             self._catch_up(i)
             return ray.get(getattr(actor, method).remote(*args), timeout=self.fleet.timeout_s)
 
+    def _wait_restarted(self, i: int) -> None:
+        """Poll the actor until Ray has restarted it (its engine start takes ~20 s on CPU)."""
+        deadline = time.monotonic() + self.fleet.timeout_s
+        while True:
+            try:
+                ray.get(self.fleet.actors[i].health.remote(), timeout=self.fleet.timeout_s)
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
     def _catch_up(self, i: int) -> None:
         actor = self.fleet.actors[i]
-        ray.get(actor.health.remote(), timeout=self.fleet.timeout_s)
+        self._wait_restarted(i)
         if self.store.latest_version > 0:
             version, ref = self.store.latest()
             ray.get(actor.update_weights.remote(version, [ref]), timeout=self.fleet.timeout_s)
@@ -332,12 +344,16 @@ def _driver_exports(key: str) -> bool:
 
 def train(cfg: RelayConfig, log=print) -> dict:
     """``relay train``: build or find the policy, start Ray, run the loop, return the summary."""
-    policy_path = resolve_policy(cfg, log=log)
-    driver = Driver(cfg, policy_path, log=log)  # validates prompts before Ray starts
-    init_ray(cfg.cluster, log=log)
-    check_resources(cfg)
-    driver.start()
+    connected = init_ray(cfg.cluster, log=log)
     try:
-        return driver.run()
+        check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
+        policy_path = resolve_policy(cfg, log=log)
+        driver = Driver(cfg, policy_path, log=log)  # validates the prompts before any actor starts
+        driver.start()
+        try:
+            return driver.run()
+        finally:
+            driver.shutdown()
     finally:
-        driver.shutdown()
+        if connected:
+            ray.shutdown()

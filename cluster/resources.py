@@ -13,20 +13,24 @@ class ResourceError(RuntimeError):
     """The configuration asks for more than the cluster has."""
 
 
-def init_ray(cfg: ClusterConfig, log=print) -> None:
-    """Join ``cfg.address`` (or the job's cluster under ``ray job submit``), else start a local Ray."""
+def init_ray(cfg: ClusterConfig, log=print) -> bool:
+    """Join ``cfg.address`` (or the job's cluster under ``ray job submit``), else start a local Ray.
+
+    Returns whether this call connected (so the caller disconnects); False if Ray was already up.
+    """
     if ray.is_initialized():
-        return
+        return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         log(f"joined Ray cluster at {address}")
-        return
+        return True
     # Generation and learning alternate on-policy, so logical CPUs may exceed physical cores.
     num_cpus = cfg.local_num_cpus or max(4, os.cpu_count() or 1)
     kwargs = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
     ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     log(f"started a local Ray with {num_cpus} logical CPUs")
+    return True
 
 
 def requested(cfg: RelayConfig) -> dict[str, float]:

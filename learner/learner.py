@@ -91,8 +91,11 @@ class Learner:
         if self.alg.drop_uniform_groups and self.alg.name != "ppo":
             keep = ~algos.uniform_group_mask(batch.rewards, batch.group_ids)
         stats = {"learner/kept_fraction": keep.float().mean().item()}
-        if not keep.any():
-            return {**stats, "learner/kl_coef": self.kl_ctl.value}
+        if not keep.any():  # every group scored alike: nothing to learn from this batch
+            stats.update({"learner/kl_coef": self.kl_ctl.value, "learner/steps_total": 1.0})
+            self.sink.log(stats)
+            self.sink.heartbeat()
+            return stats
         batch = batch.select(keep.nonzero().squeeze(1))
         mask = batch.response_mask.to(self.device)
 
