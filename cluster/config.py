@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cluster.tasks import TaskConfig
 from learner.algos import ADVANTAGE_ESTIMATORS
 from learner.bootstrap import TinyModelConfig
 from learner.sft import SFTConfig
@@ -34,14 +35,6 @@ class ModelConfig(_Section):
         "float32", description="dtype of the learner's policy and the vLLM engine (bfloat16 on GPUs)")
     cache_dir: str = Field(".relay_cache", description="where the embedded default policy is built and cached")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the embedded tiny model")
-
-
-class TaskConfig(_Section):
-    name: Literal["addition"] = Field("addition", description="the embedded task with a checkable answer")
-    digits: int = Field(2, ge=1, le=6, description="digits of each operand")
-    n_train: int = Field(4000, ge=1, description="training prompts generated from the seed")
-    n_eval: int = Field(500, ge=1, description="held-out prompts, disjoint from the training ones")
-    seed: int = Field(0, description="seed of the prompt sets")
 
 
 class GenerationConfig(_Section):
@@ -105,7 +98,8 @@ class LearnerConfig(_Section):
     value_clip: float | None = Field(0.2, gt=0, description="value clipping range; null = off")
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs of the learner actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the learner actor")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the learner; null = torch's default")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the learner; "
+                                      "null = torch's default")
     timeout_s: float = Field(600.0, gt=0, description="timeout of one learner call, seconds")
 
     @model_validator(mode="after")
@@ -237,3 +231,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         lines = [_describe(err) for err in e.errors()]
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
+
+
+def reference_table() -> str:
+    """Markdown table of every configuration key, its default and its description (the README's)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            if name == "backbone":
+                shown = "the packaged MiniLM"
+            elif isinstance(default, list):
+                shown = "(see below)"
+            else:
+                dumped = yaml.safe_dump(default).removesuffix("...\n").strip()
+                shown = f"`{dumped}`"
+            desc = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {shown} | {desc} |")
+
+    walk(RelayConfig, "")
+    return "\n".join(rows)

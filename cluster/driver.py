@@ -23,7 +23,7 @@ from cluster.config import RelayConfig
 from cluster.metrics import JsonlLogger, MetricSink
 from cluster.progress import Progress
 from cluster.resources import check_resources, init_ray
-from cluster.tasks import Problem, is_correct, make_problems
+from cluster.tasks import Problem, is_correct
 from learner.weights import VersionStore
 from reward_service.client import RewardClient
 from reward_service.records import RewardRequest
@@ -44,7 +44,7 @@ def resolve_policy(cfg: RelayConfig, log=print) -> str:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return str(ensure_default_policy(Path(cfg.model.cache_dir), _sft_for_task(cfg), cfg.model.tiny, log=log))
+            return str(ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.task, log=log))
         finally:
             torch.set_num_threads(threads)
     path = Path(cfg.model.path)
@@ -52,13 +52,6 @@ def resolve_policy(cfg: RelayConfig, log=print) -> str:
         raise RunError(f"model.path {str(path)!r} is not a Hugging Face checkpoint directory (no config.json); "
                        "point it at a directory written by save_pretrained, or set it to null for the embedded model")
     return str(path)
-
-
-def _sft_for_task(cfg: RelayConfig):
-    """The SFT stage trains on the same train split the RL stage uses, so held-out stays held out."""
-    t = cfg.task
-    return cfg.sft.model_copy(update={"n_train": t.n_train, "n_eval": t.n_eval, "digits": t.digits,
-                                      "task_seed": t.seed})
 
 
 def encode_prompts(problems: list[Problem], tokenizer, max_model_len: int, max_tokens: int) -> list[Prompt]:
@@ -96,8 +89,7 @@ class Driver:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        t = cfg.task
-        train, held_out = make_problems(t.n_train, t.n_eval, digits=t.digits, seed=t.seed)
+        train, held_out = cfg.task.problems()
         g = cfg.generation
         self.train_prompts = encode_prompts(train, self.tokenizer, g.max_model_len, g.max_tokens)
         self.eval_prompts = encode_prompts(held_out[: cfg.train.eval_prompts], self.tokenizer,

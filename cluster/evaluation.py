@@ -326,10 +326,9 @@ def evaluate_checkpoints(cfg, policy: str, reference: str, rm: str | None = None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.tasks import make_problems
 
     t, g = cfg.task, cfg.generation
-    _, held_out = make_problems(t.n_train, t.n_eval, digits=t.digits, seed=t.seed)
+    _, held_out = t.problems()
     held_out = held_out[: cfg.train.eval_prompts]
     tokenizer = AutoTokenizer.from_pretrained(policy)
     pol = AutoModelForCausalLM.from_pretrained(policy).eval()

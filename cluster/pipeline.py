@@ -48,18 +48,17 @@ def _sft_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dic
     if cfg.model.path is None:
         from learner.bootstrap import ensure_default_policy, read_sft_report
 
-        built = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, log=log)
+        built = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.task, log=log)
         shutil.copytree(built, out)
         return {"heldout_greedy_accuracy": read_sft_report(out)["heldout_greedy_accuracy"], "cached_from": str(built)}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.tasks import make_problems
     from learner.sft import greedy_accuracy, train_sft
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
     t = cfg.task
-    train, held_out = make_problems(t.n_train, t.n_eval, digits=t.digits, seed=t.seed)
+    train, held_out = t.problems()
     stats = train_sft(model, tokenizer, [(p.prompt, p.answer) for p in train], cfg.sft, log=log)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

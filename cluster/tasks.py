@@ -8,6 +8,25 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TaskConfig(BaseModel):
+    """The embedded task. SFT, RL and evaluation all draw their splits from this one config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["addition"] = Field("addition", description="the embedded task with a checkable answer")
+    digits: int = Field(2, ge=1, le=6, description="digits of each operand")
+    n_train: int = Field(4000, ge=1, description="training prompts generated from the seed")
+    n_eval: int = Field(500, ge=1, description="held-out prompts, disjoint from the training ones")
+    seed: int = Field(0, description="seed of the prompt sets")
+
+    def problems(self) -> tuple[list[Problem], list[Problem]]:
+        """(train, held-out): the same call everywhere, so held-out never leaks into training."""
+        return make_problems(self.n_train, self.n_eval, digits=self.digits, seed=self.seed)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from cluster.tasks import make_problems
+from cluster.tasks import TaskConfig
 from learner.sft import SFTConfig, greedy_accuracy, train_sft
 
 FORMAT_VERSION = 1
@@ -106,10 +106,11 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig) -
     return Qwen2ForCausalLM(config).float()
 
 
-def policy_key(sft_cfg: SFTConfig, model_cfg: TinyModelConfig) -> str:
+def policy_key(sft_cfg: SFTConfig, model_cfg: TinyModelConfig, task: TaskConfig) -> str:
     """Stable short hash of everything that determines the saved policy."""
     blob = json.dumps(
-        {"format": FORMAT_VERSION, "sft": sft_cfg.model_dump(), "model": model_cfg.model_dump()}, sort_keys=True
+        {"format": FORMAT_VERSION, "sft": sft_cfg.model_dump(), "model": model_cfg.model_dump(),
+         "task": task.model_dump()}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -118,6 +119,7 @@ def ensure_default_policy(
     cache_dir: Path,
     sft_cfg: SFTConfig | None = None,
     model_cfg: TinyModelConfig | None = None,
+    task: TaskConfig | None = None,
     log: Callable[[str], object] = print,
 ) -> Path:
     """Directory of the SFT-warm-started tiny policy, building it on the first call.
@@ -127,16 +129,17 @@ def ensure_default_policy(
     ``cache_dir/tiny-qwen2-<hash>``, so a directory under the final name is always complete.
     """
     sft_cfg = sft_cfg or SFTConfig()
+    task = task or TaskConfig()
     model_cfg = model_cfg or TinyModelConfig()
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"tiny-qwen2-{policy_key(sft_cfg, model_cfg)}"
+    final = cache_dir / f"tiny-qwen2-{policy_key(sft_cfg, model_cfg, task)}"
     if (final / SFT_REPORT).is_file():
         log(f"default policy: cached at {final}")
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
     try:
-        _build_policy(tmp, final.name, sft_cfg, model_cfg, log)
+        _build_policy(tmp, final.name, sft_cfg, model_cfg, task, log)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -149,12 +152,13 @@ def ensure_default_policy(
 
 
 def _build_policy(
-    out: Path, name: str, sft_cfg: SFTConfig, model_cfg: TinyModelConfig, log: Callable[[str], object]
+    out: Path, name: str, sft_cfg: SFTConfig, model_cfg: TinyModelConfig, task: TaskConfig,
+    log: Callable[[str], object],
 ) -> None:
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, model_cfg)
-    train, held_out = make_problems(sft_cfg.n_train, sft_cfg.n_eval, digits=sft_cfg.digits, seed=sft_cfg.task_seed)
+    train, held_out = task.problems()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"default policy: SFT of a {n_params / 1e6:.2f}M-param Qwen2 for {sft_cfg.steps} steps -> {name}")
     stats = train_sft(model, tokenizer, [(p.prompt, p.answer) for p in train], sft_cfg, log=log)
@@ -170,6 +174,7 @@ def _build_policy(
         "final_loss": stats["sft/final_loss"],
         "n_params": n_params,
         "sft_config": sft_cfg.model_dump(),
+        "task_config": task.model_dump(),
         "model_config": model_cfg.model_dump(),
     }
     (out / SFT_REPORT).write_text(json.dumps(report, indent=2) + "\n")

@@ -40,10 +40,6 @@ class SFTConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     seed: int = Field(0, description="seed for batch sampling")
-    n_train: int = Field(4000, ge=1, description="training problems for the embedded task (bootstrap only)")
-    n_eval: int = Field(500, ge=1, description="held-out problems for the embedded task (bootstrap only)")
-    digits: int = Field(2, ge=1, description="operand digits of the embedded task (bootstrap only)")
-    task_seed: int = Field(0, description="seed passed to cluster.tasks.make_problems (bootstrap only)")
     log_every: int = Field(50, ge=1, description="log the training loss every this many steps")
 
 

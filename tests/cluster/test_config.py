@@ -70,3 +70,14 @@ def test_cross_field_checks():
         load_config(overrides=["task.n_eval=10", "train.eval_prompts=20"])
     with pytest.raises(ConfigError, match="multiple of"):
         load_config(overrides=["learner.minibatch_size=100", "learner.micro_batch_size=64"])
+
+
+def test_readme_config_reference_matches_the_schema():
+    from pathlib import Path
+
+    from cluster.config import reference_table
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("-->", text.index("<!-- config table")) + len("-->")
+    table = text[start:text.index("<!-- end config table -->")].strip()
+    assert table == reference_table(), "regenerate the README table from cluster.config.reference_table()"

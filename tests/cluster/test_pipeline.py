@@ -101,7 +101,7 @@ def _tiny_backbone(path: Path) -> str:
 def test_real_sft_and_rm_stages_then_skip(tmp_path):
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, f"model.cache_dir={tmp_path / 'cache'}", "sft.steps=3", "sft.batch_size=16",
-               "sft.n_eval=20", "model.tiny.num_layers=1", f"reward_model.backbone={_tiny_backbone(tmp_path / 'bb')}",
+               "model.tiny.num_layers=1", f"reward_model.backbone={_tiny_backbone(tmp_path / 'bb')}",
                "reward_model.n_pairs=40", "reward_model.epochs=1")
     results = run_pipeline(cfg, stages=("sft", "rm"), log=lambda _: None)
     sft_dir, rm_dir = tmp_path / "run" / "sft", tmp_path / "run" / "rm"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cluster.tasks import make_problems
+from cluster.tasks import TaskConfig, make_problems
 from learner import bootstrap
 from learner.bootstrap import (
     SFT_REPORT,
@@ -105,18 +105,20 @@ def test_ensure_default_policy_caches_and_reloads(tmp_path, monkeypatch, tokeniz
     builds = []
     real_build = bootstrap._build_policy
     monkeypatch.setattr(bootstrap, "_build_policy", lambda *a: (builds.append(a[0]), real_build(*a)))
-    sft_cfg = SFTConfig(steps=3, batch_size=16, warmup_steps=1, n_train=64, n_eval=16)
+    sft_cfg = SFTConfig(steps=3, batch_size=16, warmup_steps=1)
+    task = TaskConfig(n_train=64, n_eval=16)
     model_cfg = TinyModelConfig(num_layers=1)
 
-    first = ensure_default_policy(tmp_path, sft_cfg, model_cfg, log=lambda _: None)
-    second = ensure_default_policy(tmp_path, sft_cfg, model_cfg, log=lambda _: None)
+    first = ensure_default_policy(tmp_path, sft_cfg, model_cfg, task, log=lambda _: None)
+    second = ensure_default_policy(tmp_path, sft_cfg, model_cfg, task, log=lambda _: None)
     assert first == second and len(builds) == 1
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary directory left behind
     assert (first / "model.safetensors").is_file()
     report = json.loads((first / SFT_REPORT).read_text())
     assert 0.0 <= report["heldout_greedy_accuracy"] <= 1.0 and report["sft_seconds"] > 0
 
-    other = ensure_default_policy(tmp_path, sft_cfg.model_copy(update={"seed": 1}), model_cfg, log=lambda _: None)
+    other = ensure_default_policy(tmp_path, sft_cfg.model_copy(update={"seed": 1}), model_cfg, task,
+                                  log=lambda _: None)
     assert other != first and len(builds) == 2
 
     model = AutoModelForCausalLM.from_pretrained(first)
