@@ -241,12 +241,13 @@ class Driver:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         logger = JsonlLogger(self.run_dir / "metrics.jsonl") if cfg.metrics.jsonl else None
-        progress = Progress(cfg.train.steps) if cfg.metrics.progress else None
         first_eval = self.evaluate()
         self._emit(logger, 0, first_eval)
         self.log(f"step 0: held-out greedy accuracy {first_eval['eval/task_score']:.3f} (SFT start)")
         evals = [(0, first_eval["eval/task_score"])]
         start, step, version = time.time(), 0, 0
+        progress = Progress(cfg.train.steps, started_at=start, time_limit_s=cfg.train.time_limit_s) \
+            if cfg.metrics.progress else None
         while step < cfg.train.steps:
             if cfg.train.time_limit_s and time.time() - start > cfg.train.time_limit_s:
                 self.log(f"time limit of {cfg.train.time_limit_s:.0f} s reached after {step} steps")

@@ -45,8 +45,11 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Prints a compact status line per step; ``summary`` renders the end-of-run table."""
 
-    def __init__(self, total_steps: int, started_at: float | None = None, stream: TextIO | None = None):
+    def __init__(self, total_steps: int, started_at: float | None = None, stream: TextIO | None = None,
+                 time_limit_s: float | None = None):
         self.total_steps = total_steps
+        self.time_limit_s = time_limit_s
+        """a run that stops on time rather than steps: the ETA is the smaller of the two"""
         self.started_at = time.time() if started_at is None else started_at
         self.stream = sys.stderr if stream is None else stream
         self._sticky: dict[str, float] = {}
@@ -71,7 +74,10 @@ class Progress:
             value = shown.get(key)
             if value is not None and math.isfinite(value):
                 parts.append(f"{label} {fmt.format(value)}")
-        parts.append(f"ETA {format_duration(self._eta(step, now))}")
+        eta = self._eta(step, now)
+        if self.time_limit_s is not None:
+            eta = min(eta, max(0.0, self.started_at + self.time_limit_s - now)) if math.isfinite(eta) else eta
+        parts.append(f"ETA {format_duration(eta)}")
         return " | ".join(parts)
 
     def update(self, step: int, values: Mapping[str, float]) -> None:

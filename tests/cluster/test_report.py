@@ -137,3 +137,15 @@ def test_progress_summary_table():
 @pytest.mark.parametrize("seconds,text", [(42, "42s"), (192, "3m12s"), (3900, "1h05m"), (math.nan, "?")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_progress_eta_respects_the_time_limit():
+    import io
+
+    from cluster.progress import Progress
+
+    p = Progress(total_steps=1000, started_at=0.0, stream=io.StringIO(), time_limit_s=100.0)
+    for step in range(1, 6):
+        line = p.line(step, {}, now=float(step))
+    # 1 s/step would mean 995 s for the steps left, but the run stops at 100 s: 95 s remain.
+    assert line.endswith("ETA 1m35s"), line
