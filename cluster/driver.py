@@ -112,7 +112,9 @@ class Driver:
                              max_task_retries=0)(GenerationActor)
         env = {"env_vars": {
             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
-            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+            # ERROR: every in-place reload warns that RotaryEmbedding and the tied LM head had no weights
+            # to load, which is expected (the head is re-tied after the reload, see actors/vllm_ext.py).
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
         }}
         self.learner = learner_cls.options(runtime_env=env).remote(self.cfg, self.policy_path)
         actors = [gen_cls.options(runtime_env=env).remote(g, self.policy_path, self.cfg.model.dtype, i)
