@@ -39,6 +39,8 @@ class SFTConfig(BaseModel):
     warmup_steps: int = Field(20, ge=0, description="linear warmup steps from 0 to lr, then cosine decay to 0")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    schedule_steps: int | None = Field(None, ge=1, description="length of the cosine schedule; null = steps. "
+                                       "Larger than steps stops SFT before the learning rate has annealed")
     seed: int = Field(0, description="seed for batch sampling")
     log_every: int = Field(50, ge=1, description="log the training loss every this many steps")
 
@@ -107,7 +109,7 @@ def train_sft(
     gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.steps)
+        optimizer, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.schedule_steps or cfg.steps)
     )
     model.train()
     losses: list[float] = []
