@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,18 +173,25 @@ class Driver:
         if self.sink:
             self.sink.log({"system/actor_restarts_total": 1.0}, tags={"actor_id": str(i)})
 
-    def generate(self, prompts: list[Prompt]) -> tuple[list[Rollout], float]:
-        start = time.perf_counter()
+    def launch(self, prompts: list[Prompt]) -> tuple[list[list[Prompt]], list, float]:
+        """Start sampling ``prompts`` on the actors; returns what ``collect`` needs."""
         shards = self._shards(prompts)
         refs = [a.generate.remote(s) for a, s in zip(self.fleet.actors, shards, strict=True)]
+        return shards, refs, time.perf_counter()
+
+    def collect(self, launched) -> tuple[list[Rollout], float]:
+        """Wait for a ``launch``; an actor that died is restarted, caught up and asked again."""
+        shards, refs, start = launched
         results = []
         for i, ref in enumerate(refs):
             try:
                 results.append(ray.get(ref, timeout=self.fleet.timeout_s))
             except ray.exceptions.RayActorError:
                 results.append(self._on_actor(i, "generate", shards[i]))
-        rollouts = [r for rs, _ in results for r in rs]
-        return rollouts, time.perf_counter() - start
+        return [r for rs, _ in results for r in rs], time.perf_counter() - start
+
+    def generate(self, prompts: list[Prompt]) -> tuple[list[Rollout], float]:
+        return self.collect(self.launch(prompts))
 
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], dict[str, float]]:
         start = time.perf_counter()
@@ -247,7 +255,7 @@ class Driver:
         self._emit(logger, 0, first_eval)
         self.log(f"step 0: held-out greedy accuracy {first_eval['eval/task_score']:.3f} (SFT start)")
         evals = [(0, first_eval["eval/task_score"])]
-        start, step, version = time.time(), 0, 0
+        start, step, version, inflight = time.time(), 0, 0, deque()
         progress = Progress(cfg.train.steps, started_at=start, time_limit_s=cfg.train.time_limit_s) \
             if cfg.metrics.progress else None
         while step < cfg.train.steps:
@@ -255,7 +263,7 @@ class Driver:
                 self.log(f"time limit of {cfg.train.time_limit_s:.0f} s reached after {step} steps")
                 break
             step += 1
-            metrics = self._step(version)
+            metrics = self._step(version, inflight)
             version = self.store.latest_version
             if step % cfg.train.eval_every == 0:
                 metrics.update(self.evaluate())
@@ -280,10 +288,22 @@ class Driver:
             logger.close()
         return summary
 
-    def _step(self, version: int) -> dict[str, float]:
+    def _step(self, version: int, inflight: deque) -> dict[str, float]:
+        """One step. With ``max_staleness`` s > 0, s generations are launched ahead and run while the
+        learner trains, with the weights the actors hold; every rollout carries its policy_version and
+        the sampler's logprobs feed the importance correction (TIS)."""
         t0 = time.perf_counter()
-        rollouts, gen_seconds = self.generate(self.next_prompts())
+        s = self.cfg.algorithm.max_staleness
+        if not inflight:
+            inflight.append(self.launch(self.next_prompts()))
+        rollouts, gen_seconds = self.collect(inflight.popleft())
         metrics = self.rollout_stats(rollouts, gen_seconds, version)
+        fresh = [r for r in rollouts if version - r.policy_version <= s]
+        if len(fresh) < len(rollouts):  # never train on samples older than allowed
+            self.log(f"dropped {len(rollouts) - len(fresh)} rollouts older than algorithm.max_staleness={s}")
+            rollouts = fresh
+        while len(inflight) < s:  # sample ahead while the learner trains
+            inflight.append(self.launch(self.next_prompts()))
         scored, reward_stats = self.score(rollouts)
         metrics.update(reward_stats)
         learner_stats = ray.get(self.learner.train_step.remote(scored), timeout=self.cfg.learner.timeout_s)

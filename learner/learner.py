@@ -86,6 +86,8 @@ class Learner:
         """Compute advantages and update the policy (and critic) on one step's scored rollouts."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        if not scored:  # every sample was excluded (reward errors, staleness): nothing to learn from
+            return {"learner/kept_fraction": 0.0, "learner/kl_coef": self.kl_ctl.value}
         batch = collate(scored, self.pad_id)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if self.alg.drop_uniform_groups and self.alg.name != "ppo":

@@ -5,7 +5,7 @@ One driver with two generation actors is shared by the module (engine start cost
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 import ray
@@ -120,3 +120,18 @@ def test_run_survives_a_crashed_generation_actor(driver):
 def test_greedy_evaluation_is_deterministic(driver):
     a, b = driver.evaluate(), driver.evaluate()
     assert a["eval/task_score"] == b["eval/task_score"] and 0.0 <= a["eval/task_score"] <= 1.0
+
+
+def test_actors_run_one_version_ahead_with_max_staleness_1(driver):
+    driver.cfg.algorithm.max_staleness = 1
+    try:
+        inflight, version, staleness = deque(), driver.store.latest_version, []
+        for _ in range(3):
+            metrics = driver._step(version, inflight)
+            staleness.append(metrics["rollout/staleness_versions"])
+            version = driver.store.latest_version
+        assert staleness == [0.0, 1.0, 1.0]  # the first batch was sampled before any update
+        assert len(inflight) == 1  # one generation runs ahead
+        driver.collect(inflight.popleft())
+    finally:
+        driver.cfg.algorithm.max_staleness = 0
