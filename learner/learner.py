@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.rollout import ScoredRollout
 from cluster.config import RelayConfig
-from cluster.metrics import METRICS
+from cluster.metrics import METRICS, MetricSink
 from learner import algos
 from learner.batch import RolloutBatch, collate
 from learner.critic import Critic
@@ -57,8 +57,6 @@ class Learner:
             self.kl_ctl = algos.FixedKLController(self.alg.kl_coef)
         self.version = 0
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        from cluster.metrics import MetricSink
-
         self.sink = MetricSink("learner")
         self.sink.heartbeat()
 
