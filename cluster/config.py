@@ -50,8 +50,8 @@ class GenerationConfig(_Section):
     kv_cache_gb: int = Field(1, ge=1, description="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory share (GPU only)")
     enforce_eager: bool = Field(True, description="skip CUDA graph capture / compilation (faster start)")
-    torch_threads: int | None = Field(None, ge=1, description="CPU engine threads; null = num_cpus rounded "
-                                      "(raise it when generation and learning alternate on the same cores)")
+    torch_threads: int | None = Field(2, ge=1, description="CPU engine threads; null = num_cpus rounded. 2 suits "
+                                      "the 2-core default, where generation and learning alternate")
     seed: int = Field(0, description="sampling seed of actor 0 (actor i uses seed + i)")
     timeout_s: float = Field(300.0, gt=0, description="timeout of one generate or weight-load call, seconds")
     max_restarts: int = Field(2, ge=0, description="times Ray restarts a crashed generation actor")
@@ -100,8 +100,8 @@ class LearnerConfig(_Section):
     value_clip: float | None = Field(0.2, gt=0, description="value clipping range; null = off")
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs of the learner actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the learner actor")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the learner; "
-                                      "null = torch's default")
+    torch_threads: int | None = Field(2, ge=1, description="torch intra-op threads in the learner; "
+                                      "null = Ray's default (num_cpus)")
     timeout_s: float = Field(600.0, gt=0, description="timeout of one learner call, seconds")
 
     @model_validator(mode="after")

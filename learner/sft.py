@@ -33,7 +33,7 @@ class SFTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(440, ge=1, description="optimizer steps (one batch each)")
+    steps: int = Field(300, ge=1, description="optimizer steps (one batch each)")
     batch_size: int = Field(128, ge=1, description="examples per optimizer step")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
     warmup_steps: int = Field(20, ge=0, description="linear warmup steps from 0 to lr, then cosine decay to 0")

@@ -21,6 +21,7 @@ PROBE = ([1, 2, 3], [4, 5, 6, 7])  # a fixed token sequence: prompt ids, respons
 def driver(tmp_path_factory):
     cfg = load_config(overrides=[
         "sft.steps=30", "generation.num_actors=2", "generation.num_cpus=0.5", "learner.num_cpus=0.5",
+        "generation.torch_threads=1",  # two engines share the 2 cores
         "train.prompts_per_step=12", "train.eval_prompts=40", "generation.samples_per_prompt=4",
         f"train.run_dir={tmp_path_factory.mktemp('run')}", "metrics.progress=false",
         "reward.http_enabled=false", "model.cache_dir=.relay_cache",

@@ -50,7 +50,7 @@ TRAIN_STEPS = 6
 TRAIN_CONFIG = {
     "sft": {"steps": 30},
     "model": {"cache_dir": str(CACHE)},
-    "generation": {"num_actors": len(ACTOR_IDS)},
+    "generation": {"num_actors": len(ACTOR_IDS), "torch_threads": 1},  # two engines share 2 cores
     "reward": {"http_enabled": False, "sources": [  # no Serve proxy: port 8000 may be taken on a shared machine
         {"name": "exact_match", "kind": "rule", "rule": "exact_match", "weight": 1.0},
         {"name": "format", "kind": "rule", "rule": "format", "weight": 0.2}]},
