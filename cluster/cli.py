@@ -39,7 +39,13 @@ def _train_rm(args) -> int:
     from learner.rm_trainer import train_reward_model
 
     cfg = load_config(args.config, args.overrides)
-    metrics = train_reward_model(cfg.reward_model, Path(args.out))
+    policy = cfg.model.path  # the SFT policy the reward model starts from and samples pairs with
+    if policy is None:
+        from learner.bootstrap import ensure_default_policy
+
+        policy = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.task)
+    metrics = train_reward_model(cfg.reward_model, Path(args.out), task=cfg.task, policy_path=policy,
+                                 max_new_tokens=cfg.generation.max_tokens, temperature=cfg.generation.temperature)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return 0
 
@@ -82,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run RL (GRPO/PPO/...) on the configured task")
     _config_args(p)
     p.set_defaults(fn=_train)
-    p = sub.add_parser("train-rm", help="train a reward model on preference pairs")
+    p = sub.add_parser("train-rm", help="train a reward model on preference pairs (from model.path, or the "
+                                         "embedded SFT policy, by default)")
     _config_args(p)
     p.add_argument("--out", default="runs/reward_model", help="output checkpoint directory")
     p.set_defaults(fn=_train_rm)

@@ -96,7 +96,12 @@ class LearnerConfig(_Section):
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
     minibatch_size: int = Field(512, ge=1, description="sequences per optimizer step")
     micro_batch_size: int = Field(512, ge=1, description="sequences per forward/backward (gradient accumulation)")
-    critic_lr: float = Field(1e-4, gt=0, description="critic learning rate (ppo)")
+    critic_lr: float = Field(1e-4, gt=0, description="learning rate of the critic's backbone (ppo)")
+    critic_head_lr: float = Field(1e-3, gt=0, description="learning rate of the critic's value head (ppo); a zero "
+                                  "head at 1e-4 had not moved off a constant after 140 steps")
+    critic_init: str | None = Field(None, description="checkpoint the critic starts from (ppo): null = the policy "
+                                    "with a zero head; a reward-model directory = its backbone and head (InstructGPT). "
+                                    "relay pipeline sets the RM it trained")
     value_clip: float | None = Field(0.2, gt=0, description="value clipping range; null = off")
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs of the learner actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the learner actor")
@@ -109,6 +114,9 @@ class LearnerConfig(_Section):
         if self.minibatch_size % self.micro_batch_size:
             raise ValueError(f"learner.minibatch_size ({self.minibatch_size}) must be a multiple of "
                              f"learner.micro_batch_size ({self.micro_batch_size})")
+        if self.critic_init is not None and not Path(self.critic_init).is_dir():
+            raise ValueError(f"learner.critic_init {self.critic_init!r} is not a directory; give a reward-model or "
+                             f"policy checkpoint directory, or null to start the critic from the policy")
         return self
 
 

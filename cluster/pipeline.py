@@ -9,11 +9,14 @@ long as the stages it reads have finished.
 - ``sft``: the embedded tiny policy (``learner/bootstrap.py``: tokenizer, model, SFT on the task,
   cached by config hash and copied here) when ``model.path`` is null; otherwise ``model.path``
   fine-tuned with ``learner/sft.py`` on the task's training problems.
-- ``rm``: ``learner/rm_trainer.py::train_reward_model(cfg.reward_model)`` (MiniLM on preference pairs).
+- ``rm``: ``learner/rm_trainer.py::train_reward_model(cfg.reward_model)``. By default the reward model
+  starts from the SFT checkpoint and learns from the SFT policy's own samples (judged by the task's
+  rule) beside synthetic pairs, so it reads the sft stage.
 - ``rl``: the driver (``cluster/driver.py``) with the policy and the reference both starting from the
   SFT checkpoint, and the reward = one ``kind: model`` source serving the RM checkpoint (replacing
-  ``reward.sources``; the other reward settings are kept). Its run directory (metrics.jsonl,
-  checkpoints/final) is ``run_dir/rl``. The algorithm is ``algorithm.name`` of the config.
+  ``reward.sources``; the other reward settings are kept). With PPO the critic starts from the RM
+  (``learner.critic_init``) when the RM shares the policy's tokenizer (``reward_model.init=policy``).
+  Its run directory (metrics.jsonl, checkpoints/final) is ``run_dir/rl``; its algorithm is ``algorithm.name``.
 
 Simplification: stages run in this process one after another; nothing is parallel across stages.
 """
@@ -31,7 +34,7 @@ from cluster.driver import RunError
 
 STAGES = ("sft", "rm", "rl")
 MARKER = "stage_done.json"
-NEEDS = {"sft": (), "rm": (), "rl": ("sft", "rm")}
+NEEDS = {"sft": (), "rm": ("sft",), "rl": ("sft", "rm")}
 
 
 def stage_dir(cfg: RelayConfig, stage: str) -> Path:
@@ -69,7 +72,8 @@ def _sft_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dic
 def _rm_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dict:
     from learner.rm_trainer import train_reward_model
 
-    return train_reward_model(cfg.reward_model, out, log=log)
+    return train_reward_model(cfg.reward_model, out, task=cfg.task, policy_path=stage_dir(cfg, "sft").resolve(),
+                              max_new_tokens=cfg.generation.max_tokens, temperature=cfg.generation.temperature, log=log)
 
 
 def rl_config(cfg: RelayConfig) -> RelayConfig:
@@ -81,6 +85,8 @@ def rl_config(cfg: RelayConfig) -> RelayConfig:
     tree["reward"]["sources"] = [RewardSourceConfig(name="rm", kind="model", model_path=str(
         stage_dir(cfg, "rm").resolve())).model_dump()]
     tree["train"]["run_dir"] = str(stage_dir(cfg, "rl"))
+    if cfg.algorithm.name == "ppo" and cfg.learner.critic_init is None and cfg.reward_model.init == "policy":
+        tree["learner"]["critic_init"] = str(stage_dir(cfg, "rm").resolve())  # value function from the RM
     return RelayConfig.model_validate(tree)
 
 

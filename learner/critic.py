@@ -1,8 +1,11 @@
-"""The PPO critic: a scalar value head on its own copy of the policy's backbone.
+"""The PPO critic: a scalar value head on its own backbone.
 
-Initialised from the policy checkpoint (as in Ouyang et al. 2022, where the value model
-starts from the reward model or the policy); trained with the clipped value loss from
-``learner/algos.py``.
+It starts from the policy checkpoint with a zero head, or, with ``learner.critic_init`` set to a
+reward-model checkpoint, from that model's backbone and head: Ouyang et al. (2022) initialise the
+value function from the reward model, so that V(s) starts near the score the episode will get.
+A reward-model checkpoint (``reward_service.models``) is a backbone plus a Linear(hidden, 1) head,
+the same shape as this critic. The critic must read the policy's token ids, so a checkpoint with
+another tokenizer is refused. Trained with the clipped value loss from ``learner/algos.py``.
 """
 
 from __future__ import annotations
@@ -10,11 +13,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModel
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
 
 from cluster.config import AlgorithmConfig, LearnerConfig
 from learner import algos
 from learner.batch import RolloutBatch
+from reward_service.models import HEAD_FILE
+
+
+def _check_same_tokenizer(critic_init: str, policy_path: str) -> None:
+    if not (Path(critic_init) / "config.json").is_file():
+        raise ValueError(f"learner.critic_init {critic_init!r} is not a Hugging Face checkpoint directory "
+                         f"(no config.json); give a reward-model or policy checkpoint, or null for the policy")
+    if AutoTokenizer.from_pretrained(critic_init).get_vocab() != AutoTokenizer.from_pretrained(policy_path).get_vocab():
+        raise ValueError(f"learner.critic_init {critic_init!r} has another tokenizer than the policy {policy_path!r}; "
+                         f"the critic reads the policy's token ids, so it must start from a model with the same "
+                         f"vocabulary (e.g. a reward model trained with reward_model.init=policy), or null")
 
 
 class Critic(torch.nn.Module):
@@ -25,12 +40,22 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
         self.lc = lc
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=lc.critic_lr, weight_decay=lc.weight_decay)
+        self.optimizer = torch.optim.AdamW([
+            {"params": self.backbone.parameters(), "lr": lc.critic_lr},
+            {"params": self.head.parameters(), "lr": lc.critic_head_lr},
+        ], weight_decay=lc.weight_decay)
 
     @classmethod
     def build(cls, policy, policy_path: str, lc: LearnerConfig, dtype: torch.dtype) -> Critic:
-        backbone = AutoModel.from_pretrained(policy_path, dtype=dtype)
-        return cls(backbone, policy.config.hidden_size, lc).to(policy.device)
+        source = lc.critic_init or policy_path
+        if lc.critic_init is not None:
+            _check_same_tokenizer(lc.critic_init, policy_path)
+        backbone = AutoModel.from_pretrained(source, dtype=dtype)
+        critic = cls(backbone, backbone.config.hidden_size, lc)
+        head_file = Path(source) / HEAD_FILE
+        if head_file.is_file():  # a reward-model checkpoint: start from its scalar head too
+            critic.head.load_state_dict(load_file(str(head_file)))
+        return critic.to(policy.device)
 
     def forward(self, batch: RolloutBatch, device) -> torch.Tensor:
         """Values ``(B, T)`` at prediction positions: V(s_t) for the state ending at token t."""

@@ -140,7 +140,6 @@ def train_sft(
     }
 
 
-@torch.no_grad()
 def greedy_responses(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -149,11 +148,35 @@ def greedy_responses(
     batch_size: int = 256,
 ) -> list[str]:
     """Greedy completions (special tokens dropped) for ``prompts``, left-padded in batches."""
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=None)
+
+
+def sample_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    k: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> list[list[str]]:
+    """``k`` sampled completions per prompt (pure temperature sampling, no top-k/top-p), as ``[prompt][k]``."""
+    torch.manual_seed(seed)
+    flat = _generate(model, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens, batch_size, temperature)
+    return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+              temperature: float | None) -> list[str]:
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature,
+                                                                 "top_k": 0, "top_p": 1.0}
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
@@ -163,9 +186,9 @@ def greedy_responses(
             gen = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                **sampling,
             )  # (B, T_prompt + <=max_new_tokens)
             out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     finally:

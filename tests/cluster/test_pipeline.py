@@ -52,16 +52,21 @@ def test_force_and_force_stage(tmp_path, fake_stages):
     run_pipeline(cfg, log=lambda _: None)
     run_pipeline(cfg, force_stages=("rm",), log=lambda _: None)
     assert fake_stages == ["sft", "rm", "rl", "rm", "rl"]  # rl reads rm, so it is redone too
+    run_pipeline(cfg, force_stages=("sft",), log=lambda _: None)
+    assert fake_stages[-3:] == ["sft", "rm", "rl"]  # rm starts from the SFT policy
     run_pipeline(cfg, force=True, log=lambda _: None)
     assert fake_stages[-3:] == ["sft", "rm", "rl"]
 
 
 def test_single_stage_and_missing_dependency(tmp_path, fake_stages):
     cfg = _cfg(tmp_path)
-    run_pipeline(cfg, stages=("rm",), log=lambda _: None)
-    assert fake_stages == ["rm"]
-    with pytest.raises(RunError, match="needs finished stage"):
+    with pytest.raises(RunError, match=r"needs finished stage\(s\) \['sft', 'rm'\]"):
         run_stage(cfg, "rl", log=lambda _: None)
+    with pytest.raises(RunError, match=r"needs finished stage\(s\) \['sft'\]"):
+        run_stage(cfg, "rm", log=lambda _: None)  # the reward model starts from the SFT policy
+    run_pipeline(cfg, stages=("sft",), log=lambda _: None)
+    run_pipeline(cfg, stages=("rm",), log=lambda _: None)
+    assert fake_stages == ["sft", "rm"]
     with pytest.raises(RunError, match="unknown pipeline stage"):
         run_pipeline(cfg, stages=("ppo2",), log=lambda _: None)
 
@@ -77,7 +82,9 @@ def test_crashed_stage_is_redone_from_scratch(tmp_path, fake_stages):
 
 def test_rl_config_wires_sft_policy_and_rm_reward(tmp_path):
     cfg = _cfg(tmp_path, "algorithm.name=ppo")
+    (tmp_path / "run" / "rm").mkdir(parents=True)
     rl = rl_config(cfg)
+    assert rl.learner.critic_init == str((tmp_path / "run" / "rm").resolve())  # InstructGPT: V from the RM
     assert rl.model.path == str((tmp_path / "run" / "sft").resolve())
     assert [(s.kind, s.model_path) for s in rl.reward.sources] == [("model", str((tmp_path / "run" / "rm").resolve()))]
     assert rl.train.run_dir == str(tmp_path / "run" / "rl")
@@ -85,30 +92,18 @@ def test_rl_config_wires_sft_policy_and_rm_reward(tmp_path):
     assert cfg.model.path is None  # the user's config is not touched
 
 
-def _tiny_backbone(path: Path) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from reward_service.config import default_backbone_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_backbone_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_real_sft_and_rm_stages_then_skip(tmp_path):
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, f"model.cache_dir={tmp_path / 'cache'}", "sft.steps=3", "sft.batch_size=16",
-               "model.tiny.num_layers=1", f"reward_model.backbone={_tiny_backbone(tmp_path / 'bb')}",
-               "reward_model.n_pairs=40", "reward_model.epochs=1")
+               "model.tiny.num_layers=1", "task.n_train=200", "task.n_eval=64", "train.eval_prompts=64",
+               "reward_model.n_pairs=40", "reward_model.policy_samples=2", "reward_model.epochs=1")
     results = run_pipeline(cfg, stages=("sft", "rm"), log=lambda _: None)
     sft_dir, rm_dir = tmp_path / "run" / "sft", tmp_path / "run" / "rm"
     assert (sft_dir / "config.json").is_file() and (sft_dir / "model.safetensors").is_file()
     assert (rm_dir / "config.json").is_file()
     assert 0.0 <= results["sft"]["metrics"]["heldout_greedy_accuracy"] <= 1.0
-    assert "rm/eval_accuracy" in results["rm"]["metrics"]
+    assert "rm/eval_accuracy" in results["rm"]["metrics"] and "rm/policy_pair_accuracy" in results["rm"]["metrics"]
+    assert (rm_dir / "model.safetensors").stat().st_size < 10e6  # started from the tiny SFT policy, not MiniLM
     stamp = (sft_dir / MARKER).stat().st_mtime_ns, (rm_dir / MARKER).stat().st_mtime_ns
     logs: list[str] = []
     run_pipeline(cfg, stages=("sft", "rm"), log=logs.append)
@@ -119,9 +114,9 @@ def test_real_sft_and_rm_stages_then_skip(tmp_path):
 
 @pytest.mark.slow
 def test_full_pipeline_with_ppo(tmp_path):
-    """SFT (cached embedded policy) -> tiny RM -> 2 PPO steps through Ray and the reward service."""
-    cfg = _cfg(tmp_path, "sft.steps=30", f"reward_model.backbone={_tiny_backbone(tmp_path / 'bb')}",
-               "reward_model.n_pairs=40", "reward_model.epochs=1", "algorithm.name=ppo", "algorithm.kl_in=reward",
+    """SFT (30 steps) -> RM from it -> 2 PPO steps through Ray and the reward service."""
+    cfg = _cfg(tmp_path, "sft.steps=30", "reward_model.n_pairs=40", "reward_model.policy_samples=1",
+               "reward_model.epochs=1", "algorithm.name=ppo", "algorithm.kl_in=reward",
                "algorithm.kl_target=0.05", "train.steps=2", "train.eval_every=1", "train.eval_prompts=32",
                "train.prompts_per_step=16", "metrics.progress=false", "metrics.prometheus=false",
                "learner.torch_threads=1")

@@ -54,10 +54,7 @@ def _scored(n_prompts: int = 4, samples: int = 4, seed: int = 0) -> list[ScoredR
 def test_critic_value_loss_falls_on_a_fixed_batch(policy_dir):
     torch.manual_seed(0)
     cfg = load_config(None, ["learner.critic_lr=1e-3", "learner.micro_batch_size=8", "learner.minibatch_size=16"])
-    policy = torch.nn.Linear(1, 1)  # only .config.hidden_size and .device are read
-    policy.config = type("C", (), {"hidden_size": 128})()
-    policy.device = torch.device("cpu")
-    critic = Critic.build(policy, policy_dir, cfg.learner, torch.float32)
+    critic = Critic.build(_fake_policy(), policy_dir, cfg.learner, torch.float32)
     batch = collate(_scored(), pad_id=0)
     mask = batch.response_mask
     returns = algos.place_reward_on_last_token(batch.rewards, mask)
@@ -71,6 +68,43 @@ def test_critic_value_loss_falls_on_a_fixed_batch(policy_dir):
     assert losses[-1] < 0.5 * losses[0], losses
     assert variances[-1] > variances[0]
     assert all(math.isfinite(x) for x in losses)
+
+
+def _fake_policy():
+    policy = torch.nn.Linear(1, 1)  # only .config.hidden_size and .device are read
+    policy.config = type("C", (), {"hidden_size": 128})()
+    policy.device = torch.device("cpu")
+    return policy
+
+
+def test_critic_from_a_reward_model_starts_at_its_scores(policy_dir, tmp_path):
+    """InstructGPT's init: V at the last answer token equals the reward model's score of the text."""
+    from reward_service.models import RewardModel
+
+    torch.manual_seed(1)
+    rm = RewardModel.from_backbone(policy_dir, max_length=32)
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    torch.nn.init.constant_(rm.head.bias, -2.0)
+    rm.save_pretrained(tmp_path / "rm")
+    cfg = load_config(None, [f"learner.critic_init={tmp_path / 'rm'}"])
+    critic = Critic.build(_fake_policy(), policy_dir, cfg.learner, torch.float32)
+    scored = _scored(n_prompts=2, samples=3)
+    values = critic.values(collate(scored, pad_id=0), "cpu", 8)  # (B, T)
+    expected, _ = rm.eval().score([s.rollout.prompt_text + s.rollout.response_text for s in scored])
+    for i, s in enumerate(scored):
+        last_answer_token = len(s.rollout.prompt_ids) + len(s.rollout.response_ids) - 2  # before the EOS
+        assert values[i, last_answer_token].item() == pytest.approx(expected[i], abs=1e-4)
+    assert len({round(x, 3) for x in expected}) > 1  # not a constant head
+
+
+def test_critic_init_with_another_tokenizer_is_refused(policy_dir):
+    from reward_service.config import default_backbone_path
+
+    cfg = load_config(None, [f"learner.critic_init={default_backbone_path()}"])
+    with pytest.raises(ValueError, match="another tokenizer than the policy"):
+        Critic.build(_fake_policy(), policy_dir, cfg.learner, torch.float32)
+    with pytest.raises(Exception, match="learner.critic_init '/no/such/dir' is not a directory"):
+        load_config(None, ["learner.critic_init=/no/such/dir"])
 
 
 @pytest.mark.parametrize("name", ["ppo", "grpo", "drgrpo", "rloo", "reinforce"])

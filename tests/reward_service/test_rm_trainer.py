@@ -1,15 +1,32 @@
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from learner.rm_trainer import load_preferences, make_synthetic_preferences, train_reward_model
+from cluster.tasks import Problem, TaskConfig, make_problems
+from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
+from learner.rm_trainer import (
+    _split,
+    load_preferences,
+    make_policy_preferences,
+    make_synthetic_preferences,
+    policy_pair_accuracy,
+    train_reward_model,
+)
 from reward_service.config import RewardModelTrainConfig
 from reward_service.models import RewardModel
 
+MINILM = {"init": "backbone", "policy_samples": 0, "lr": 5e-5, "batch_size": 32, "freeze_embeddings": True}
+
+
+def _problems(n: int, seed: int = 1) -> list[Problem]:
+    return make_problems(n, 0, seed=seed)[0]
+
 
 def test_synthetic_preferences():
-    pairs = make_synthetic_preferences(400, seed=1)
+    pairs = make_synthetic_preferences(_problems(400), seed=1, clear_fraction=0.5)
     assert len({p["prompt"] for p in pairs}) == 400  # one pair per distinct prompt
     for p in pairs:
         a, b = p["prompt"].rstrip("=").split("+")
@@ -18,7 +35,37 @@ def test_synthetic_preferences():
     assert 150 < kinds.count("close") < 250
     close = [p for p in pairs if p["kind"] == "close"]
     assert all(p["rejected"].isdigit() for p in close)
-    assert make_synthetic_preferences(50, seed=1) == make_synthetic_preferences(50, seed=1)
+    assert make_synthetic_preferences(_problems(50), seed=1) == make_synthetic_preferences(_problems(50), seed=1)
+    assert {p["kind"] for p in make_synthetic_preferences(_problems(50), clear_fraction=0.0)} == {"close"}
+
+
+def test_policy_preferences_pair_the_answer_against_a_wrong_sample():
+    problems = [Problem("1+1=", "2"), Problem("2+2=", "4"), Problem("3+3=", "6")]
+    samples = [["2", "3", " 2 "], ["4", "4", "4"], ["7", "6", "x"]]
+    pairs = make_policy_preferences(samples, problems, seed=0)
+    assert [p["prompt"] for p in pairs] == ["1+1=", "3+3="]  # 2+2= was always right: no pair
+    assert pairs[0] == {"prompt": "1+1=", "chosen": "2", "rejected": "3", "kind": "policy"}
+    assert pairs[1]["chosen"] == "6" and pairs[1]["rejected"] in {"7", "x"}
+
+
+def test_policy_pair_accuracy_by_hand():
+    problems = [Problem("1+1=", "2"), Problem("2+2=", "4")]
+    samples = [["2", "3", "5"], ["4", "1", "4"]]
+    table = {"1+1=2": 1.0, "1+1=3": 2.0, "1+1=5": 0.0, "2+2=4": 3.0, "2+2=1": 3.0}
+    model = SimpleNamespace(eval=lambda: None, score=lambda texts: ([table[t] for t in texts], 0))
+    out = policy_pair_accuracy(model, problems, samples)
+    # Within prompts: 1+1: right 1.0 vs wrong {2.0, 0.0} -> 1 of 2; 2+2: right {3, 3} vs wrong {3} -> 2 ties = 1.
+    assert out["pair_accuracy"] == pytest.approx(2 / 4)
+    # Across prompts: right {1, 3, 3} vs wrong {2, 0, 3}: wins 1+2+2 = 5, ties 2 -> (5 + 1) / 9.
+    assert out["auc"] == pytest.approx(6 / 9)
+    assert out["sample_accuracy"] == pytest.approx(3 / 6)
+
+
+def test_split_is_by_prompt():
+    pairs = [{"prompt": f"{i}+0=", "chosen": str(i), "rejected": "x", "n": j} for i in range(50) for j in range(2)]
+    train, held = _split(pairs, 0.2, seed=0)
+    assert len(held) == 20 and len(train) == 80
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in held}
 
 
 def test_load_preferences_errors(tmp_path):
@@ -35,7 +82,7 @@ def test_load_preferences_errors(tmp_path):
 
 
 def test_train_on_a_tiny_slice_learns_and_saves(tmp_path):
-    cfg = RewardModelTrainConfig(n_pairs=320, epochs=1, batch_size=32, eval_fraction=0.25, seed=0)
+    cfg = RewardModelTrainConfig(n_pairs=320, epochs=1, eval_fraction=0.25, seed=0, clear_fraction=0.5, **MINILM)
     logs: list[str] = []
     metrics = train_reward_model(cfg, tmp_path / "rm", log=logs.append)
     assert any(line.startswith("rm/epoch=1") for line in logs)
@@ -47,17 +94,51 @@ def test_train_on_a_tiny_slice_learns_and_saves(tmp_path):
 
 def test_preferences_from_jsonl_path(tmp_path):
     path = tmp_path / "prefs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in make_synthetic_preferences(40, seed=2)))
-    cfg = RewardModelTrainConfig(preferences_path=str(path), epochs=1, batch_size=16, eval_fraction=0.25)
+    path.write_text("".join(json.dumps(p) + "\n" for p in make_synthetic_preferences(_problems(40), seed=2)))
+    cfg = RewardModelTrainConfig(preferences_path=str(path), epochs=1, eval_fraction=0.25, **MINILM)
     metrics = train_reward_model(cfg, tmp_path / "rm", log=lambda _: None)
     assert 0.0 <= metrics["rm/eval_accuracy"] <= 1.0 and (tmp_path / "rm" / "reward_head.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_rm_reaches_70_percent_held_out(tmp_path):
-    """The quality bar: >= 0.70 held-out pairwise accuracy.
+def test_from_the_policy_with_policy_pairs(tmp_path):
+    """The default: start from the (here untrained, 1-layer) policy, pair its samples, rank its held-out samples."""
+    tokenizer = build_tokenizer()
+    policy = tmp_path / "policy"
+    build_tiny_model(tokenizer, TinyModelConfig(num_layers=1)).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    task = TaskConfig(n_train=120, n_eval=40)
+    cfg = RewardModelTrainConfig(policy_samples=2, n_pairs=60, epochs=1, eval_fraction=0.25)
+    logs: list[str] = []
+    metrics = train_reward_model(cfg, tmp_path / "rm", task=task, policy_path=policy, log=logs.append)
+    assert any(line.startswith("rm/policy_pairs=") for line in logs)
+    assert "rm/eval_accuracy_policy" in metrics and "rm/eval_accuracy_close" in metrics
+    assert 0.0 <= metrics["rm/policy_sample_accuracy"] <= 1.0 and "rm/policy_auc" in metrics
+    model = RewardModel.from_pretrained(tmp_path / "rm")
+    assert model.pooling == "last"  # a causal backbone is read at its last token
+    scores, _ = model.score(["12+30=42", "12+30=4"])
+    assert all(math.isfinite(x) for x in scores)
 
-    Measured 0.78-0.79 after one epoch, 100-110 s of training on a busy 2-core CPU (over 2 min with setup).
+
+def test_policy_init_without_a_policy_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="need the SFT policy checkpoint"):
+        train_reward_model(RewardModelTrainConfig(), tmp_path / "rm")
+    with pytest.raises(ValueError, match=r"reward_model.n_pairs \(200\) exceeds the task's 100 training prompts"):
+        train_reward_model(RewardModelTrainConfig(n_pairs=200, **MINILM), tmp_path / "rm", task=TaskConfig(n_train=100))
+
+
+@pytest.mark.slow
+def test_default_rm_ranks_the_policys_own_samples(tmp_path):
+    """The quality bar on the embedded default: >= 0.70 held-out pairwise accuracy, and the SFT policy's
+    correct samples ranked above its wrong ones (same held-out prompt) at least 85% of the time.
+
+    Measured: pairwise 0.91, policy pairs 0.94, in about 160 s on 2 cores (plus the SFT policy build when
+    it is not cached). The MiniLM reward model it replaced ranked the policy's samples at chance (0.51).
     """
-    metrics = train_reward_model(RewardModelTrainConfig(n_pairs=3000), tmp_path / "rm", log=print)
+    from cluster.config import RelayConfig
+    from learner.bootstrap import ensure_default_policy
+
+    cfg = RelayConfig()
+    policy = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.task)
+    metrics = train_reward_model(cfg.reward_model, tmp_path / "rm", task=cfg.task, policy_path=policy, log=print)
     assert metrics["rm/eval_accuracy"] >= 0.70
+    assert metrics["rm/policy_pair_accuracy"] >= 0.85
