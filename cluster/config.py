@@ -96,6 +96,11 @@ class LearnerConfig(_Section):
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
     minibatch_size: int = Field(512, ge=1, description="sequences per optimizer step")
     micro_batch_size: int = Field(512, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    critic_backbone: Literal["separate", "shared"] = Field(
+        "separate", description="ppo critic: separate = its own model (critic_init, critic_lr); shared = a value "
+                                "head on the policy's last hidden state, trained with loss + value_coef * value loss")
+    value_coef: float = Field(0.5, ge=0, description="weight of the value loss in the joint loss "
+                              "(critic_backbone=shared)")
     critic_lr: float = Field(1e-4, gt=0, description="learning rate of the critic's backbone (ppo)")
     critic_head_lr: float = Field(1e-3, gt=0, description="learning rate of the critic's value head (ppo); a zero "
                                   "head at 1e-4 had not moved off a constant after 140 steps")
@@ -114,6 +119,9 @@ class LearnerConfig(_Section):
         if self.minibatch_size % self.micro_batch_size:
             raise ValueError(f"learner.minibatch_size ({self.minibatch_size}) must be a multiple of "
                              f"learner.micro_batch_size ({self.micro_batch_size})")
+        if self.critic_init is not None and self.critic_backbone == "shared":
+            raise ValueError("learner.critic_init applies to a separate critic; with learner.critic_backbone=shared "
+                             "the value head sits on the policy. Set critic_init to null or critic_backbone=separate")
         if self.critic_init is not None and not Path(self.critic_init).is_dir():
             raise ValueError(f"learner.critic_init {self.critic_init!r} is not a directory; give a reward-model or "
                              f"policy checkpoint directory, or null to start the critic from the policy")

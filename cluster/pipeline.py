@@ -82,10 +82,13 @@ def rl_config(cfg: RelayConfig) -> RelayConfig:
 
     tree = cfg.model_dump()
     tree["model"]["path"] = str(stage_dir(cfg, "sft").resolve())
+    # One forward pass per 256 texts: with Serve's default of 32, scoring took a third of a PPO step.
     tree["reward"]["sources"] = [RewardSourceConfig(name="rm", kind="model", model_path=str(
-        stage_dir(cfg, "rm").resolve())).model_dump()]
+        stage_dir(cfg, "rm").resolve()), max_batch_size=256, max_ongoing_requests=256).model_dump()]
     tree["train"]["run_dir"] = str(stage_dir(cfg, "rl"))
-    if cfg.algorithm.name == "ppo" and cfg.learner.critic_init is None and cfg.reward_model.init == "policy":
+    lc = cfg.learner
+    if cfg.algorithm.name == "ppo" and lc.critic_backbone == "separate" and lc.critic_init is None \
+            and cfg.reward_model.init == "policy":
         tree["learner"]["critic_init"] = str(stage_dir(cfg, "rm").resolve())  # value function from the RM
     return RelayConfig.model_validate(tree)
 

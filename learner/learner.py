@@ -9,6 +9,9 @@ Simplifications, on purpose:
   from the same forward pass (ratio 1 at the start of the update, as in verl's on-policy
   shortcut); with more updates per batch they come from a separate no-grad pass.
 - The reference model is loaded only when a KL term is configured.
+- PPO's critic is a separate model (``learner/critic.py``), or, with ``learner.critic_backbone=shared``,
+  a value head on the policy's last hidden state trained jointly: loss = policy loss + value_coef *
+  value loss (the shared actor-critic of Schulman et al. 2017, as in Ziegler et al. 2019's ``vf_coef``).
 """
 
 from __future__ import annotations
@@ -46,9 +49,18 @@ class Learner:
         if self.alg.kl_in != "none":
             self.reference = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(self.device).eval()
             self.reference.requires_grad_(False)
-        self.critic = Critic.build(self.policy, policy_path, self.lc, dtype) if self.alg.name == "ppo" else None
+        self.critic, self.value_head = None, None
+        groups = [{"params": list(self.policy.parameters()), "lr": self.lc.lr}]
+        if self.alg.name == "ppo" and self.lc.critic_backbone == "separate":
+            self.critic = Critic.build(self.policy, policy_path, self.lc, dtype)
+        elif self.alg.name == "ppo":
+            self.value_head = torch.nn.Linear(self.policy.config.hidden_size, 1).to(self.device)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+            groups.append({"params": list(self.value_head.parameters()), "lr": self.lc.critic_head_lr})
+        self.trainable = [q for g in groups for q in g["params"]]
         self.estimator = algos.get_advantage_estimator("gae" if self.alg.name == "ppo" else self.alg.name)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.lc.lr, weight_decay=self.lc.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.lc.weight_decay)
         warmup = max(1, self.lc.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         if self.alg.kl_target is not None:
@@ -61,19 +73,32 @@ class Learner:
         self.sink.heartbeat()
 
     # ---- forward passes -------------------------------------------------------------------
-    def _token_logprobs(self, model, batch: RolloutBatch, with_entropy: bool = False):
-        """Logprobs ``(B, T)`` of each next token under ``model`` (and entropy ``(B, T)`` if asked)."""
+    def _token_logprobs(self, model, batch: RolloutBatch, with_entropy: bool = False, with_values: bool = False):
+        """Logprobs ``(B, T)`` of each next token under ``model``, entropy ``(B, T)`` if asked, and the shared
+        value head's V(s_t) ``(B, T)`` if asked (position t = the state ending at token t)."""
         ids = batch.input_ids.to(self.device)
-        logits = model(input_ids=ids, attention_mask=batch.attention_mask.to(self.device)).logits[:, :-1].float()
-        logits = logits / self.cfg.generation.temperature
+        mask = batch.attention_mask.to(self.device)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=with_values)
+        logits = out.logits[:, :-1].float() / self.cfg.generation.temperature
         logprobs = algos.gather_logprobs(logits, ids[:, 1:])
         entropy = algos.entropy_from_logits(logits) if with_entropy else None
-        return logprobs, entropy
+        values = self.value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1) if with_values else None
+        return logprobs, entropy, values
 
     @torch.no_grad()
     def _no_grad_logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
         chunks = [self._token_logprobs(model, batch.select(idx))[0] for idx in self._micro_indices(len(batch))]
         return torch.cat(chunks)
+
+    @torch.no_grad()
+    def _values(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """V(s_t) ``(B, T)`` before the update (the GAE input and the value-clipping anchor), or None."""
+        if self.critic is not None:
+            return self.critic.values(batch, self.device, self.lc.micro_batch_size)
+        if self.value_head is None:
+            return None
+        idx = self._micro_indices(len(batch))
+        return torch.cat([self._token_logprobs(self.policy, batch.select(i), with_values=True)[2] for i in idx])
 
     def _micro_indices(self, n: int, order: torch.Tensor | None = None):
         order = torch.arange(n) if order is None else order
@@ -102,7 +127,7 @@ class Learner:
         separate_old = self.lc.epochs > 1 or self.lc.minibatch_size < len(batch)
         old_logprobs = self._no_grad_logprobs(self.policy, batch) if separate_old else None
         ref_logprobs = self._no_grad_logprobs(self.reference, batch) if self.reference is not None else None
-        values = self.critic.values(batch, self.device, self.lc.micro_batch_size) if self.critic else None
+        values = self._values(batch)
         timings["logprobs"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -164,10 +189,12 @@ class Learner:
                     part = self._micro_loss(batch.select(micro), mask[micro], advantages[micro],
                                             None if old_logprobs is None else old_logprobs[micro],
                                             None if ref_logprobs is None else ref_logprobs[micro],
-                                            weight=len(micro) / len(mb))
+                                            weight=len(micro) / len(mb),
+                                            old_values=None if self.value_head is None else values[micro],
+                                            returns=returns[micro])
                     for k, v in part.items():
                         sums[k] = sums.get(k, 0.0) + v
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.lc.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.lc.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 sums["learner/grad_norm"] = sums.get("learner/grad_norm", 0.0) + grad_norm.item()
@@ -176,10 +203,15 @@ class Learner:
                     critic_stats = self.critic.update(batch.select(mb), mask[mb], values[mb], returns[mb], self.alg)
                     for k, v in critic_stats.items():
                         sums[k] = sums.get(k, 0.0) + v
-        return {k: v / updates for k, v in sums.items()}
+        out = {k: v / updates for k, v in sums.items()}
+        if self.value_head is not None:
+            out["learner/explained_variance"] = algos.explained_variance(values, returns, mask).item()
+        return out
 
-    def _micro_loss(self, micro: RolloutBatch, mask, advantages, old_logprobs, ref_logprobs, weight: float):
-        logprobs, entropy = self._token_logprobs(self.policy, micro, with_entropy=True)
+    def _micro_loss(self, micro: RolloutBatch, mask, advantages, old_logprobs, ref_logprobs, weight: float,
+                    old_values=None, returns=None):
+        shared = self.value_head is not None
+        logprobs, entropy, values = self._token_logprobs(self.policy, micro, with_entropy=True, with_values=shared)
         old = logprobs.detach() if old_logprobs is None else old_logprobs
         behaviour = micro.behaviour_logprobs.to(self.device) if self.alg.tis_cap is not None else None
         loss, pstats = algos.policy_loss(
@@ -196,6 +228,11 @@ class Learner:
             kl = algos.kl_loss(logprobs, ref_logprobs, mask, self.alg.kl_kind, self.alg.loss_agg,
                                loss_norm_constant=self.cfg.generation.max_tokens)
             loss = loss + self.kl_ctl.value * kl
+        if shared:
+            vloss, vclipped = algos.value_loss(values, old_values, returns, mask, clip=self.lc.value_clip)
+            loss = loss + self.lc.value_coef * vloss
+            stats.update({"learner/value_loss": vloss.item() * weight,
+                          "learner/value_clip_fraction": float(vclipped) * weight})
         (loss * weight).backward()
         stats.update({
             "learner/entropy": entropy_mean.item() * weight,
@@ -222,6 +259,8 @@ class Learner:
         self.tokenizer.save_pretrained(path)
         if self.critic is not None:
             self.critic.save(f"{path}/critic")
+        if self.value_head is not None:
+            torch.save(self.value_head.state_dict(), f"{path}/value_head.pt")
         return path
 
     @torch.no_grad()

@@ -134,3 +134,27 @@ def test_algorithm_switch_runs_a_learner_step(policy_dir, name):
         assert second["learner/kl_coef"] != pytest.approx(0.1, rel=1e-3)  # the adaptive controller moved
     else:
         assert "learner/value_loss" not in second
+
+
+def test_shared_critic_learns_values_on_the_policy_backbone(policy_dir, tmp_path):
+    """critic_backbone=shared: no second model; the value head reads the policy's hidden states, its loss
+    falls on a fixed batch, and the joint loss moves the policy."""
+    from learner.learner import Learner
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["algorithm.name=ppo", "learner.critic_backbone=shared", "learner.critic_head_lr=1e-2",
+                             "learner.warmup_steps=0", "learner.micro_batch_size=8", "learner.minibatch_size=16"])
+    learner = Learner(cfg, policy_dir)
+    assert learner.critic is None and learner.value_head is not None
+    scored = _scored()
+    before = [p.detach().clone() for p in learner.policy.parameters()]
+    stats = [learner.train_step(scored) for _ in range(12)]
+    losses = [s["learner/value_loss"] for s in stats]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert stats[-1]["learner/explained_variance"] > stats[0]["learner/explained_variance"]
+    assert all(math.isfinite(v) for s in stats for v in s.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.policy.parameters(), strict=True))
+    learner.save(str(tmp_path / "ck"))
+    assert (tmp_path / "ck" / "value_head.pt").is_file() and not (tmp_path / "ck" / "critic").exists()
+    with pytest.raises(Exception, match="critic_init applies to a separate critic"):
+        load_config(None, ["learner.critic_backbone=shared", f"learner.critic_init={tmp_path}"])
