@@ -173,7 +173,7 @@ class RewardModelTrainConfig(BaseModel):
                                 "0 = synthetic pairs only")
     n_pairs: int | None = Field(None, ge=10, description="synthetic pairs (correct answer vs a close or clear miss) "
                                 "on distinct training prompts; null = one per training prompt")
-    clear_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of synthetic pairs whose rejected answer "
+    clear_fraction: float = Field(0.1, ge=0.0, le=1.0, description="share of synthetic pairs whose rejected answer "
                                   "is a clear miss (random number or garbage) rather than a close one")
     eval_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="fraction of prompts whose pairs are held out "
                                                                   "for accuracy")
@@ -183,8 +183,8 @@ class RewardModelTrainConfig(BaseModel):
                                               "tiny policy backbone, 5e-5 suits MiniLM")
     head_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the freshly initialised scalar head")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
-    epochs: int = Field(8, ge=1, description="passes over the training pairs (close misses need many: held-out "
-                                             "accuracy was 0.71 after 3 epochs, 0.91 after 8)")
+    epochs: int = Field(12, ge=1, description="passes over the training pairs (close misses need many: held-out "
+                                              "accuracy was 0.71 after 3 epochs, 0.89 after 8, 0.98 after 12)")
     batch_size: int = Field(64, ge=1, description="pairs per optimiser step")
     margin: float | None = Field(None, description="optional Bradley-Terry margin (see learner.algos)")
     freeze_embeddings: bool = Field(False, description="keep the backbone's token embeddings fixed (faster steps "
