@@ -27,8 +27,8 @@ class Figure:
 
 FIGURES = (
     Figure("reward.png", "Reward and task score", (
-        ("", (("reward/mean", "train reward mean"), ("reward/task_score", "train task score"),
-              ("eval/task_score", "eval task score"))),
+        ("reward", (("reward/mean", "train reward mean"), ("eval/reward_mean", "eval reward mean"))),
+        ("true task score", (("reward/task_score", "train task score"), ("eval/task_score", "eval task score"))),
     )),
     Figure("kl.png", "KL", (
         ("KL", (("learner/kl", "KL(policy||ref)"),)),
