@@ -98,7 +98,8 @@ class LearnerConfig(_Section):
     micro_batch_size: int = Field(512, ge=1, description="sequences per forward/backward (gradient accumulation)")
     critic_backbone: Literal["separate", "shared"] = Field(
         "separate", description="ppo critic: separate = its own model (critic_init, critic_lr); shared = a value "
-                                "head on the policy's last hidden state, trained with loss + value_coef * value loss")
+                                "head on the policy's last hidden state, trained with loss + value_coef * value loss "
+                                "(less memory and time, but +4.6 points against +24.8 for separate in the README run)")
     value_coef: float = Field(0.5, ge=0, description="weight of the value loss in the joint loss "
                               "(critic_backbone=shared)")
     critic_lr: float = Field(1e-4, gt=0, description="learning rate of the critic's backbone (ppo)")
