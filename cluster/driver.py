@@ -23,7 +23,7 @@ from actors.rollout import Prompt, Rollout, ScoredRollout
 from cluster.config import RelayConfig
 from cluster.metrics import JsonlLogger, MetricSink
 from cluster.progress import Progress
-from cluster.resources import check_resources, init_ray
+from cluster.resources import check_resources, init_ray, oversubscription_warning
 from cluster.tasks import Problem, is_correct
 from learner.weights import VersionStore
 from reward_service.client import RewardClient
@@ -362,6 +362,8 @@ def train(cfg: RelayConfig, log=print) -> dict:
     connected = init_ray(cfg.cluster, log=log)
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
+        if warning := oversubscription_warning(cfg):
+            log(f"warning: {warning}")
         policy_path = resolve_policy(cfg, log=log)
         driver = Driver(cfg, policy_path, log=log)  # validates the prompts before any actor starts
         driver.start()

@@ -57,3 +57,21 @@ def check_resources(cfg: RelayConfig) -> None:
             f"the configuration asks for {asked} (learner + {cfg.generation.num_actors} generation actors + reward "
             f"replicas) but the cluster has {exists}. Lower generation.num_actors / num_cpus / num_gpus, "
             "learner.num_cpus / num_gpus or reward replica resources, or add nodes")
+
+
+def oversubscription_warning(cfg: RelayConfig, cores: int | None = None) -> str | None:
+    """A warning when ``max_staleness > 0`` makes a local CPU run generate and learn at once with more torch
+    threads than cores (measured on 2 cores with 2 + 2 threads: 1.81 s/step against 0.58 on-policy)."""
+    g, lc = cfg.generation, cfg.learner
+    remote = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if cfg.algorithm.max_staleness == 0 or g.num_gpus > 0 or lc.num_gpus > 0 or remote:
+        return None
+    generation = g.num_actors * (g.torch_threads or max(1, round(g.num_cpus)))
+    threads = generation + (lc.torch_threads or max(1, round(lc.num_cpus)))
+    cores = cores or os.cpu_count() or 1
+    if threads <= cores:
+        return None
+    return (f"algorithm.max_staleness={cfg.algorithm.max_staleness} runs generation and learning at once, with "
+            f"{threads} torch threads on {cores} cores; oversubscribed, both slow down (2 + 2 threads on 2 cores: "
+            f"3.1x slower than on-policy). Set generation.torch_threads and learner.torch_threads to sum to at most "
+            f"{cores} (1 + 1 on 2 cores: 1.24x faster than on-policy)")
