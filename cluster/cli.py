@@ -36,14 +36,11 @@ def _report(args) -> int:
 def _train_rm(args) -> int:
     from pathlib import Path
 
+    from cluster.driver import resolve_policy
     from learner.rm_trainer import train_reward_model
 
     cfg = load_config(args.config, args.overrides)
-    policy = cfg.model.path  # the SFT policy the reward model starts from and samples pairs with
-    if policy is None:
-        from learner.bootstrap import ensure_default_policy
-
-        policy = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.task)
+    policy = resolve_policy(cfg)  # the SFT policy the reward model starts from and samples pairs with
     metrics = train_reward_model(cfg.reward_model, Path(args.out), task=cfg.task, policy_path=policy,
                                  max_new_tokens=cfg.generation.max_tokens, temperature=cfg.generation.temperature)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})

@@ -56,6 +56,11 @@ class GenerationConfig(_Section):
     timeout_s: float = Field(300.0, gt=0, description="timeout of one generate or weight-load call, seconds")
     max_restarts: int = Field(2, ge=0, description="times Ray restarts a crashed generation actor")
 
+    @property
+    def engine_threads(self) -> int:
+        """Torch threads each engine runs with on CPU."""
+        return self.torch_threads or max(1, round(self.num_cpus))
+
 
 class AlgorithmConfig(_Section):
     name: Literal["grpo", "drgrpo", "rloo", "reinforce", "ppo"] = Field(
@@ -179,6 +184,10 @@ class RelayConfig(_Section):
         if self.train.prompts_per_step > self.task.n_train:
             raise ValueError(f"train.prompts_per_step ({self.train.prompts_per_step}) exceeds task.n_train "
                              f"({self.task.n_train}): the dataset is too small for one step")
+        if self.reward_model.n_pairs is not None and self.reward_model.n_pairs > self.task.n_train:
+            raise ValueError(f"reward_model.n_pairs ({self.reward_model.n_pairs}) exceeds task.n_train "
+                             f"({self.task.n_train}): one synthetic pair per training prompt at most; lower it or "
+                             f"leave it null")
         if self.generation.num_gpus == 0 and self.generation.tensor_parallel_size > 1:
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.num_gpus > 0")
         return self

@@ -66,8 +66,7 @@ def oversubscription_warning(cfg: RelayConfig, cores: int | None = None) -> str 
     remote = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if cfg.algorithm.max_staleness == 0 or g.num_gpus > 0 or lc.num_gpus > 0 or remote:
         return None
-    generation = g.num_actors * (g.torch_threads or max(1, round(g.num_cpus)))
-    threads = generation + (lc.torch_threads or max(1, round(lc.num_cpus)))
+    threads = g.num_actors * g.engine_threads + (lc.torch_threads or max(1, round(lc.num_cpus)))
     cores = cores or os.cpu_count() or 1
     if threads <= cores:
         return None

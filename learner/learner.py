@@ -86,19 +86,12 @@ class Learner:
         return logprobs, entropy, values
 
     @torch.no_grad()
-    def _no_grad_logprobs(self, model, batch: RolloutBatch) -> torch.Tensor:
-        chunks = [self._token_logprobs(model, batch.select(idx))[0] for idx in self._micro_indices(len(batch))]
-        return torch.cat(chunks)
-
-    @torch.no_grad()
-    def _values(self, batch: RolloutBatch) -> torch.Tensor | None:
-        """V(s_t) ``(B, T)`` before the update (the GAE input and the value-clipping anchor), or None."""
-        if self.critic is not None:
-            return self.critic.values(batch, self.device, self.lc.micro_batch_size)
-        if self.value_head is None:
-            return None
-        idx = self._micro_indices(len(batch))
-        return torch.cat([self._token_logprobs(self.policy, batch.select(i), with_values=True)[2] for i in idx])
+    def _no_grad_pass(self, model, batch: RolloutBatch, with_values: bool = False):
+        """Logprobs ``(B, T)`` under ``model`` without gradients, and the shared head's values if asked."""
+        parts = [self._token_logprobs(model, batch.select(idx), with_values=with_values)
+                 for idx in self._micro_indices(len(batch))]
+        values = torch.cat([p[2] for p in parts]) if with_values else None
+        return torch.cat([p[0] for p in parts]), values
 
     def _micro_indices(self, n: int, order: torch.Tensor | None = None):
         order = torch.arange(n) if order is None else order
@@ -124,14 +117,21 @@ class Learner:
         batch = batch.select(keep.nonzero().squeeze(1))
         mask = batch.response_mask.to(self.device)
 
+        # One no-grad pass of the policy before the update gives whatever needs it: the "old" logprobs
+        # (several updates per batch), the logprobs the KL is measured at, and the shared head's values.
         separate_old = self.lc.epochs > 1 or self.lc.minibatch_size < len(batch)
-        old_logprobs = self._no_grad_logprobs(self.policy, batch) if separate_old else None
-        ref_logprobs = self._no_grad_logprobs(self.reference, batch) if self.reference is not None else None
-        values = self._values(batch)
+        shared = self.value_head is not None
+        current, values = None, None
+        if separate_old or shared or self.reference is not None:
+            current, values = self._no_grad_pass(self.policy, batch, with_values=shared)
+        old_logprobs = current if separate_old else None
+        ref_logprobs = self._no_grad_pass(self.reference, batch)[0] if self.reference is not None else None
+        if self.critic is not None:
+            values = self.critic.values(batch, self.device, self.lc.micro_batch_size)
         timings["logprobs"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        advantages, returns, kl_stats = self._advantages(batch, mask, old_logprobs, ref_logprobs, values)
+        advantages, returns, kl_stats = self._advantages(batch, mask, current, ref_logprobs, values)
         timings["advantages"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -156,12 +156,11 @@ class Learner:
         self.sink.heartbeat()
         return stats
 
-    def _advantages(self, batch, mask, old_logprobs, ref_logprobs, values):
+    def _advantages(self, batch, mask, current, ref_logprobs, values):
+        """``current``: the policy's logprobs before this update (the policy that sampled, on-policy)."""
         seq_rewards = batch.rewards.to(self.device)
         stats: dict[str, float] = {}
         if ref_logprobs is not None:
-            # KL against the policy that sampled (old); when old is not separate, the policy as it is now.
-            current = old_logprobs if old_logprobs is not None else self._no_grad_logprobs(self.policy, batch)
             kl = algos.kl_estimate(current, ref_logprobs, self.alg.kl_kind) * mask
             stats["learner/kl"] = algos.masked_mean(kl, mask).item()
         if self.alg.kl_in == "reward":

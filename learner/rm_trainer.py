@@ -166,14 +166,19 @@ def policy_pair_accuracy(model: RewardModel, problems: Sequence[Problem], sample
         s = scores[i * k:(i + 1) * k]
         good.append(s[right])
         bad.append(s[~right])
-        diff = s[right][:, None] - s[~right][None, :]  # (n_right, n_wrong)
-        wins += (diff > 0).sum().item() + 0.5 * (diff == 0).sum().item()
-        total += diff.numel()
+        w, n = _wins(s[right], s[~right])
+        wins, total = wins + w, total + n
     g, b = torch.cat(good), torch.cat(bad)
-    diff = g[:, None] - b[None, :]
-    auc = ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item() if diff.numel() else float("nan")
-    return {"pair_accuracy": wins / total if total else float("nan"), "auc": auc,
+    across, pairs = _wins(g, b)
+    nan = float("nan")
+    return {"pair_accuracy": wins / total if total else nan, "auc": across / pairs if pairs else nan,
             "sample_accuracy": len(g) / len(scores)}
+
+
+def _wins(right: torch.Tensor, wrong: torch.Tensor) -> tuple[float, int]:
+    """Over all (right, wrong) score pairs: how many rank right above wrong (ties count half), and how many pairs."""
+    diff = right[:, None] - wrong[None, :]  # (n_right, n_wrong)
+    return (diff > 0).sum().item() + 0.5 * (diff == 0).sum().item(), diff.numel()
 
 
 def build_preferences(cfg: RewardModelTrainConfig, task: TaskConfig, policy: tuple | None,

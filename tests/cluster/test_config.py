@@ -81,3 +81,8 @@ def test_readme_config_reference_matches_the_schema():
     start = text.index("-->", text.index("<!-- config table")) + len("-->")
     table = text[start:text.index("<!-- end config table -->")].strip()
     assert table == reference_table(), "regenerate the README table from cluster.config.reference_table()"
+
+
+def test_more_rm_pairs_than_training_prompts_fails_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"reward_model.n_pairs \(9000\) exceeds task.n_train \(7600\)"):
+        load_config(overrides=["reward_model.n_pairs=9000"])
