@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import time
 
-from actors.rollout import Prompt, Rollout
-from cluster.config import GenerationConfig
+from actors.config import GenerationConfig
+from core.records import Prompt, Rollout
 
 EXTENSION = "actors.vllm_ext.RelayWorkerExtension"
 
@@ -57,7 +57,7 @@ class GenerationActor:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.start_seconds = time.perf_counter() - start
-        from cluster.metrics import MetricSink
+        from core.metrics import MetricSink
 
         self.sink = MetricSink("generation", {"actor_id": str(actor_id)})
         self.sink.heartbeat()
@@ -73,10 +73,11 @@ class GenerationActor:
     def _run(self, prompts: list[Prompt], params):
         return self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
 
-    def generate(self, prompts: list[Prompt]) -> tuple[list[Rollout], float]:
-        """Sample ``samples_per_prompt`` responses for each prompt; returns rollouts and seconds taken."""
+    def generate(self, prompts: list[Prompt], n: int | None = None) -> tuple[list[Rollout], float]:
+        """Sample ``n`` (default ``samples_per_prompt``) responses for each prompt, grouped by prompt in order;
+        returns rollouts and seconds taken."""
         start = time.perf_counter()
-        outputs = self._run(prompts, self._sampling(self.cfg.samples_per_prompt, greedy=False))
+        outputs = self._run(prompts, self._sampling(n or self.cfg.samples_per_prompt, greedy=False))
         rollouts = []
         for prompt, out in zip(prompts, outputs, strict=True):
             for sample in out.outputs:

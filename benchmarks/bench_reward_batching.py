@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from cluster.tasks import make_problems  # noqa: E402
+from core.data import AdditionConfig, make_addition  # noqa: E402
 from reward_service.app import source_deployment_name  # noqa: E402
 from reward_service.client import RewardClient  # noqa: E402
 from reward_service.config import RewardConfig, RewardSourceConfig, default_backbone_path  # noqa: E402
@@ -34,8 +34,8 @@ from reward_service.records import RewardRequest  # noqa: E402
 
 
 def _requests(n: int) -> list[RewardRequest]:
-    problems, _ = make_problems(n, 0, seed=7)
-    return [RewardRequest(p.prompt, p.answer, {"answer": p.answer}) for p in problems]
+    rows, _ = make_addition(AdditionConfig(n_train=n, n_eval=1, seed=7))
+    return [RewardRequest(r["prompt"], r["answer"], {"answer": r["answer"]}) for r in rows]
 
 
 async def _drive(handle, reqs: list[RewardRequest], concurrency: int) -> list:

@@ -21,7 +21,7 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
-    print(f"held-out greedy accuracy: {summary['eval_start']:.3f} at the SFT start -> "
+    print(f"held-out score: {summary['eval_start']:.3f} at the start -> "
           f"{summary['eval_last3_mean']:.3f} (mean of the last three evaluations), "
           f"{summary['eval_gain_points']:+.1f} points in {summary['rl_seconds']:.0f} s of RL")
     return 0
@@ -36,12 +36,16 @@ def _report(args) -> int:
 def _train_rm(args) -> int:
     from pathlib import Path
 
+    from transformers import AutoTokenizer
+
     from cluster.driver import resolve_policy
+    from cluster.pipeline import rm_problems
     from learner.rm_trainer import train_reward_model
 
     cfg = load_config(args.config, args.overrides)
     policy = resolve_policy(cfg)  # the SFT policy the reward model starts from and samples pairs with
-    metrics = train_reward_model(cfg.reward_model, Path(args.out), task=cfg.task, policy_path=policy,
+    problems = rm_problems(cfg, AutoTokenizer.from_pretrained(cfg.model.tokenizer or policy))
+    metrics = train_reward_model(cfg.reward_model, Path(args.out), problems=problems, policy_path=policy,
                                  max_new_tokens=cfg.generation.max_tokens, temperature=cfg.generation.temperature)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return 0
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--policy", required=True, help="policy checkpoint directory")
     p.add_argument("--reference", help="reference checkpoint (default: model.path, or the embedded SFT policy)")
-    p.add_argument("--rm", help="reward-model checkpoint that scores responses (default: the task's rule)")
+    p.add_argument("--rm", help="reward-model checkpoint for the reward columns (default: the configured reward)")
     p.add_argument("--out", help="also write the metrics as JSON here")
     p.set_defaults(fn=_eval)
     return parser
@@ -115,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cluster.driver import RunError
     from cluster.resources import ResourceError
+    from core.data import DataError
 
     try:
         return args.fn(args)
-    except (ConfigError, RunError, ResourceError) as e:
+    except (ConfigError, RunError, ResourceError, DataError) as e:
         print(f"relay {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

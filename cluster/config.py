@@ -13,11 +13,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.tasks import TaskConfig
-from learner.algos import ADVANTAGE_ESTIMATORS
-from learner.bootstrap import TinyModelConfig
-from learner.sft import SFTConfig
-from reward_service.config import RewardConfig, RewardModelTrainConfig
+from actors.config import GenerationConfig
+from core.data import DataConfig
+from learner.config import AlgorithmConfig, LearnerConfig, SFTConfig, TinyModelConfig
+from reward_service.config import RewardConfig, RewardModelTrainConfig, RewardSourceConfig
 
 
 class ConfigError(ValueError):
@@ -33,105 +32,10 @@ class ModelConfig(_Section):
                              "null = build the embedded tiny model (SFT warm start, cached)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the learner's policy and the vLLM engine (bfloat16 on GPUs)")
-    cache_dir: str = Field(".relay_cache", description="where the embedded default policy is built and cached")
+    tokenizer: str | None = Field(None, description="tokenizer directory; null = the one in model.path")
+    cache_dir: str = Field(".relay_cache", description="where the embedded default policy (and the builtin "
+                           "task's files) are built and cached")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the embedded tiny model")
-
-
-class GenerationConfig(_Section):
-    num_actors: int = Field(1, ge=1, description="vLLM generation actors; prompts are sharded across them")
-    num_cpus: float = Field(1.0, ge=0, description="logical CPUs per generation actor")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per generation actor (= tensor_parallel_size on GPUs)")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPU only)")
-    samples_per_prompt: int = Field(8, ge=1, description="responses per prompt (the GRPO group size)")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
-    max_tokens: int = Field(6, ge=1, description="maximum response tokens")
-    max_model_len: int = Field(64, ge=8, description="prompt + response token limit of the engine")
-    kv_cache_gb: int = Field(1, ge=1, description="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory share (GPU only)")
-    enforce_eager: bool = Field(True, description="skip CUDA graph capture / compilation (faster start)")
-    torch_threads: int | None = Field(2, ge=1, description="CPU engine threads; null = num_cpus rounded. 2 suits "
-                                      "the 2-core default, where generation and learning alternate")
-    seed: int = Field(0, description="sampling seed of actor 0 (actor i uses seed + i)")
-    timeout_s: float = Field(300.0, gt=0, description="timeout of one generate or weight-load call, seconds")
-    max_restarts: int = Field(2, ge=0, description="times Ray restarts a crashed generation actor")
-
-    @property
-    def engine_threads(self) -> int:
-        """Torch threads each engine runs with on CPU."""
-        return self.torch_threads or max(1, round(self.num_cpus))
-
-
-class AlgorithmConfig(_Section):
-    name: Literal["grpo", "drgrpo", "rloo", "reinforce", "ppo"] = Field(
-        "grpo", description="grpo | drgrpo | rloo | reinforce | ppo (ppo adds a critic and uses GAE)")
-    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator (Schulman's note)")
-    kl_in: Literal["none", "reward", "loss"] = Field(
-        "none", description="none | reward (subtracted per token from the reward) | loss (added with kl_coef)")
-    kl_coef: float = Field(0.02, ge=0, description="KL coefficient (initial value when kl_target is set)")
-    kl_target: float | None = Field(None, gt=0, description="adaptive KL controller target; null = fixed coef")
-    kl_horizon: int = Field(10000, ge=1, description="adaptive KL controller horizon, in samples")
-    gamma: float = Field(1.0, ge=0, le=1, description="discount over response tokens")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo)")
-    clip_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip below 1")
-    clip_high: float = Field(0.2, gt=0, description="PPO ratio clip above 1 (clip-higher when > clip_low)")
-    dual_clip: float | None = Field(None, gt=1, description="dual-clip bound for negative advantages; null = off")
-    tis_cap: float | None = Field(2.0, gt=0, description="truncated importance weight cap for the "
-                                  "sampler/learner mismatch; null = off")
-    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description="how per-token losses become one number")
-    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
-    drop_uniform_groups: bool = Field(True, description="drop groups whose samples all scored the same")
-    max_staleness: int = Field(0, ge=0, description="0 = on-policy; s = actors may sample up to s versions ahead")
-
-    @model_validator(mode="after")
-    def _known(self) -> AlgorithmConfig:
-        estimator = "gae" if self.name == "ppo" else self.name
-        if estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"algorithm.name {self.name!r} has no advantage estimator; "
-                             f"valid: {sorted(ADVANTAGE_ESTIMATORS)}")
-        return self
-
-
-class LearnerConfig(_Section):
-    lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate of the policy")
-    warmup_steps: int = Field(50, ge=0, description="linear warmup steps, then constant")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
-    epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
-    minibatch_size: int = Field(512, ge=1, description="sequences per optimizer step")
-    micro_batch_size: int = Field(512, ge=1, description="sequences per forward/backward (gradient accumulation)")
-    critic_backbone: Literal["separate", "shared"] = Field(
-        "separate", description="ppo critic: separate = its own model (critic_init, critic_lr); shared = a value "
-                                "head on the policy's last hidden state, trained with loss + value_coef * value loss "
-                                "(less memory and time, but +4.6 points against +24.8 for separate in the README run)")
-    value_coef: float = Field(0.5, ge=0, description="weight of the value loss in the joint loss "
-                              "(critic_backbone=shared)")
-    critic_lr: float = Field(1e-4, gt=0, description="learning rate of the critic's backbone (ppo)")
-    critic_head_lr: float = Field(1e-3, gt=0, description="learning rate of the critic's value head (ppo); a zero "
-                                  "head at 1e-4 had not moved off a constant after 140 steps")
-    critic_init: str | None = Field(None, description="checkpoint the critic starts from (ppo): null = the policy "
-                                    "with a zero head; a reward-model directory = its backbone and head (InstructGPT). "
-                                    "relay pipeline sets the RM it trained")
-    value_clip: float | None = Field(0.2, gt=0, description="value clipping range; null = off")
-    num_cpus: float = Field(1.0, ge=0, description="logical CPUs of the learner actor")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs of the learner actor")
-    torch_threads: int | None = Field(2, ge=1, description="torch intra-op threads in the learner; "
-                                      "null = Ray's default (num_cpus)")
-    timeout_s: float = Field(600.0, gt=0, description="timeout of one learner call, seconds")
-
-    @model_validator(mode="after")
-    def _batches(self) -> LearnerConfig:
-        if self.minibatch_size % self.micro_batch_size:
-            raise ValueError(f"learner.minibatch_size ({self.minibatch_size}) must be a multiple of "
-                             f"learner.micro_batch_size ({self.micro_batch_size})")
-        if self.critic_init is not None and self.critic_backbone == "shared":
-            raise ValueError("learner.critic_init applies to a separate critic; with learner.critic_backbone=shared "
-                             "the value head sits on the policy. Set critic_init to null or critic_backbone=separate")
-        if self.critic_init is not None and not Path(self.critic_init).is_dir():
-            raise ValueError(f"learner.critic_init {self.critic_init!r} is not a directory; give a reward-model or "
-                             f"policy checkpoint directory, or null to start the critic from the policy")
-        return self
 
 
 class TrainConfig(_Section):
@@ -139,7 +43,16 @@ class TrainConfig(_Section):
     time_limit_s: float | None = Field(600.0, gt=0, description="stop after this many seconds of RL; null = no limit")
     prompts_per_step: int = Field(64, ge=1, description="prompts per step (times samples_per_prompt rollouts)")
     eval_every: int = Field(20, ge=1, description="greedy held-out evaluation every this many steps")
-    eval_prompts: int = Field(500, ge=1, description="held-out prompts per evaluation (<= task.n_eval)")
+    eval_prompts: int = Field(500, ge=1, description="held-out prompts per evaluation, at most (the first of "
+                              "each eval set)")
+    eval_reward: list[RewardSourceConfig] | None = Field(
+        None, description="reward sources whose weighted sum is the held-out score (eval/task_score); null = the "
+                          "training reward. relay pipeline sets it to reward.sources when the RL stage trains on "
+                          "a learned reward model")
+    eval_k: int = Field(0, ge=0, description="also sample k responses per held-out prompt for pass@k and mean@k "
+                        "(0 = off)")
+    eval_pass_threshold: float = Field(1.0, description="a sample passes (pass@k) when its held-out score is at "
+                                       "least this")
     seed: int = Field(0, description="seed of prompt order")
     run_dir: str = Field("runs/latest", description="where metrics.jsonl, checkpoints and the report go")
 
@@ -165,7 +78,7 @@ class ClusterConfig(_Section):
 
 class RelayConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -179,15 +92,25 @@ class RelayConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:
-        if self.train.eval_prompts > self.task.n_eval:
-            raise ValueError(f"train.eval_prompts ({self.train.eval_prompts}) exceeds task.n_eval ({self.task.n_eval})")
-        if self.train.prompts_per_step > self.task.n_train:
-            raise ValueError(f"train.prompts_per_step ({self.train.prompts_per_step}) exceeds task.n_train "
-                             f"({self.task.n_train}): the dataset is too small for one step")
-        if self.reward_model.n_pairs is not None and self.reward_model.n_pairs > self.task.n_train:
-            raise ValueError(f"reward_model.n_pairs ({self.reward_model.n_pairs}) exceeds task.n_train "
-                             f"({self.task.n_train}): one synthetic pair per training prompt at most; lower it or "
-                             f"leave it null")
+        if self.data.train is None:  # the builtin task's sizes are known now; a file's when it is read
+            add = self.data.addition
+            if self.train.eval_prompts > add.n_eval:
+                raise ValueError(f"train.eval_prompts ({self.train.eval_prompts}) exceeds data.addition.n_eval "
+                                 f"({add.n_eval})")
+            if self.train.prompts_per_step > add.n_train:
+                raise ValueError(f"train.prompts_per_step ({self.train.prompts_per_step}) exceeds "
+                                 f"data.addition.n_train ({add.n_train}): the dataset is too small for one step")
+            if self.reward_model.n_pairs is not None and self.reward_model.n_pairs > add.n_train:
+                raise ValueError(f"reward_model.n_pairs ({self.reward_model.n_pairs}) exceeds data.addition.n_train "
+                                 f"({add.n_train}): one synthetic pair per training prompt at most; lower it or "
+                                 f"leave it null")
+        if self.model.path is None and self.generation.max_model_len > self.model.tiny.max_position_embeddings:
+            raise ValueError(f"generation.max_model_len ({self.generation.max_model_len}) exceeds the tiny model's "
+                             f"model.tiny.max_position_embeddings ({self.model.tiny.max_position_embeddings}); "
+                             "raise the latter (the tiny model is built for your data)")
+        if self.data.chat_template and self.model.path is None and self.model.tokenizer is None:
+            raise ValueError("data.chat_template needs a tokenizer with a chat template: the embedded tiny model "
+                             "has none. Set model.path (or model.tokenizer), or use data.template")
         if self.generation.num_gpus == 0 and self.generation.tensor_parallel_size > 1:
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.num_gpus > 0")
         return self
@@ -218,6 +141,9 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden" and key.split(".")[0] == "task":
+        return ("unknown key 'task': the task section became data (data.train for your file; the embedded "
+                "task's sizes are data.addition.n_train, n_eval, digits, seed)")
     if error["type"] == "extra_forbidden":
         parent_loc, leaf = error["loc"][:-1], str(error["loc"][-1])
         model: type[BaseModel] = RelayConfig

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import ray
 
-from actors.rollout import Prompt, Rollout, ScoredRollout
 from cluster.config import RelayConfig
-from cluster.metrics import JsonlLogger, MetricSink
 from cluster.progress import Progress
 from cluster.resources import check_resources, init_ray, oversubscription_warning
-from cluster.tasks import Problem, is_correct
+from core.data import DataConfig, DataError, Example, Splits, format_prompt, load_splits
+from core.metrics import JsonlLogger, MetricSink
+from core.records import Prompt, Rollout, ScoredRollout
 from learner.weights import VersionStore
 from reward_service.client import RewardClient
 from reward_service.records import RewardRequest
@@ -45,7 +45,7 @@ def resolve_policy(cfg: RelayConfig, log=print) -> str:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return str(ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.task, log=log))
+            return str(ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.data, log=log))
         finally:
             torch.set_num_threads(threads)
     path = Path(cfg.model.path)
@@ -55,17 +55,25 @@ def resolve_policy(cfg: RelayConfig, log=print) -> str:
     return str(path)
 
 
-def encode_prompts(problems: list[Problem], tokenizer, max_model_len: int, max_tokens: int) -> list[Prompt]:
-    if not problems:
-        raise RunError("the prompt set is empty: raise task.n_train / task.n_eval")
-    prompts = []
-    for i, p in enumerate(problems):
-        ids = tokenizer.encode(p.prompt, add_special_tokens=False)
-        if len(ids) + max_tokens > max_model_len:
-            raise RunError(f"prompt {i} ({p.prompt[:40]!r}) has {len(ids)} tokens; with generation.max_tokens="
-                           f"{max_tokens} it exceeds generation.max_model_len={max_model_len}. Raise max_model_len "
-                           "(up to the model's context) or shorten the prompts")
-        prompts.append(Prompt(i, p.prompt, ids, {"answer": p.answer}))
+def encode_prompts(examples: list[Example], data: DataConfig, tokenizer, max_prompt_tokens: int, where: str,
+                   log=print) -> list[Prompt]:
+    """Format and tokenise ``examples``; a prompt over ``max_prompt_tokens`` follows ``data.on_invalid``."""
+    prompts, too_long = [], 0
+    for e in examples:
+        text = format_prompt(e, data, tokenizer)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) > max_prompt_tokens:
+            if data.on_invalid == "error":
+                raise DataError(f"{where}: prompt {text[:60]!r} has {len(ids)} tokens, more than generation."
+                                f"max_model_len - generation.max_tokens = {max_prompt_tokens}. Raise max_model_len (up "
+                                "to the model's context), shorten the prompt, or set data.on_invalid: skip")
+            too_long += 1
+            continue
+        prompts.append(Prompt(len(prompts), text, ids, e.metadata))
+    if too_long:
+        log(f"data: skipped {too_long} {where} prompts longer than {max_prompt_tokens} tokens")
+    if not prompts:
+        raise DataError(f"{where}: no prompt fits in {max_prompt_tokens} tokens")
     return prompts
 
 
@@ -83,18 +91,23 @@ class Fleet:
 
 
 class Driver:
-    def __init__(self, cfg: RelayConfig, policy_path: str, log=print):
+    def __init__(self, cfg: RelayConfig, policy_path: str, splits: Splits, log=print):
         self.cfg, self.log = cfg, log
         self.run_dir = Path(cfg.train.run_dir)
         self.policy_path = policy_path
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        train, held_out = cfg.task.problems()
-        g = cfg.generation
-        self.train_prompts = encode_prompts(train, self.tokenizer, g.max_model_len, g.max_tokens)
-        self.eval_prompts = encode_prompts(held_out[: cfg.train.eval_prompts], self.tokenizer,
-                                           g.max_model_len, g.max_tokens)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or policy_path)
+        g, n_eval = cfg.generation, cfg.train.eval_prompts
+        room = g.max_model_len - g.max_tokens
+        self.train_prompts = encode_prompts(splits.train, cfg.data, self.tokenizer, room, "train", log)
+        if len(self.train_prompts) < cfg.train.prompts_per_step:
+            raise RunError(f"train.prompts_per_step ({cfg.train.prompts_per_step}) exceeds the "
+                           f"{len(self.train_prompts)} training prompts: the dataset is too small for one step")
+        self.eval_sets = {name: encode_prompts(ex[:n_eval], cfg.data, self.tokenizer, room, f"eval set {name!r}", log)
+                          for name, ex in splits.eval.items()}
+        self.eval_prompts = next(iter(self.eval_sets.values()))
+        self.eval_reward = None  # a second reward app when train.eval_reward is set (start())
         self.rng = random.Random(cfg.train.seed)
         self.order: list[int] = []
         self.store = VersionStore(cfg.checkpoint.keep_versions)
@@ -117,12 +130,19 @@ class Driver:
             # to load, which is expected (the head is re-tied after the reload, see actors/vllm_ext.py).
             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
         }}
-        self.learner = learner_cls.options(runtime_env=env).remote(self.cfg, self.policy_path)
+        self.learner = learner_cls.options(runtime_env=env).remote(
+            self.policy_path, self.cfg.algorithm, lc, self.cfg.model.dtype, g.temperature, g.max_tokens)
         actors = [gen_cls.options(runtime_env=env).remote(g, self.policy_path, self.cfg.model.dtype, i)
                   for i in range(g.num_actors)]
         self.fleet = Fleet(actors, g.timeout_s + 120.0, [0] * len(actors))
         self.fleet.call(lambda a: a.health.remote())  # engines are up (start takes ~20 s on CPU)
         self.reward = RewardClient.deploy(self.cfg.reward)
+        if self.cfg.train.eval_reward:
+            from reward_service.config import RewardConfig
+
+            self.eval_reward = RewardClient.deploy(RewardConfig(sources=self.cfg.train.eval_reward, http_enabled=False,
+                                                                timeout_s=self.cfg.reward.timeout_s),
+                                                   app_name="relay-eval-reward")
 
     # ---- the loop pieces -------------------------------------------------------------------------
     def next_prompts(self) -> list[Prompt]:
@@ -137,8 +157,19 @@ class Driver:
                 for j, i in enumerate(picked)]
 
     def _shards(self, prompts: list[Prompt]) -> list[list[Prompt]]:
+        """Contiguous shards, one per actor, so results concatenate in prompt order."""
         k = len(self.fleet.actors)
-        return [prompts[i::k] for i in range(k)]
+        size = -(-len(prompts) // k)
+        return [prompts[i * size:(i + 1) * size] for i in range(k)]
+
+    def fan_out(self, method: str, prompts: list[Prompt], *args) -> list:
+        """``generate`` (rollouts) or ``greedy`` (texts) of ``prompts`` across the actors, in prompt order."""
+        out = []
+        for i, shard in enumerate(self._shards(prompts)):
+            if shard:
+                result = self._on_actor(i, method, shard, *args)
+                out.extend(result[0] if method == "generate" else result)
+        return out
 
     def _on_actor(self, i: int, method: str, *args):
         """Call one actor; if it died, let Ray restart it, catch it up to the latest version, retry once."""
@@ -195,7 +226,9 @@ class Driver:
 
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], dict[str, float]]:
         start = time.perf_counter()
-        results = self.reward.score([RewardRequest(r.prompt_text, r.response_text, r.metadata) for r in rollouts])
+        requests = [RewardRequest(r.prompt_text, r.response_text, r.metadata, response_tokens=len(r.response_ids))
+                    for r in rollouts]
+        results = self.reward.score(requests)
         scored = [ScoredRollout(r, res.reward, res.components)
                   for r, res in zip(rollouts, results, strict=True) if res.reward is not None]
         excluded = len(rollouts) - len(scored)
@@ -208,11 +241,17 @@ class Driver:
             "reward/latency_seconds": time.perf_counter() - start,
             "reward/mean": mean,
             "reward/std": (sum((x - mean) ** 2 for x in rewards) / len(rewards)) ** 0.5,
-            "reward/task_score": sum(is_correct(r.response_text, r.metadata["answer"]) for r in rollouts)
-            / len(rollouts),
+            "reward/task_score": self._task_score(requests, rewards),
             "reward/excluded_total": float(excluded),
         }
         return scored, stats
+
+    def _task_score(self, requests: list[RewardRequest], rewards: list[float]) -> float:
+        """Mean held-out-score reward (``train.eval_reward``) of the step's samples; the training reward without."""
+        if self.eval_reward is None:
+            return sum(rewards) / len(rewards)
+        scores = [0.0 if r.reward is None else r.reward for r in self.eval_reward.score(requests)]
+        return sum(scores) / len(scores)
 
     def sync(self) -> dict[str, float]:
         start = time.perf_counter()
@@ -253,7 +292,7 @@ class Driver:
         logger = JsonlLogger(self.run_dir / "metrics.jsonl") if cfg.metrics.jsonl else None
         first_eval = self.evaluate()
         self._emit(logger, 0, first_eval)
-        self.log(f"step 0: held-out greedy accuracy {first_eval['eval/task_score']:.3f} (SFT start)")
+        self.log(f"step 0: held-out score {first_eval['eval/task_score']:.3f} (the start)")
         evals = [(0, first_eval["eval/task_score"])]
         start, step, version, inflight = time.time(), 0, 0, deque()
         progress = Progress(cfg.train.steps, started_at=start, time_limit_s=cfg.train.time_limit_s) \
@@ -341,10 +380,12 @@ class Driver:
         }
 
     def shutdown(self) -> None:
-        try:
-            self.reward.shutdown()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
+        for client in (self.eval_reward, self.reward):
+            try:
+                if client is not None:
+                    client.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
 
 
 # Exported to Prometheus by the component that measures them, with its own labels.
@@ -352,20 +393,21 @@ _EXPORTED_ELSEWHERE = ("learner/", "rollout/generated_tokens_total", "rollout/ge
 
 
 def _driver_exports(key: str) -> bool:
-    from cluster.metrics import METRICS, split_key
+    from core.metrics import METRICS, split_key
 
     return split_key(key)[0] in METRICS and not key.startswith(_EXPORTED_ELSEWHERE)
 
 
 def train(cfg: RelayConfig, log=print) -> dict:
     """``relay train``: build or find the policy, start Ray, run the loop, return the summary."""
+    splits = load_splits(cfg.data, cfg.model.cache_dir, log=log)  # bad data fails here, before Ray starts
     connected = init_ray(cfg.cluster, log=log)
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
         if warning := oversubscription_warning(cfg):
             log(f"warning: {warning}")
         policy_path = resolve_policy(cfg, log=log)
-        driver = Driver(cfg, policy_path, log=log)  # validates the prompts before any actor starts
+        driver = Driver(cfg, policy_path, splits, log=log)  # validates the prompts before any actor starts
         driver.start()
         try:
             return driver.run()

@@ -1,8 +1,13 @@
 """Held-out evaluation of a policy against its reference, and a reward-hacking monitor.
 
-Numbers (``eval/...`` keys, registered in ``cluster/metrics.py``), on held-out prompts:
+Numbers (``eval/...`` keys, registered in ``core/metrics.py``), on held-out prompts:
 
-- ``eval/task_score``: the task's true score (the rule, exact match) of greedy responses.
+- ``eval/task_score``: the held-out score: mean of ``train.eval_reward`` (or, without one, the training
+  reward) over greedy responses, so it means the same on any task (exact match on the addition task).
+- ``eval/pass_at_k``, ``eval/mean_at_k`` (``train.eval_k`` > 0): k responses sampled per prompt and scored
+  the same way; pass@k = share of prompts with at least one sample scoring >= ``train.eval_pass_threshold``
+  (with n = k samples this is Chen et al. 2021's unbiased estimator), mean@k = the mean score of all samples.
+- ``eval/set_task_score{eval_set=NAME}`` (and ``eval/set_pass_at_k``): the same for every named eval set.
 - ``eval/reward_mean``: mean reward-service score of greedy responses (the learned RM when the
   reward is a ``kind: model`` source, as in ``relay pipeline``).
 - ``eval/win_rate_vs_reference``: fraction of prompts where the reward service scores the policy's
@@ -29,8 +34,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-from cluster.tasks import is_correct
 
 # ---------------------------------------------------------------------------------------- pure numbers
 
@@ -79,7 +82,7 @@ def _mean(xs: Sequence[float]) -> float:
 class EvalSamples:
     """Everything one evaluation measured, per held-out prompt (P prompts, S sampled responses)."""
 
-    answers: list[str]  # (P,) reference answers of the task
+    true_scores: list[float]  # (P,) held-out score (eval reward) of the policy's greedy responses
     responses: list[str]  # (P,) the policy's greedy responses
     response_ids: list[list[int]]  # (P, R_i) their token ids
     rewards: list[float]  # (P,) reward-service scores of the policy's greedy responses
@@ -88,10 +91,19 @@ class EvalSamples:
     sample_reference_logprobs: list[list[float]] = field(default_factory=list)  # (S, R_j) reference logprobs
 
 
+def pass_and_mean_at_k(scores: Sequence[Sequence[float]], threshold: float) -> tuple[float, float]:
+    """(pass@k, mean@k) from k scores per prompt, ``(P, k)``: the share of prompts with a score >= ``threshold``,
+    and the mean of all scores."""
+    if not scores or not all(scores):
+        raise ValueError("pass_and_mean_at_k needs at least one prompt with at least one sample")
+    passed = _mean([float(any(x >= threshold for x in row)) for row in scores])
+    return passed, _mean([x for row in scores for x in row])
+
+
 def evaluation_metrics(s: EvalSamples) -> dict[str, float]:
     """The ``eval/...`` numbers of one evaluation (pure)."""
     out = {
-        "eval/task_score": _mean([float(is_correct(r, a)) for r, a in zip(s.responses, s.answers, strict=True)]),
+        "eval/task_score": _mean(s.true_scores),
         "eval/reward_mean": _mean(s.rewards),
         "eval/reference_reward_mean": _mean(s.reference_rewards),
         "eval/win_rate_vs_reference": win_rate(s.rewards, s.reference_rewards),
@@ -158,46 +170,75 @@ def reward_hacking_flags(history: Sequence[dict[str, float]], th: HackingThresho
 Responses = tuple[list[str], list[list[int]]]  # texts (P,), token ids (P, R_i)
 
 
+Score = Callable[[list[str], list[str], list[dict[str, str]]], list[float]]  # (prompts, responses, metadatas)
+
+
 @dataclass
 class Evaluator:
     """Runs evaluations through injected functions, so the driver (Ray actors) and ``relay eval``
     (transformers in-process) share the numbers. Keeps the reference's cached responses and the history.
 
     - ``policy_greedy(prompts) -> (texts, ids)``; ``reference_greedy`` likewise (called once).
-    - ``score(prompts, responses, answers) -> rewards`` (the reward service or an RM).
+    - ``score(prompts, responses, metadatas) -> rewards``: the training reward (reward service or an RM).
+    - ``true_score`` likewise: the held-out score (``train.eval_reward``); None = ``score``.
     - ``sample(prompts) -> (prompt_ids, response_ids, policy_logprobs)`` lists, one entry per sample; optional.
     - ``reference_logprobs(prompt_ids, response_ids) -> logprobs`` per sample; needed with ``sample``.
+    - ``sample_k(prompts) -> [prompt][k] texts`` for pass@k and mean@k; optional.
+    - ``extra_sets``: name -> (prompts, metadatas) of further eval sets (held-out score and pass@k only).
     """
 
     prompts: list[str]
-    answers: list[str]
+    metadatas: list[dict[str, str]]
     policy_greedy: Callable[[list[str]], Responses]
     reference_greedy: Callable[[list[str]], Responses]
-    score: Callable[[list[str], list[str], list[str]], list[float]]
+    score: Score
+    true_score: Score | None = None
     sample: Callable[[list[str]], tuple[list[list[int]], list[list[int]], list[list[float]]]] | None = None
     reference_logprobs: Callable[[list[list[int]], list[list[int]]], list[list[float]]] | None = None
+    sample_k: Callable[[list[str]], list[list[str]]] | None = None
+    pass_threshold: float = 1.0
+    name: str = "heldout"
+    extra_sets: dict[str, tuple[list[str], list[dict[str, str]]]] = field(default_factory=dict)
     thresholds: HackingThresholds = field(default_factory=HackingThresholds)
     history: list[dict[str, float]] = field(default_factory=list)
     _reference_rewards: list[float] | None = None
 
     def __call__(self, log: Callable[[str], object] = print) -> dict[str, float]:
         texts, ids = self.policy_greedy(self.prompts)
-        rewards = self.score(self.prompts, texts, self.answers)
+        rewards = self.score(self.prompts, texts, self.metadatas)
+        true = rewards if self.true_score is None else self.true_score(self.prompts, texts, self.metadatas)
         if self._reference_rewards is None:
             ref_texts, _ = self.reference_greedy(self.prompts)
-            self._reference_rewards = self.score(self.prompts, ref_texts, self.answers)
-        samples = EvalSamples(self.answers, texts, ids, rewards, self._reference_rewards)
+            self._reference_rewards = self.score(self.prompts, ref_texts, self.metadatas)
+        samples = EvalSamples(true, texts, ids, rewards, self._reference_rewards)
         if self.sample is not None and self.reference_logprobs is not None:
             prompt_ids, response_ids, logprobs = self.sample(self.prompts)
             samples.sample_logprobs = logprobs
             samples.sample_reference_logprobs = self.reference_logprobs(prompt_ids, response_ids)
         metrics = evaluation_metrics(samples)
+        metrics[f"eval/set_task_score{{eval_set={self.name}}}"] = metrics["eval/task_score"]
+        if self.sample_k is not None:
+            metrics["eval/pass_at_k"], metrics["eval/mean_at_k"] = self._at_k(self.prompts, self.metadatas)
+            metrics[f"eval/set_pass_at_k{{eval_set={self.name}}}"] = metrics["eval/pass_at_k"]
+        for name, (prompts, metadatas) in self.extra_sets.items():
+            extra, _ = self.policy_greedy(prompts)
+            scored = (self.true_score or self.score)(prompts, extra, metadatas)
+            metrics[f"eval/set_task_score{{eval_set={name}}}"] = _mean(scored)
+            if self.sample_k is not None:
+                metrics[f"eval/set_pass_at_k{{eval_set={name}}}"] = self._at_k(prompts, metadatas)[0]
         self.history.append(metrics)
         flags = reward_hacking_flags(self.history, self.thresholds)
         metrics["eval/reward_hacking_flag"] = float(bool(flags))
         for flag in flags:
             log(f"reward-hacking monitor: {flag}")
         return metrics
+
+    def _at_k(self, prompts: list[str], metadatas: list[dict[str, str]]) -> tuple[float, float]:
+        groups = self.sample_k(prompts)  # (P, k)
+        k = len(groups[0])
+        flat = (self.true_score or self.score)([p for p in prompts for _ in range(k)], [r for g in groups for r in g],
+                                               [m for m in metadatas for _ in range(k)])
+        return pass_and_mean_at_k([flat[i * k:(i + 1) * k] for i in range(len(prompts))], self.pass_threshold)
 
 
 # ------------------------------------------------------------------------ transformers-side helpers
@@ -283,73 +324,106 @@ def driver_evaluator(driver) -> Evaluator:
 
     from reward_service.records import RewardRequest
 
-    prompts = {p.text: p for p in driver.eval_prompts}
+    by_text = {p.text: p for ps in driver.eval_sets.values() for p in ps}
 
     def greedy(texts: list[str]) -> Responses:
-        shards = driver._shards([prompts[t] for t in texts])
-        by_text = {p.text: r for i, s in enumerate(shards) for p, r in zip(s, driver._on_actor(i, "greedy", s),
-                                                                            strict=True)}
-        out = [by_text[t] for t in texts]
+        out = driver.fan_out("greedy", [by_text[t] for t in texts])
         return out, [driver.tokenizer.encode(t, add_special_tokens=False) for t in out]
 
-    def score(texts: list[str], responses: list[str], answers: list[str]) -> list[float]:
-        results = driver.reward.score([RewardRequest(p, r, {"answer": a})
-                                       for p, r, a in zip(texts, responses, answers, strict=True)])
-        return [0.0 if res.reward is None else res.reward for res in results]  # excluded samples score 0
+    def scorer(client) -> Score:
+        def score(texts: list[str], responses: list[str], metadatas: list[dict[str, str]]) -> list[float]:
+            results = client.score([RewardRequest(p, r, m) for p, r, m in zip(texts, responses, metadatas,
+                                                                                strict=True)])
+            return [0.0 if res.reward is None else res.reward for res in results]  # excluded samples score 0
+        return score
 
     def sample(texts: list[str]):
-        shards = driver._shards([prompts[t] for t in texts[:KL_PROMPTS]])
-        rollouts = [r for i, s in enumerate(shards) for r in driver._on_actor(i, "generate", s)[0]]
+        rollouts = driver.fan_out("generate", [by_text[t] for t in texts[:KL_PROMPTS]])
         return ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                 [r.sampling_logprobs for r in rollouts])
 
+    def sample_k(texts: list[str]) -> list[list[str]]:
+        k = driver.cfg.train.eval_k
+        rollouts = driver.fan_out("generate", [by_text[t] for t in texts], k)
+        return [[r.response_text for r in rollouts[i * k:(i + 1) * k]] for i in range(len(texts))]
+
+    (name, main), *rest = driver.eval_sets.items()
     reference = AutoModelForCausalLM.from_pretrained(driver.policy_path).eval()
     return Evaluator(
-        prompts=list(prompts), answers=[p.metadata["answer"] for p in driver.eval_prompts],
-        policy_greedy=greedy, reference_greedy=greedy, score=score, sample=sample,
-        reference_logprobs=reference_logprob_fn(reference),
+        prompts=[p.text for p in main], metadatas=[p.metadata for p in main],
+        policy_greedy=greedy, reference_greedy=greedy, score=scorer(driver.reward),
+        true_score=scorer(driver.eval_reward) if driver.eval_reward is not None else None,
+        sample=sample, reference_logprobs=reference_logprob_fn(reference),
+        sample_k=sample_k if driver.cfg.train.eval_k else None, pass_threshold=driver.cfg.train.eval_pass_threshold,
+        name=name, extra_sets={n: ([p.text for p in ps], [p.metadata for p in ps]) for n, ps in rest},
     )
 
 
 # ---------------------------------------------------------------------------------------- relay eval
 
 
+def local_score(sources) -> Score:
+    """Score in this process with the reward service's own scorer classes and combiner (no Serve): what
+    ``relay eval`` uses for ``train.eval_reward`` or ``reward.sources``."""
+    import asyncio
+
+    from reward_service.app import SCORERS
+    from reward_service.combine import combine
+    from reward_service.records import RewardRequest
+
+    scorers = {src.name: SCORERS[src.kind](src) for src in sources}
+    weights = {src.name: src.weight for src in sources}
+
+    def score(prompts: list[str], responses: list[str], metadatas: list[dict[str, str]]) -> list[float]:
+        requests = [RewardRequest(p, r, m) for p, r, m in zip(prompts, responses, metadatas, strict=True)]
+
+        async def run():
+            return await asyncio.gather(*(s.score(requests) for s in scorers.values()))
+
+        per_source = dict(zip(scorers, asyncio.run(run()), strict=True))
+        rewards = [combine(req, {n: per_source[n][i] for n in per_source}, weights)[0]
+                   for i, req in enumerate(requests)]
+        return [0.0 if r is None else r for r in rewards]  # excluded samples score 0, as in the driver
+
+    return score
+
+
 def evaluate_checkpoints(cfg, policy: str, reference: str, rm: str | None = None,
                          log: Callable[[str], object] = print) -> dict[str, float]:
     """``relay eval``: one evaluation of ``policy`` against ``reference`` in this process (no Ray).
 
-    Scores with the reward model at ``rm`` (a ``learner/rm_trainer.py`` checkpoint), or, without one,
-    with the task's rule (exact match, so RM score = true score). Held-out prompts are the driver's:
-    the first ``train.eval_prompts`` of ``make_problems(task...)``; one sampled response per prompt
+    The held-out score comes from ``train.eval_reward`` or else ``reward.sources``, run in this process
+    (``local_score``); the reward columns (RM score, win rate) from the reward model at ``rm`` (a
+    ``learner/rm_trainer.py`` checkpoint) when given, else from the same reward. Held-out prompts are the
+    driver's: the first ``train.eval_prompts`` of the main eval set; one sampled response per prompt
     estimates the KL.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from core.data import format_prompt, load_splits
 
-    t, g = cfg.task, cfg.generation
-    _, held_out = t.problems()
-    held_out = held_out[: cfg.train.eval_prompts]
-    tokenizer = AutoTokenizer.from_pretrained(policy)
+    g = cfg.generation
+    held_out = load_splits(cfg.data, cfg.model.cache_dir, log=log).main_eval[: cfg.train.eval_prompts]
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or policy)
     pol = AutoModelForCausalLM.from_pretrained(policy).eval()
     ref = AutoModelForCausalLM.from_pretrained(reference).eval()
+    true_score = local_score(cfg.train.eval_reward or cfg.reward.sources)
+    score = true_score
     if rm is not None:
         from reward_service.models import RewardModel, join_text
 
         reward_model = RewardModel.from_pretrained(rm).eval()
 
-        def score(prompts: list[str], responses: list[str], answers: list[str]) -> list[float]:
+        def score(prompts: list[str], responses: list[str], metadatas: list[dict[str, str]]) -> list[float]:
             with torch.inference_mode():
                 return reward_model.score([join_text(p, r) for p, r in zip(prompts, responses, strict=True)])[0]
-    else:
-        def score(prompts: list[str], responses: list[str], answers: list[str]) -> list[float]:
-            return [float(is_correct(r, a)) for r, a in zip(responses, answers, strict=True)]
 
     evaluator = Evaluator(
-        prompts=[p.prompt for p in held_out], answers=[p.answer for p in held_out],
-        policy_greedy=hf_greedy_fn(pol, tokenizer, g.max_tokens), reference_greedy=hf_greedy_fn(ref, tokenizer,
-                                                                                                g.max_tokens),
-        score=score, sample=hf_sample_fn(pol, tokenizer, g.max_tokens, g.temperature, seed=g.seed),
+        prompts=[format_prompt(e, cfg.data, tokenizer) for e in held_out], metadatas=[e.metadata for e in held_out],
+        policy_greedy=hf_greedy_fn(pol, tokenizer, g.max_tokens),
+        reference_greedy=hf_greedy_fn(ref, tokenizer, g.max_tokens), score=score, true_score=true_score,
+        sample=hf_sample_fn(pol, tokenizer, g.max_tokens, g.temperature, seed=g.seed),
         reference_logprobs=reference_logprob_fn(ref),
     )
     return evaluator(log=log)

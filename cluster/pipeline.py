@@ -6,16 +6,18 @@ on rerun unless forced (``--force`` for all, ``--force-stage NAME``); a stage di
 marker is a crashed attempt and is redone from scratch. Any stage runs alone (``--stage rm``) as
 long as the stages it reads have finished.
 
-- ``sft``: the embedded tiny policy (``learner/bootstrap.py``: tokenizer, model, SFT on the task,
-  cached by config hash and copied here) when ``model.path`` is null; otherwise ``model.path``
-  fine-tuned with ``learner/sft.py`` on the task's training problems.
+- ``sft``: the embedded tiny policy (``learner/bootstrap.py``: tokenizer, model, SFT on the configured
+  data, cached by a hash of the data and config, copied here) when ``model.path`` is null; otherwise
+  ``model.path`` fine-tuned with ``learner/sft.py`` on the data's training records (completion tokens only).
 - ``rm``: ``learner/rm_trainer.py::train_reward_model(cfg.reward_model)``. By default the reward model
   starts from the SFT checkpoint and learns from the SFT policy's own samples (judged by the task's
   rule) beside synthetic pairs, so it reads the sft stage.
 - ``rl``: the driver (``cluster/driver.py``) with the policy and the reference both starting from the
   SFT checkpoint, and the reward = one ``kind: model`` source serving the RM checkpoint (replacing
-  ``reward.sources``; the other reward settings are kept). With PPO the critic starts from the RM
-  (``learner.critic_init``) when the RM shares the policy's tokenizer (``reward_model.init=policy``).
+  ``reward.sources``; the other reward settings are kept). The held-out score stays ``reward.sources``
+  (``train.eval_reward``), so "held-out score" is the configured reward, not the RM's opinion. With PPO the
+  critic starts from the RM (``learner.critic_init``) when the RM shares the policy's tokenizer
+  (``reward_model.init=policy``).
   Its run directory (metrics.jsonl, checkpoints/final) is ``run_dir/rl``; its algorithm is ``algorithm.name``.
 
 Simplification: stages run in this process one after another; nothing is parallel across stages.
@@ -51,28 +53,43 @@ def _sft_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dic
     if cfg.model.path is None:
         from learner.bootstrap import ensure_default_policy, read_sft_report
 
-        built = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.task, log=log)
+        built = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.data, log=log)
         shutil.copytree(built, out)
         return {"heldout_greedy_accuracy": read_sft_report(out)["heldout_greedy_accuracy"], "cached_from": str(built)}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from core.data import load_splits, sft_pairs
     from learner.sft import greedy_accuracy, train_sft
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
-    t = cfg.task
-    train, held_out = t.problems()
-    stats = train_sft(model, tokenizer, [(p.prompt, p.answer) for p in train], cfg.sft, log=log)
+    splits = load_splits(cfg.data, cfg.model.cache_dir, log=log)
+    stats = train_sft(model, tokenizer, sft_pairs(splits.train, cfg.data, tokenizer, log=log), cfg.sft, log=log)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    held_out = sft_pairs(splits.main_eval, cfg.data.model_copy(update={"on_invalid": "skip"}), tokenizer, log=log)
     return {"heldout_greedy_accuracy": greedy_accuracy(model, tokenizer, held_out),
             "sft_final_loss": stats["sft/final_loss"]}
 
 
+def rm_problems(cfg: RelayConfig, tokenizer=None, log: Callable[[str], object] = print) -> tuple[list, list]:
+    """(train, held-out) prompts with answers for the reward-model stage, from the data layer."""
+    from core.data import format_prompt, load_splits
+    from learner.rm_trainer import problems_from
+
+    splits = load_splits(cfg.data, cfg.model.cache_dir, log=log)
+    return tuple(problems_from(ex, [format_prompt(e, cfg.data, tokenizer) for e in ex])
+                 for ex in (splits.train, splits.main_eval))
+
+
 def _rm_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dict:
+    from transformers import AutoTokenizer
+
     from learner.rm_trainer import train_reward_model
 
-    return train_reward_model(cfg.reward_model, out, task=cfg.task, policy_path=stage_dir(cfg, "sft").resolve(),
+    policy = stage_dir(cfg, "sft").resolve()
+    problems = rm_problems(cfg, AutoTokenizer.from_pretrained(cfg.model.tokenizer or str(policy)), log)
+    return train_reward_model(cfg.reward_model, out, problems=problems, policy_path=policy,
                               max_new_tokens=cfg.generation.max_tokens, temperature=cfg.generation.temperature, log=log)
 
 
@@ -86,6 +103,8 @@ def rl_config(cfg: RelayConfig) -> RelayConfig:
     tree["reward"]["sources"] = [RewardSourceConfig(name="rm", kind="model", model_path=str(
         stage_dir(cfg, "rm").resolve()), max_batch_size=256, max_ongoing_requests=256).model_dump()]
     tree["train"]["run_dir"] = str(stage_dir(cfg, "rl"))
+    if cfg.train.eval_reward is None:  # the held-out score stays the configured reward, not the learned RM
+        tree["train"]["eval_reward"] = [src.model_dump() for src in cfg.reward.sources]
     lc = cfg.learner
     if cfg.algorithm.name == "ppo" and lc.critic_backbone == "separate" and lc.critic_init is None \
             and cfg.reward_model.init == "policy":

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.metrics import flat_key, read_jsonl
+from core.metrics import flat_key, read_jsonl
 
 STEP_TOTAL = flat_key("learner/step_seconds", phase="total")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.rollout import ScoredRollout
+from core.records import ScoredRollout
 
 
 @dataclass

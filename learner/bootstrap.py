@@ -31,12 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from cluster.tasks import TaskConfig
-from learner.sft import SFTConfig, greedy_accuracy, train_sft
+from core.data import DataConfig, DataError, data_fingerprint, load_splits, sft_pairs
+from learner.config import SFTConfig, TinyModelConfig
+from learner.sft import greedy_accuracy, train_sft
 
 FORMAT_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"
@@ -44,20 +44,6 @@ BOS_TOKEN = "<|bos|>"  # declared for architectures that expect one; prompts nev
 SFT_REPORT = "relay_sft.json"
 
 
-class TinyModelConfig(BaseModel):
-    """Shape of the embedded tiny Qwen2 policy."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    hidden_size: int = Field(128, ge=1, description="residual stream width")
-    num_layers: int = Field(4, ge=1, description="transformer blocks")
-    num_heads: int = Field(
-        2, ge=1, description="attention heads (and KV heads); hidden_size / num_heads must be 64 for vLLM's CPU kernel"
-    )
-    intermediate_size: int = Field(512, ge=1, description="SwiGLU MLP width")
-    max_position_embeddings: int = Field(64, ge=8, description="longest prompt + response in tokens")
-    tie_word_embeddings: bool = Field(True, description="share the input embedding and the LM head")
-    seed: int = Field(0, description="seed for the weight initialisation")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -106,11 +92,11 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig) -
     return Qwen2ForCausalLM(config).float()
 
 
-def policy_key(sft_cfg: SFTConfig, model_cfg: TinyModelConfig, task: TaskConfig) -> str:
-    """Stable short hash of everything that determines the saved policy."""
+def policy_key(sft_cfg: SFTConfig, model_cfg: TinyModelConfig, data: DataConfig) -> str:
+    """Stable short hash of everything that determines the saved policy (the data files' bytes included)."""
     blob = json.dumps(
         {"format": FORMAT_VERSION, "sft": sft_cfg.model_dump(), "model": model_cfg.model_dump(),
-         "task": task.model_dump()}, sort_keys=True
+         "data": data_fingerprint(data)}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -119,7 +105,7 @@ def ensure_default_policy(
     cache_dir: Path,
     sft_cfg: SFTConfig | None = None,
     model_cfg: TinyModelConfig | None = None,
-    task: TaskConfig | None = None,
+    data: DataConfig | None = None,
     log: Callable[[str], object] = print,
 ) -> Path:
     """Directory of the SFT-warm-started tiny policy, building it on the first call.
@@ -129,17 +115,17 @@ def ensure_default_policy(
     ``cache_dir/tiny-qwen2-<hash>``, so a directory under the final name is always complete.
     """
     sft_cfg = sft_cfg or SFTConfig()
-    task = task or TaskConfig()
+    data = data or DataConfig()
     model_cfg = model_cfg or TinyModelConfig()
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"tiny-qwen2-{policy_key(sft_cfg, model_cfg, task)}"
+    final = cache_dir / f"tiny-qwen2-{policy_key(sft_cfg, model_cfg, data)}"
     if (final / SFT_REPORT).is_file():
         log(f"default policy: cached at {final}")
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
     try:
-        _build_policy(tmp, final.name, sft_cfg, model_cfg, task, log)
+        _build_policy(tmp, final.name, sft_cfg, model_cfg, data, cache_dir, log)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -152,16 +138,24 @@ def ensure_default_policy(
 
 
 def _build_policy(
-    out: Path, name: str, sft_cfg: SFTConfig, model_cfg: TinyModelConfig, task: TaskConfig,
+    out: Path, name: str, sft_cfg: SFTConfig, model_cfg: TinyModelConfig, data: DataConfig, cache_dir: Path,
     log: Callable[[str], object],
 ) -> None:
     start = time.perf_counter()
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer()  # bytes, so it covers any text the data holds
     model = build_tiny_model(tokenizer, model_cfg)
-    train, held_out = task.problems()
+    splits = load_splits(data, cache_dir, log=log)
+    train = sft_pairs(splits.train, data, log=log)
+    held_out = [p for p in sft_pairs(splits.main_eval, data.model_copy(update={"on_invalid": "skip"}), log=log)]
+    longest = max(len(tokenizer.encode(p + c, add_special_tokens=False)) + 1 for p, c in train)
+    if longest > model_cfg.max_position_embeddings:
+        raise DataError(f"the longest SFT example has {longest} tokens (one per byte with the tiny model's "
+                        f"tokenizer), more than model.tiny.max_position_embeddings="
+                        f"{model_cfg.max_position_embeddings}; raise it (and generation.max_model_len) or shorten "
+                        "the data")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"default policy: SFT of a {n_params / 1e6:.2f}M-param Qwen2 for {sft_cfg.steps} steps -> {name}")
-    stats = train_sft(model, tokenizer, [(p.prompt, p.answer) for p in train], sft_cfg, log=log)
+    stats = train_sft(model, tokenizer, train, sft_cfg, log=log)
     accuracy = greedy_accuracy(model, tokenizer, held_out)
     log(f"default policy: held-out greedy accuracy {accuracy:.3f} after {stats['sft/seconds']:.1f} s of SFT")
     model.save_pretrained(out, safe_serialization=True)
@@ -174,7 +168,7 @@ def _build_policy(
         "final_loss": stats["sft/final_loss"],
         "n_params": n_params,
         "sft_config": sft_cfg.model_dump(),
-        "task_config": task.model_dump(),
+        "data_config": data.model_dump(),
         "model_config": model_cfg.model_dump(),
     }
     (out / SFT_REPORT).write_text(json.dumps(report, indent=2) + "\n")

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
-from cluster.config import AlgorithmConfig, LearnerConfig
 from learner import algos
 from learner.batch import RolloutBatch
+from learner.config import AlgorithmConfig, LearnerConfig
 from reward_service.models import HEAD_FILE
 
 

@@ -21,11 +21,11 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.rollout import ScoredRollout
-from cluster.config import RelayConfig
-from cluster.metrics import METRICS, MetricSink
+from core.metrics import METRICS, MetricSink
+from core.records import ScoredRollout
 from learner import algos
 from learner.batch import RolloutBatch, collate
+from learner.config import AlgorithmConfig, LearnerConfig
 from learner.critic import Critic
 from learner.weights import PackedWeights, pack_weights
 
@@ -34,15 +34,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class Learner:
-    def __init__(self, cfg: RelayConfig, policy_path: str):
-        self.cfg = cfg
-        self.alg, self.lc = cfg.algorithm, cfg.learner
+    def __init__(self, policy_path: str, algorithm: AlgorithmConfig, learner: LearnerConfig, dtype: str = "float32",
+                 temperature: float = 1.0, max_tokens: int = 1):
+        """``temperature``: the sampler's, so logprobs are of the distribution that sampled; ``max_tokens``: the
+        constant of the ``seq-mean-token-sum-norm`` loss aggregation (Dr.GRPO)."""
+        self.alg, self.lc = algorithm, learner
+        self.temperature, self.max_tokens = temperature, max_tokens
         if self.lc.num_gpus > 0 and not torch.cuda.is_available():
             raise RuntimeError(f"learner.num_gpus={self.lc.num_gpus} but this process sees no CUDA device")
         if self.lc.torch_threads:
             torch.set_num_threads(self.lc.torch_threads)
         self.device = torch.device("cuda" if self.lc.num_gpus > 0 else "cpu")
-        dtype = DTYPES[cfg.model.dtype]
+        dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(self.device)
         self.reference = None
@@ -72,6 +75,12 @@ class Learner:
         self.sink = MetricSink("learner")
         self.sink.heartbeat()
 
+    @classmethod
+    def from_config(cls, cfg, policy_path: str) -> Learner:
+        """From the whole run config (``cluster.config.RelayConfig``, not imported here: layers point one way)."""
+        return cls(policy_path, cfg.algorithm, cfg.learner, cfg.model.dtype, cfg.generation.temperature,
+                   cfg.generation.max_tokens)
+
     # ---- forward passes -------------------------------------------------------------------
     def _token_logprobs(self, model, batch: RolloutBatch, with_entropy: bool = False, with_values: bool = False):
         """Logprobs ``(B, T)`` of each next token under ``model``, entropy ``(B, T)`` if asked, and the shared
@@ -79,7 +88,7 @@ class Learner:
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=with_values)
-        logits = out.logits[:, :-1].float() / self.cfg.generation.temperature
+        logits = out.logits[:, :-1].float() / self.temperature
         logprobs = algos.gather_logprobs(logits, ids[:, 1:])
         entropy = algos.entropy_from_logits(logits) if with_entropy else None
         values = self.value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1) if with_values else None
@@ -216,7 +225,7 @@ class Learner:
         loss, pstats = algos.policy_loss(
             logprobs, old, advantages, mask, clip_low=self.alg.clip_low, clip_high=self.alg.clip_high,
             dual_clip=self.alg.dual_clip, agg_mode=self.alg.loss_agg,
-            loss_norm_constant=self.cfg.generation.max_tokens,
+            loss_norm_constant=self.max_tokens,
             behaviour_logprobs=behaviour, tis_cap=self.alg.tis_cap,
         )
         stats = {"learner/policy_loss": loss.item() * weight}
@@ -225,7 +234,7 @@ class Learner:
             loss = loss - self.alg.entropy_coef * entropy_mean
         if self.alg.kl_in == "loss":
             kl = algos.kl_loss(logprobs, ref_logprobs, mask, self.alg.kl_kind, self.alg.loss_agg,
-                               loss_norm_constant=self.cfg.generation.max_tokens)
+                               loss_norm_constant=self.max_tokens)
             loss = loss + self.kl_ctl.value * kl
         if shared:
             vloss, vclipped = algos.value_loss(values, old_values, returns, mask, clip=self.lc.value_clip)

@@ -31,22 +31,50 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cluster.tasks import Problem, TaskConfig, is_correct
+from core.data import AdditionConfig, Example, exact_match, make_addition
 from learner.algos import bradley_terry_loss, pairwise_accuracy
 from learner.sft import sample_responses
 from reward_service.config import RewardModelTrainConfig
 from reward_service.models import RewardModel, join_text
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A prompt with its reference answer: what the built-in pairs (and the rule labeller) need."""
+
+    prompt: str
+    answer: str
+
+
+def problems_from(examples: Sequence[Example], prompts: Sequence[str]) -> list[Problem]:
+    """Problems from data-layer examples (``prompts`` are their formatted texts); each needs an ``answer`` column."""
+    missing = sum("answer" not in e.metadata for e in examples)
+    if missing:
+        raise ValueError(f"{missing} of {len(examples)} records have no 'answer' column, which the reward-model "
+                         "stage's built-in pairs need; give reward_model.preferences_path instead")
+    return [Problem(p, e.metadata["answer"]) for e, p in zip(examples, prompts, strict=True)]
+
+
+def addition_problems(cfg: AdditionConfig | None = None) -> tuple[list[Problem], list[Problem]]:
+    """(train, held-out) problems of the embedded addition task."""
+    train, held_out = make_addition(cfg or AdditionConfig())
+    return [Problem(r["prompt"], r["answer"]) for r in train], [Problem(r["prompt"], r["answer"]) for r in held_out]
 _GARBAGE_CHARS = "abcdefghijklmnopqrstuvwxyz+=-*/?! "
 
 
 def _close_miss(answer: str, rng: random.Random) -> str:
-    """A wrong answer near the right one: off by 1-2, or one digit replaced."""
+    """A wrong answer near the right one: off by 1-2, or one digit replaced (a non-integer answer: one
+    character replaced)."""
+    if not answer.strip().isdigit():
+        i = rng.randrange(len(answer)) if answer else 0
+        return answer[:i] + rng.choice([c for c in "0123456789?x" if answer[i:i + 1] != c]) + answer[i + 1:]
     value = int(answer)
     if rng.random() < 0.5:
         return str(max(0, value + rng.choice([-2, -1, 1, 2])))
@@ -83,7 +111,7 @@ def make_policy_preferences(samples: Sequence[Sequence[str]], problems: Sequence
     rng = random.Random(seed + 2)
     pairs = []
     for p, responses in zip(problems, samples, strict=True):
-        wrong = [r for r in responses if not is_correct(r, p.answer)]
+        wrong = [r for r in responses if not exact_match(r, p.answer)]
         if wrong:
             pairs.append({"prompt": p.prompt, "chosen": p.answer, "rejected": rng.choice(wrong), "kind": "policy"})
     return pairs
@@ -162,7 +190,7 @@ def policy_pair_accuracy(model: RewardModel, problems: Sequence[Problem], sample
     wins = total = 0.0
     good, bad = [], []
     for i, (p, responses) in enumerate(zip(problems, samples, strict=True)):
-        right = torch.tensor([is_correct(r, p.answer) for r in responses])
+        right = torch.tensor([exact_match(r, p.answer) for r in responses])
         s = scores[i * k:(i + 1) * k]
         good.append(s[right])
         bad.append(s[~right])
@@ -181,12 +209,11 @@ def _wins(right: torch.Tensor, wrong: torch.Tensor) -> tuple[float, int]:
     return (diff > 0).sum().item() + 0.5 * (diff == 0).sum().item(), diff.numel()
 
 
-def build_preferences(cfg: RewardModelTrainConfig, task: TaskConfig, policy: tuple | None,
+def build_preferences(cfg: RewardModelTrainConfig, train: Sequence[Problem], policy: tuple | None,
                       max_new_tokens: int, temperature: float, log: Callable[[str], None] = print) -> list[dict]:
     """The training pairs: the preferences file, or policy and synthetic pairs on the task's training prompts."""
     if cfg.preferences_path:
         return load_preferences(cfg.preferences_path)
-    train, _ = task.problems()
     n = len(train) if cfg.n_pairs is None else cfg.n_pairs
     if n > len(train):
         raise ValueError(f"reward_model.n_pairs ({n}) exceeds the task's {len(train)} training prompts; "
@@ -210,16 +237,18 @@ def load_policy(path: str | Path) -> tuple:
     return AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
 
 
-def train_reward_model(cfg: RewardModelTrainConfig, out_dir: Path, task: TaskConfig | None = None,
+def train_reward_model(cfg: RewardModelTrainConfig, out_dir: Path,
+                       problems: tuple[list[Problem], list[Problem]] | None = None,
                        policy_path: str | Path | None = None, max_new_tokens: int = 6, temperature: float = 1.0,
                        log: Callable[[str], None] = print) -> dict:
     """Train, evaluate each epoch, save a checkpoint into ``out_dir``; returns the final ``rm/*`` metrics.
 
-    ``policy_path`` is the SFT policy: the starting point when ``cfg.init == "policy"``, the sampler of the
-    policy pairs, and the policy whose held-out samples ``rm/policy_pair_accuracy`` ranks. ``max_new_tokens``
-    and ``temperature`` are RL's sampling settings, so the pairs look like what RL will score.
+    ``problems``: (train, held-out) prompts with answers (default: the embedded addition task); held-out ones
+    never reach the pairs. ``policy_path`` is the SFT policy: the starting point when ``cfg.init == "policy"``, the
+    sampler of the policy pairs, and the policy whose held-out samples ``rm/policy_pair_accuracy`` ranks.
+    ``max_new_tokens`` and ``temperature`` are RL's sampling settings, so the pairs look like what RL will score.
     """
-    task = task or TaskConfig()
+    train_problems, held_problems = problems or addition_problems()
     needs_policy = cfg.init == "policy" or (cfg.policy_samples and not cfg.preferences_path)
     if needs_policy and policy_path is None:
         raise ValueError("reward_model.init=policy and reward_model.policy_samples > 0 need the SFT policy checkpoint; "
@@ -228,7 +257,7 @@ def train_reward_model(cfg: RewardModelTrainConfig, out_dir: Path, task: TaskCon
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.torch_threads)
     policy = load_policy(policy_path) if policy_path is not None else None
-    pairs = build_preferences(cfg, task, policy, max_new_tokens, temperature, log)
+    pairs = build_preferences(cfg, train_problems, policy, max_new_tokens, temperature, log)
     train, held_out = _split(pairs, cfg.eval_fraction, cfg.seed)
     start_from = str(policy_path) if cfg.init == "policy" else cfg.backbone
     model = RewardModel.from_backbone(start_from, cfg.pooling, cfg.max_length)
@@ -268,7 +297,6 @@ def train_reward_model(cfg: RewardModelTrainConfig, out_dir: Path, task: TaskCon
         log(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     model.eval()
     if policy is not None:  # the RL view: the policy's own samples on prompts the RM never trained on
-        _, held_problems = task.problems()
         samples = sample_responses(*policy, [p.prompt for p in held_problems], 8, max_new_tokens, temperature,
                                    seed=cfg.seed + 1)
         ranked = policy_pair_accuracy(model, held_problems, samples)

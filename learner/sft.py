@@ -20,29 +20,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cluster.tasks import Problem, is_correct
+from core.data import exact_match
+from learner.config import SFTConfig
 
 IGNORE_INDEX = -100
 
 
-class SFTConfig(BaseModel):
-    """Supervised fine-tuning stage. The defaults give the embedded policy a low but non-zero start."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(300, ge=1, description="optimizer steps (one batch each)")
-    batch_size: int = Field(128, ge=1, description="examples per optimizer step")
-    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
-    warmup_steps: int = Field(20, ge=0, description="linear warmup steps from 0 to lr, then cosine decay to 0")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
-    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
-    schedule_steps: int | None = Field(None, ge=1, description="length of the cosine schedule; null = steps. "
-                                       "Larger than steps stops SFT before the learning rate has annealed")
-    seed: int = Field(0, description="seed for batch sampling")
-    log_every: int = Field(50, ge=1, description="log the training loss every this many steps")
 
 
 def encode_examples(
@@ -200,13 +185,14 @@ def _generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, bat
 def greedy_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    problems: Sequence[Problem],
+    pairs: Sequence[tuple[str, str]],
     batch_size: int = 256,
 ) -> float:
-    """Fraction of ``problems`` whose greedy response is exactly the answer (``cluster.tasks.is_correct``)."""
-    if not problems:
-        raise ValueError("greedy_accuracy needs at least one problem")
-    # Room for the longest answer, its EOS, and one token more so a run-on answer is scored wrong.
-    max_new = max(len(tokenizer.encode(p.answer, add_special_tokens=False)) for p in problems) + 2
-    responses = greedy_responses(model, tokenizer, [p.prompt for p in problems], max_new, batch_size)
-    return sum(is_correct(r, p.answer) for r, p in zip(responses, problems, strict=True)) / len(problems)
+    """Fraction of (prompt, completion) ``pairs`` whose greedy response is exactly the completion
+    (``core.data.exact_match``): SFT's own yardstick; RL's held-out score uses the configured reward."""
+    if not pairs:
+        raise ValueError("greedy_accuracy needs at least one (prompt, completion) pair")
+    # Room for the longest completion, its EOS, and one token more so a run-on answer is scored wrong.
+    max_new = max(len(tokenizer.encode(c, add_special_tokens=False)) for _, c in pairs) + 2
+    responses = greedy_responses(model, tokenizer, [p for p, _ in pairs], max_new, batch_size)
+    return sum(exact_match(r, c) for r, (_, c) in zip(responses, pairs, strict=True)) / len(pairs)

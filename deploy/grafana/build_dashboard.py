@@ -2,7 +2,7 @@
 
 Edit the panels here and rerun ``python deploy/grafana/build_dashboard.py``; the JSON is committed so
 Grafana provisioning needs no Python. ``tests/cluster/test_metrics.py`` checks every expression
-against ``cluster.metrics.METRICS`` and ``tests/cluster/test_prometheus.py`` runs them against a real
+against ``core.metrics.METRICS`` and ``tests/cluster/test_prometheus.py`` runs them against a real
 Prometheus scraping a real Ray.
 
 Gauges are aggregated (``max``/``avg``) so the per-worker labels Ray adds (``WorkerId``,
@@ -176,7 +176,7 @@ def dashboard() -> dict:
     return {
         "uid": "relay-rlhf",
         "title": "Relay RLHF",
-        "description": "Relay training run: rollouts, rewards, learner, weight sync, heartbeats (cluster/metrics.py).",
+        "description": "Relay training run: rollouts, rewards, learner, weight sync, heartbeats (core/metrics.py).",
         "tags": ["relay", "ray", "rlhf"],
         "schemaVersion": 39,
         "version": 1,

@@ -69,10 +69,10 @@ def test_zero_actors():
 
 def test_prompt_longer_than_context():
     assert_one_clear_error(*relay("train", *TINY, "--set", "generation.max_model_len=8"),
-                           "exceeds generation.max_model_len=8")
+                           "more than generation.max_model_len - generation.max_tokens = 2")
 
 
-@pytest.mark.parametrize("override", ["task.n_train=0", "task.n_eval=0"])
+@pytest.mark.parametrize("override", ["data.addition.n_train=0", "data.addition.n_eval=0"])
 def test_empty_dataset(override):
     assert_one_clear_error(*relay("train", "--set", override), override.split("=")[0])
 

@@ -66,8 +66,8 @@ def test_overrides_parse_yaml_values():
 
 
 def test_cross_field_checks():
-    with pytest.raises(ConfigError, match="exceeds task.n_eval"):
-        load_config(overrides=["task.n_eval=10", "train.eval_prompts=20"])
+    with pytest.raises(ConfigError, match="exceeds data.addition.n_eval"):
+        load_config(overrides=["data.addition.n_eval=10", "train.eval_prompts=20"])
     with pytest.raises(ConfigError, match="multiple of"):
         load_config(overrides=["learner.minibatch_size=100", "learner.micro_batch_size=64"])
 
@@ -84,5 +84,5 @@ def test_readme_config_reference_matches_the_schema():
 
 
 def test_more_rm_pairs_than_training_prompts_fails_before_anything_runs():
-    with pytest.raises(ConfigError, match=r"reward_model.n_pairs \(9000\) exceeds task.n_train \(7600\)"):
+    with pytest.raises(ConfigError, match=r"reward_model.n_pairs \(9000\) exceeds data.addition.n_train \(7600\)"):
         load_config(overrides=["reward_model.n_pairs=9000"])

@@ -12,6 +12,7 @@ from cluster.evaluation import (
     HackingThresholds,
     distinct_n,
     evaluation_metrics,
+    pass_and_mean_at_k,
     reward_hacking_flags,
     token_kl,
     win_rate,
@@ -45,7 +46,7 @@ def test_token_kl_k1_k3_hand_case():
 
 def test_evaluation_metrics_hand_case():
     s = EvalSamples(
-        answers=["81", "10", "7"],
+        true_scores=[1.0, 1.0, 0.0],
         responses=["81", " 10 ", "8"],
         response_ids=[[8, 1, 0], [1, 0], [8, 8, 8, 8]],
         rewards=[1.0, 0.5, 0.0],
@@ -54,7 +55,7 @@ def test_evaluation_metrics_hand_case():
         sample_reference_logprobs=[[math.log(0.25)]],
     )
     m = evaluation_metrics(s)
-    assert m["eval/task_score"] == pytest.approx(2 / 3)  # " 10 " matches after stripping
+    assert m["eval/task_score"] == pytest.approx(2 / 3)
     assert m["eval/reward_mean"] == pytest.approx(0.5)
     assert m["eval/reference_reward_mean"] == pytest.approx(0.5)
     assert m["eval/win_rate_vs_reference"] == pytest.approx(0.5)  # win, tie, loss
@@ -104,11 +105,14 @@ def test_evaluator_caches_reference_and_flags():
         calls["ref"] += 1
         return ["0"] * len(prompts), [[0]] * len(prompts)
 
-    def score(prompts, responses, answers):
+    def score(prompts, responses, metadatas):
         return [state["rm"] if r == "1" else 0.0 for r in responses]
 
-    ev = Evaluator(prompts=["1+1=", "2+2="], answers=["2", "4"], policy_greedy=policy, reference_greedy=reference,
-                   score=score)
+    def exact(prompts, responses, metadatas):
+        return [float(r.strip() == m["answer"]) for r, m in zip(responses, metadatas, strict=True)]
+
+    ev = Evaluator(prompts=["1+1=", "2+2="], metadatas=[{"answer": "2"}, {"answer": "4"}], policy_greedy=policy,
+                   reference_greedy=reference, score=score, true_score=exact)
     logs: list[str] = []
     results = [ev(log=logs.append) for _ in range(5)]
     assert calls["ref"] == 1
@@ -116,3 +120,36 @@ def test_evaluator_caches_reference_and_flags():
     assert "eval/kl_to_reference" not in results[0]  # no sampler given
     assert [r["eval/reward_hacking_flag"] for r in results] == [0.0, 0.0, 0.0, 1.0, 1.0]  # window + 1 needed
     assert logs and "reward-hacking monitor" in logs[0]
+
+
+def test_pass_and_mean_at_k_by_hand():
+    # prompt 1: one of three passes; prompt 2: none; prompt 3: all -> pass@3 = 2/3; mean of the nine = 4.5/9
+    scores = [[0.0, 1.0, 0.0], [0.5, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    assert pass_and_mean_at_k(scores, threshold=1.0) == pytest.approx((2 / 3, 4.5 / 9))
+    assert pass_and_mean_at_k(scores, threshold=0.5)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        pass_and_mean_at_k([], 1.0)
+
+
+def test_evaluator_scores_with_the_eval_reward_pass_at_k_and_extra_sets():
+    """The held-out score is true_score, not the training score; pass@k samples are scored the same way."""
+    answers = {"1+1=": "2", "2+2=": "4", "3+3=": "6"}
+
+    def greedy(prompts):
+        return [answers[p] if p != "2+2=" else "5" for p in prompts], [[1]] * len(prompts)
+
+    def exact(prompts, responses, metadatas):
+        return [float(r == m["answer"]) for r, m in zip(responses, metadatas, strict=True)]
+
+    def sample_k(prompts):  # k = 2: "1+1=" right once, "2+2=" never, "3+3=" twice
+        table = {"1+1=": ["2", "3"], "2+2=": ["5", "5"], "3+3=": ["6", "6"]}
+        return [table[p] for p in prompts]
+
+    ev = Evaluator(prompts=["1+1=", "2+2="], metadatas=[{"answer": "2"}, {"answer": "4"}], policy_greedy=greedy,
+                   reference_greedy=greedy, score=lambda p, r, m: [0.3] * len(r), true_score=exact,
+                   sample_k=sample_k, name="main", extra_sets={"extra": (["3+3="], [{"answer": "6"}])})
+    m = ev(log=lambda _: None)
+    assert m["eval/task_score"] == pytest.approx(0.5) and m["eval/reward_mean"] == pytest.approx(0.3)
+    assert m["eval/set_task_score{eval_set=main}"] == pytest.approx(0.5)
+    assert m["eval/pass_at_k"] == pytest.approx(0.5) and m["eval/mean_at_k"] == pytest.approx(0.25)
+    assert m["eval/set_task_score{eval_set=extra}"] == 1.0 and m["eval/set_pass_at_k{eval_set=extra}"] == 1.0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.metrics import METRICS, JsonlLogger, MetricSink, flat_key, lookup, markdown_table, read_jsonl, split_key
+from core.metrics import METRICS, JsonlLogger, MetricSink, flat_key, lookup, markdown_table, read_jsonl, split_key
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "relay.json"
@@ -205,4 +205,4 @@ def test_readme_metrics_table_matches_registry():
     text = (DEPLOY / "README.md").read_text()
     start = text.index("-->", text.index("<!-- metrics table")) + len("-->")
     table = text[start:text.index("<!-- end metrics table -->")].strip()
-    assert table == markdown_table(), "regenerate: python -c 'from cluster.metrics import markdown_table; ...'"
+    assert table == markdown_table(), "regenerate: python -c 'from core.metrics import markdown_table; ...'"

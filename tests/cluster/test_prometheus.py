@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster.metrics import METRICS
+from core.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -284,7 +284,7 @@ def workload(ray_metrics_port, training_run):
     @ray.remote(num_cpus=0)
     class Workload:
         def run(self, steps: int, pause: float) -> str:
-            from cluster.metrics import METRICS, MetricSink
+            from core.metrics import METRICS, MetricSink
 
             sinks = {name: MetricSink(name) for name in ("driver", "learner", "generation", "reward")}
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from cluster.metrics import JsonlLogger, flat_key, read_jsonl
 from cluster.progress import Progress, format_duration
 from cluster.report import make_report, report_command, summarize
+from core.metrics import JsonlLogger, flat_key, read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEP_TOTAL = flat_key("learner/step_seconds", phase="total")

@@ -2,7 +2,7 @@
 
 import torch
 
-from actors.rollout import Rollout, ScoredRollout
+from core.records import Rollout, ScoredRollout
 from learner.batch import collate
 
 

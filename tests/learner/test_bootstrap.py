@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cluster.tasks import TaskConfig, make_problems
+from core.data import AdditionConfig, DataConfig, make_addition
 from learner import bootstrap
 from learner.bootstrap import (
     SFT_REPORT,
@@ -91,14 +91,15 @@ def test_cosine_with_warmup_endpoints():
 
 def test_train_sft_lowers_loss(tokenizer):
     model = build_tiny_model(tokenizer, TinyModelConfig())
-    train, held_out = make_problems(64, 16)
+    train, held_out = make_addition(AdditionConfig(n_train=64, n_eval=16))
     stats = train_sft(
-        model, tokenizer, [(p.prompt, p.answer) for p in train], SFTConfig(steps=30, batch_size=32, warmup_steps=3),
+        model, tokenizer, [(r["prompt"], r["completion"]) for r in train],
+        SFTConfig(steps=30, batch_size=32, warmup_steps=3),
         log=lambda _: None,
     )
     assert len(stats["sft/losses"]) == 30
     assert stats["sft/final_loss"] < 0.6 * stats["sft/first_loss"]
-    assert 0.0 <= greedy_accuracy(model, tokenizer, held_out, batch_size=8) <= 1.0
+    assert 0.0 <= greedy_accuracy(model, tokenizer, [(r["prompt"], r["answer"]) for r in held_out], batch_size=8) <= 1
 
 
 def test_ensure_default_policy_caches_and_reloads(tmp_path, monkeypatch, tokenizer):
@@ -106,18 +107,18 @@ def test_ensure_default_policy_caches_and_reloads(tmp_path, monkeypatch, tokeniz
     real_build = bootstrap._build_policy
     monkeypatch.setattr(bootstrap, "_build_policy", lambda *a: (builds.append(a[0]), real_build(*a)))
     sft_cfg = SFTConfig(steps=3, batch_size=16, warmup_steps=1)
-    task = TaskConfig(n_train=64, n_eval=16)
+    task = DataConfig(addition=AdditionConfig(n_train=64, n_eval=16))
     model_cfg = TinyModelConfig(num_layers=1)
 
-    first = ensure_default_policy(tmp_path, sft_cfg, model_cfg, task, log=lambda _: None)
-    second = ensure_default_policy(tmp_path, sft_cfg, model_cfg, task, log=lambda _: None)
+    first = ensure_default_policy(tmp_path / "cache", sft_cfg, model_cfg, task, log=lambda _: None)
+    second = ensure_default_policy(tmp_path / "cache", sft_cfg, model_cfg, task, log=lambda _: None)
     assert first == second and len(builds) == 1
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary directory left behind
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(("tiny", "."))] == [first.name]
     assert (first / "model.safetensors").is_file()
     report = json.loads((first / SFT_REPORT).read_text())
     assert 0.0 <= report["heldout_greedy_accuracy"] <= 1.0 and report["sft_seconds"] > 0
 
-    other = ensure_default_policy(tmp_path, sft_cfg.model_copy(update={"seed": 1}), model_cfg, task,
+    other = ensure_default_policy(tmp_path / "cache", sft_cfg.model_copy(update={"seed": 1}), model_cfg, task,
                                   log=lambda _: None)
     assert other != first and len(builds) == 2
 
@@ -128,7 +129,8 @@ def test_ensure_default_policy_caches_and_reloads(tmp_path, monkeypatch, tokeniz
         "23+58=81", add_special_tokens=False
     )
     assert model.config.num_hidden_layers == 1 and model.config.vocab_size == len(tokenizer)
-    assert greedy_accuracy(model, loaded_tok, make_problems(64, 16)[1]) == pytest.approx(
+    held_out = make_addition(AdditionConfig(n_train=64, n_eval=16))[1]
+    assert greedy_accuracy(model, loaded_tok, [(r["prompt"], r["answer"]) for r in held_out]) == pytest.approx(
         report["heldout_greedy_accuracy"]
     )
 

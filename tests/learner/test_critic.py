@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from actors.rollout import Rollout, ScoredRollout
 from cluster.config import load_config
+from core.records import Rollout, ScoredRollout
 from learner import algos
 from learner.batch import collate
 from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
@@ -117,7 +117,7 @@ def test_algorithm_switch_runs_a_learner_step(policy_dir, name):
     if name == "ppo":
         overrides += ["algorithm.kl_in=reward", "algorithm.kl_target=0.01", "algorithm.kl_coef=0.1",
                       "algorithm.kl_horizon=16"]
-    learner = Learner(load_config(None, overrides), policy_dir)
+    learner = Learner.from_config(load_config(None, overrides), policy_dir)
     scored = _scored()
     before = [p.detach().clone() for p in learner.policy.parameters()]
     first = learner.train_step(scored)
@@ -144,7 +144,7 @@ def test_shared_critic_learns_values_on_the_policy_backbone(policy_dir, tmp_path
     torch.manual_seed(0)
     cfg = load_config(None, ["algorithm.name=ppo", "learner.critic_backbone=shared", "learner.critic_head_lr=1e-2",
                              "learner.warmup_steps=0", "learner.micro_batch_size=8", "learner.minibatch_size=16"])
-    learner = Learner(cfg, policy_dir)
+    learner = Learner.from_config(cfg, policy_dir)
     assert learner.critic is None and learner.value_head is not None
     scored = _scored()
     before = [p.detach().clone() for p in learner.policy.parameters()]

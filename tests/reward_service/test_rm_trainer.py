@@ -5,10 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.tasks import Problem, TaskConfig, make_problems
+from core.data import AdditionConfig
 from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
 from learner.rm_trainer import (
+    Problem,
     _split,
+    addition_problems,
     load_preferences,
     make_policy_preferences,
     make_synthetic_preferences,
@@ -22,7 +24,7 @@ MINILM = {"init": "backbone", "policy_samples": 0, "lr": 5e-5, "batch_size": 32,
 
 
 def _problems(n: int, seed: int = 1) -> list[Problem]:
-    return make_problems(n, 0, seed=seed)[0]
+    return addition_problems(AdditionConfig(n_train=n, n_eval=1, seed=seed))[0]
 
 
 def test_synthetic_preferences():
@@ -106,10 +108,10 @@ def test_from_the_policy_with_policy_pairs(tmp_path):
     policy = tmp_path / "policy"
     build_tiny_model(tokenizer, TinyModelConfig(num_layers=1)).save_pretrained(policy)
     tokenizer.save_pretrained(policy)
-    task = TaskConfig(n_train=120, n_eval=40)
+    problems = addition_problems(AdditionConfig(n_train=120, n_eval=40))
     cfg = RewardModelTrainConfig(policy_samples=2, n_pairs=60, epochs=1, eval_fraction=0.25)
     logs: list[str] = []
-    metrics = train_reward_model(cfg, tmp_path / "rm", task=task, policy_path=policy, log=logs.append)
+    metrics = train_reward_model(cfg, tmp_path / "rm", problems=problems, policy_path=policy, log=logs.append)
     assert any(line.startswith("rm/policy_pairs=") for line in logs)
     assert "rm/eval_accuracy_policy" in metrics and "rm/eval_accuracy_close" in metrics
     assert 0.0 <= metrics["rm/policy_sample_accuracy"] <= 1.0 and "rm/policy_auc" in metrics
@@ -123,7 +125,8 @@ def test_policy_init_without_a_policy_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="need the SFT policy checkpoint"):
         train_reward_model(RewardModelTrainConfig(), tmp_path / "rm")
     with pytest.raises(ValueError, match=r"reward_model.n_pairs \(200\) exceeds the task's 100 training prompts"):
-        train_reward_model(RewardModelTrainConfig(n_pairs=200, **MINILM), tmp_path / "rm", task=TaskConfig(n_train=100))
+        train_reward_model(RewardModelTrainConfig(n_pairs=200, **MINILM), tmp_path / "rm",
+                           problems=addition_problems(AdditionConfig(n_train=100)))
 
 
 @pytest.mark.slow
@@ -138,7 +141,8 @@ def test_default_rm_ranks_the_policys_own_samples(tmp_path):
     from learner.bootstrap import ensure_default_policy
 
     cfg = RelayConfig()
-    policy = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.task)
-    metrics = train_reward_model(cfg.reward_model, tmp_path / "rm", task=cfg.task, policy_path=policy, log=print)
+    policy = ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.data)
+    metrics = train_reward_model(cfg.reward_model, tmp_path / "rm", problems=addition_problems(), policy_path=policy,
+                                 log=print)
     assert metrics["rm/eval_accuracy"] >= 0.70
     assert metrics["rm/policy_pair_accuracy"] >= 0.85

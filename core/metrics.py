@@ -96,7 +96,8 @@ _SPECS = [
     _h("reward/latency_seconds", "wall time of one reward batch", SECONDS_BUCKETS),
     _g("reward/mean", "mean reward of the step's train batch"),
     _g("reward/std", "standard deviation of the step's train rewards"),
-    _g("reward/task_score", "exact-match fraction of the step's train batch"),
+    _g("reward/task_score", "mean held-out-score reward (train.eval_reward, else the training reward) of the "
+       "step's train batch"),
     _c("reward/errors_total", "rollouts whose reward computation raised"),
     _c("reward/excluded_total", "rollouts excluded from the update (errors, zero-variance groups, too stale)"),
     _c("reward/truncated_total", "rollouts cut at the max response length"),
@@ -128,7 +129,12 @@ _SPECS = [
     _g("sync/load_seconds", "slowest actor's time to fetch and load one weight version"),
     _g("sync/fetch_seconds", "slowest actor's ray.get of the published version (zero-copy from the object store)"),
     # eval/: held-out greedy evaluation
-    _g("eval/task_score", "held-out greedy exact-match fraction"),
+    _g("eval/task_score", "held-out score: mean eval reward (train.eval_reward, else the training reward) of "
+       "greedy responses on the main eval set"),
+    _g("eval/set_task_score", "held-out score of each named eval set", ("eval_set",)),
+    _g("eval/pass_at_k", "share of held-out prompts with a sample (of train.eval_k) scoring >= eval_pass_threshold"),
+    _g("eval/mean_at_k", "mean held-out score of train.eval_k samples per prompt"),
+    _g("eval/set_pass_at_k", "pass@k of each named eval set", ("eval_set",)),
     _g("eval/reward_mean", "held-out mean reward-service score (the RM in relay pipeline) of greedy responses"),
     _g("eval/response_length_tokens", "held-out mean response length"),
     _g("eval/reference_reward_mean", "held-out mean reward-service score of the reference's greedy responses"),
@@ -197,7 +203,7 @@ def lookup(key: str) -> MetricSpec:
     except KeyError:
         close = difflib.get_close_matches(key, METRICS, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; registered namespaces: {', '.join(NAMESPACES)}"
-        raise KeyError(f"unknown metric key {key!r}{hint} (register new metrics in cluster/metrics.py)") from None
+        raise KeyError(f"unknown metric key {key!r}{hint} (register new metrics in core/metrics.py)") from None
 
 
 # One ray.util.metrics object per key per process: Ray metrics are process-global by name, so

@@ -1,0 +1,34 @@
+"""The generation actors' configuration section (pydantic; imports no torch, vLLM or Ray)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationConfig(_Section):
+    num_actors: int = Field(1, ge=1, description="vLLM generation actors; prompts are sharded across them")
+    num_cpus: float = Field(1.0, ge=0, description="logical CPUs per generation actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per generation actor (= tensor_parallel_size on GPUs)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPU only)")
+    samples_per_prompt: int = Field(8, ge=1, description="responses per prompt (the GRPO group size)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_tokens: int = Field(6, ge=1, description="maximum response tokens")
+    max_model_len: int = Field(64, ge=8, description="prompt + response token limit of the engine")
+    kv_cache_gb: int = Field(1, ge=1, description="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory share (GPU only)")
+    enforce_eager: bool = Field(True, description="skip CUDA graph capture / compilation (faster start)")
+    torch_threads: int | None = Field(2, ge=1, description="CPU engine threads; null = num_cpus rounded. 2 suits "
+                                      "the 2-core default, where generation and learning alternate")
+    seed: int = Field(0, description="sampling seed of actor 0 (actor i uses seed + i)")
+    timeout_s: float = Field(300.0, gt=0, description="timeout of one generate or weight-load call, seconds")
+    max_restarts: int = Field(2, ge=0, description="times Ray restarts a crashed generation actor")
+
+    @property
+    def engine_threads(self) -> int:
+        """Torch threads each engine runs with on CPU."""
+        return self.torch_threads or max(1, round(self.num_cpus))
