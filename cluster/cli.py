@@ -54,10 +54,10 @@ def _train_rm(args) -> int:
 def _pipeline(args) -> int:
     import json
 
-    from cluster.pipeline import STAGES, run_pipeline
+    from cluster.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
-    stages = tuple(args.stage) if args.stage else STAGES
+    stages = tuple(args.stage) if args.stage else None
     results = run_pipeline(cfg, stages, force=args.force, force_stages=tuple(args.force_stage))
     for stage, marker in results.items():
         print(f"{stage}: {marker['checkpoint']} " + json.dumps(
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="SFT -> reward model -> RL, each stage checkpointed under run_dir/<stage>/")
     _config_args(p)
     p.add_argument("--stage", action="append", default=[], metavar="NAME",
-                   help="run only this stage: sft, rm or rl (repeatable; default: all)")
+                   help="run only this stage: sft, rm or rl (repeatable; default: pipeline.stages)")
     p.add_argument("--force", action="store_true", help="redo stages that already finished")
     p.add_argument("--force-stage", action="append", default=[], metavar="NAME",
                    help="redo this stage (and the later ones run with it) even if it finished (repeatable)")

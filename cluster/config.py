@@ -76,6 +76,20 @@ class ClusterConfig(_Section):
     metrics_export_port: int | None = Field(None, ge=1, le=65535, description="local Ray's metrics port; null = Ray's")
 
 
+class PipelineConfig(_Section):
+    stages: list[Literal["sft", "rm", "rl"]] = Field(
+        ["sft", "rm", "rl"], description="stages of relay pipeline, in order: sft, rm, rl. Without rm, the rl stage "
+                                         "trains on reward.sources (your function or rule) instead of a learned RM")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PipelineConfig:
+        order = ["sft", "rm", "rl"]
+        if not self.stages or self.stages != sorted(set(self.stages), key=order.index):
+            raise ValueError(f"pipeline.stages {self.stages} must be a non-empty subset of {order}, in that order, "
+                             "each once")
+        return self
+
+
 class RelayConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -89,6 +103,7 @@ class RelayConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:

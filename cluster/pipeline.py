@@ -39,6 +39,11 @@ MARKER = "stage_done.json"
 NEEDS = {"sft": (), "rm": ("sft",), "rl": ("sft", "rm")}
 
 
+def needs(cfg: RelayConfig, stage: str) -> tuple[str, ...]:
+    """The stages ``stage`` reads: rl reads rm only when ``pipeline.stages`` trains a reward model."""
+    return tuple(s for s in NEEDS[stage] if s in cfg.pipeline.stages or s == "sft")
+
+
 def stage_dir(cfg: RelayConfig, stage: str) -> Path:
     return Path(cfg.train.run_dir) / stage
 
@@ -94,15 +99,18 @@ def _rm_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dict
 
 
 def rl_config(cfg: RelayConfig) -> RelayConfig:
-    """The RL stage's config: policy = SFT checkpoint, reward = the trained RM, run dir = ``run_dir/rl``."""
+    """The RL stage's config: policy = SFT checkpoint, reward = the trained RM (when ``pipeline.stages`` has rm;
+    else ``reward.sources``), run dir = ``run_dir/rl``."""
     from reward_service.config import RewardSourceConfig
 
     tree = cfg.model_dump()
     tree["model"]["path"] = str(stage_dir(cfg, "sft").resolve())
+    tree["train"]["run_dir"] = str(stage_dir(cfg, "rl"))
+    if "rm" not in cfg.pipeline.stages:
+        return RelayConfig.model_validate(tree)
     # One forward pass per 256 texts: with Serve's default of 32, scoring took a third of a PPO step.
     tree["reward"]["sources"] = [RewardSourceConfig(name="rm", kind="model", model_path=str(
         stage_dir(cfg, "rm").resolve()), max_batch_size=256, max_ongoing_requests=256).model_dump()]
-    tree["train"]["run_dir"] = str(stage_dir(cfg, "rl"))
     if cfg.train.eval_reward is None:  # the held-out score stays the configured reward, not the learned RM
         tree["train"]["eval_reward"] = [src.model_dump() for src in cfg.reward.sources]
     lc = cfg.learner
@@ -131,7 +139,7 @@ def run_stage(cfg: RelayConfig, stage: str, force: bool = False, log: Callable[[
     if done is not None and not force:
         log(f"pipeline: stage {stage} already done ({done['checkpoint']}); skipping (--force-stage {stage} redoes it)")
         return done
-    missing = [s for s in NEEDS[stage] if read_marker(cfg, s) is None]
+    missing = [s for s in needs(cfg, stage) if read_marker(cfg, s) is None]
     if missing:
         raise RunError(f"pipeline stage {stage!r} needs finished stage(s) {missing} under {cfg.train.run_dir}; "
                        f"run `relay pipeline` (all stages) or `relay pipeline --stage {missing[0]}` first")
@@ -154,18 +162,19 @@ def run_stage(cfg: RelayConfig, stage: str, force: bool = False, log: Callable[[
     return marker
 
 
-def run_pipeline(cfg: RelayConfig, stages: tuple[str, ...] = STAGES, force: bool = False,
+def run_pipeline(cfg: RelayConfig, stages: tuple[str, ...] | None = None, force: bool = False,
                  force_stages: tuple[str, ...] = (), log: Callable[[str], object] = print) -> dict[str, dict]:
     """Run ``stages`` in pipeline order; returns each stage's marker.
 
     A stage that reads a stage redone in this call is redone too (its inputs changed).
     """
+    stages = tuple(cfg.pipeline.stages) if stages is None else stages
     unknown = sorted((set(stages) | set(force_stages)) - set(STAGES))
     if unknown:
         raise RunError(f"unknown pipeline stage(s) {unknown}; valid: {', '.join(STAGES)}")
     results, redone = {}, set()
     for stage in (s for s in STAGES if s in stages):
-        again = force or stage in force_stages or any(s in redone for s in NEEDS[stage])
+        again = force or stage in force_stages or any(s in redone for s in needs(cfg, stage))
         if again or read_marker(cfg, stage) is None:
             redone.add(stage)
         results[stage] = run_stage(cfg, stage, force=again, log=log)

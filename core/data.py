@@ -238,8 +238,7 @@ def to_example(row: dict, cfg: DataConfig) -> Example:
         if missing:
             raise DataError(f"data.template uses field(s) {missing} that the record lacks; the columns are "
                             f"{sorted(row)}")
-    skip = {cfg.prompt_field, cfg.completion_field}
-    metadata = {k: _as_metadata(v) for k, v in row.items() if k not in skip and v is not None}
+    metadata = {k: _as_metadata(v) for k, v in row.items() if k != cfg.prompt_field and v is not None}
     if cfg.template is not None:  # template fields (the prompt included) reach formatting through metadata
         metadata.update({f: _as_metadata(row[f]) for f in _template_fields(cfg.template)})
     return Example(prompt, completion, metadata)
@@ -331,7 +330,8 @@ def format_prompt(example: Example, cfg: DataConfig, tokenizer=None) -> str:
 
 
 def make_addition(cfg: AdditionConfig) -> tuple[list[dict], list[dict]]:
-    """Disjoint train and held-out rows ``{prompt: "a+b=", answer, completion}`` with ``digits``-digit operands."""
+    """Disjoint train and held-out rows ``{prompt: "a+b=", answer, completion}`` (completion = answer, the SFT
+    target) with ``digits``-digit operands."""
     lo, hi = 10 ** (cfg.digits - 1), 10**cfg.digits - 1
     space = (hi - lo + 1) ** 2
     if cfg.n_train + cfg.n_eval > space:
@@ -363,6 +363,7 @@ def write_builtin(cfg: AdditionConfig, cache_dir: Path) -> SourceConfig:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(out / f"{name}.jsonl")
     return SourceConfig(path=str(out / "train.jsonl"), name="addition")
+
 
 
 def builtin_eval_source(cfg: AdditionConfig, cache_dir: Path) -> SourceConfig:
