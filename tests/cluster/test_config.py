@@ -1,5 +1,7 @@
 """The config schema: every bad key or value fails with a message naming it (no Ray needed)."""
 
+from pathlib import Path
+
 import pytest
 
 from cluster.config import ConfigError, load_config, parse_override
@@ -86,3 +88,36 @@ def test_readme_config_reference_matches_the_schema():
 def test_more_rm_pairs_than_training_prompts_fails_before_anything_runs():
     with pytest.raises(ConfigError, match=r"reward_model.n_pairs \(9000\) exceeds data.addition.n_train \(7600\)"):
         load_config(overrides=["reward_model.n_pairs=9000"])
+
+
+def test_loading_a_config_imports_no_torch():
+    """Layers point one way: the schema is pydantic only, so `relay --help` and config checks stay fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cluster.config, cluster.cli; cluster.config.load_config('cluster/examples/gsm8k_one_gpu.yaml'); "
+            "bad = [m for m in ('torch', 'ray', 'vllm', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
+
+
+def test_components_import_only_the_base():
+    """actors/, learner/ and reward_service/ import core/ and their own sections, never cluster/."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = [f"{p.relative_to(root)}:{i}" for folder in ("actors", "learner", "reward_service", "core")
+                 for p in (root / folder).glob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.match(r"\s*(from|import) cluster\b", line)]
+    assert offenders == []
+
+
+def test_gpu_example_loads_and_validates():
+    cfg = load_config("cluster/examples/gsm8k_one_gpu.yaml")
+    assert cfg.model.dtype == "bfloat16" and cfg.generation.num_gpus + cfg.learner.num_gpus == 1.0
+    assert [s.rule for s in cfg.reward.sources] == ["math", "overlong"] and cfg.data.chat_template
+
+
+def test_old_task_section_points_to_data():
+    with pytest.raises(ConfigError, match="the task section became data"):
+        load_config(overrides=["task.n_train=100"])
