@@ -4,6 +4,13 @@ One deployment per source (``source-<name>``) and an ingress deployment (``Rewar
 validates requests, fans them out to every source concurrently, and combines the answers
 (``reward_service.combine``). Plain classes are made deployments only in ``build_app``.
 
+A function source's ``.py`` file is read here, at deploy time, and its text travels to the replicas as a
+deployment argument: Serve keeps deployment arguments in its controller's checkpoint, so every replica,
+on any node and at any later time (a replacement after a node died), runs the file as it was deployed.
+(A runtime_env ``py_modules`` copy was tried first: Ray takes only URIs there, so it needs a private
+upload call, and the uploaded package is deleted from the cluster once no replica references it, so a
+replacement replica on another node could not fetch it.)
+
 Simplifications: running normalisation lives in the single ingress replica (more ingress replicas
 would each keep their own statistics); a source call that raises (e.g. its replica died) fails
 the whole call so that ``RewardClient`` retries it, while per-sample problems become error results.
@@ -15,20 +22,22 @@ import asyncio
 import dataclasses
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from reward_service.combine import RunningNorm, combine, finish, validate_request
-from reward_service.config import RewardConfig, RewardSourceConfig
+from reward_service.config import FunctionRef, RewardConfig, RewardSourceConfig
 from reward_service.records import RewardRequest, RewardResult, SourceScore
-from reward_service.scorers import ModelScorer, RewardEnsemble, RuleScorer
+from reward_service.scorers import CodeScorer, FunctionScorer, ModelScorer, RewardEnsemble, RuleScorer
 
 INGRESS_MAX_ONGOING = 256
 """concurrent score calls the ingress accepts (callers beyond wait in Serve's queue)"""
 
-_SCORERS = {"rule": RuleScorer, "model": ModelScorer, "ensemble": RewardEnsemble}
+SCORERS = {"rule": RuleScorer, "model": ModelScorer, "ensemble": RewardEnsemble, "function": FunctionScorer,
+            "code": CodeScorer}
 
 
 class RewardIngress:
@@ -91,15 +100,28 @@ class RewardIngress:
         return {n: [s for chunk in parts for s in chunk] for n, parts in zip(names, chunks, strict=True)}
 
     async def stats(self) -> dict[str, float]:
-        """Ingress counters plus model-source counters summed over live replicas."""
+        """Ingress counters plus source counters summed over live replicas: model batching and truncation;
+        with a function source ``function_timeouts``; with a code source ``code_<reason>`` for every
+        ``sandbox.REASONS`` (why code runs ended)."""
         out = {k: float(self._counts[k]) for k in ("calls", "requests", "invalid", "errors", "excluded")}
         out.update(truncated=0.0, batches=0.0, batched_items=0.0, max_batch_size_seen=0.0)
+        kinds = {spec.kind for spec in self._specs.values()}
+        if "function" in kinds:
+            out["function_timeouts"] = 0.0
+        if "code" in kinds:
+            from reward_service.sandbox import REASONS
+
+            out.update({f"code_{reason}": 0.0 for reason in REASONS})
         for replicas in (await self.source_stats()).values():
             for st in replicas:
                 out["truncated"] += st.get("truncated", 0)
                 out["batches"] += st.get("batches", 0)
                 out["batched_items"] += st.get("items", 0)
                 out["max_batch_size_seen"] = max(out["max_batch_size_seen"], st.get("max_batch_size_seen", 0))
+                if "function_timeouts" in out:
+                    out["function_timeouts"] += st.get("timeouts", 0)
+                for reason, n in st.get("code_reasons", {}).items():
+                    out[f"code_{reason}"] = out.get(f"code_{reason}", 0.0) + n
         return out
 
     async def source_stats(self) -> dict[str, list[dict]]:
@@ -151,12 +173,22 @@ def _source_options(src: RewardSourceConfig) -> dict:
     return opts
 
 
+def _bind_source(src: RewardSourceConfig) -> serve.Application:
+    deployment = serve.deployment(SCORERS[src.kind]).options(**_source_options(src))
+    if src.kind == "function" and FunctionRef.parse(src.function).is_file:
+        path = Path(FunctionRef.parse(src.function).target)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise FileNotFoundError(f"reward.sources[{src.name!r}].function: cannot read {path}: {exc}") from None
+        return deployment.bind(src, text)
+    return deployment.bind(src)
+
+
 def build_app(cfg: RewardConfig) -> serve.Application:
-    """The Serve application for ``cfg``: one deployment per source plus the ingress."""
-    sources = {
-        src.name: serve.deployment(_SCORERS[src.kind]).options(**_source_options(src)).bind(src)
-        for src in cfg.sources
-    }
+    """The Serve application for ``cfg``: one deployment per source plus the ingress. Function files are read
+    here (see the module docstring)."""
+    sources = {src.name: _bind_source(src) for src in cfg.sources}
     ingress = serve.deployment(RewardIngress).options(
         name="RewardIngress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus})

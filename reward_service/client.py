@@ -1,8 +1,10 @@
 """The driver's entry point to the reward service.
 
-``RewardClient.deploy(cfg)`` starts Serve (HTTP on cfg.http_host:cfg.http_port) and runs the app;
-``score`` goes through the ingress DeploymentHandle with a per-call timeout and retries the whole
-call when a replica dies or the call times out (Serve replaces dead replicas meanwhile).
+``RewardClient.deploy(cfg)`` starts Serve (HTTP on cfg.http_host:cfg.http_port), runs the app and waits
+at most cfg.deploy_timeout_s for every replica to start; a replica that cannot start (a reward model that
+does not load, a function that cannot be imported) fails the deploy with Serve's reason. ``score`` goes
+through the ingress DeploymentHandle with a per-call timeout and retries the whole call when a replica
+dies or the call times out (Serve replaces dead replicas meanwhile).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatus
 
 from reward_service.app import build_app
 from reward_service.config import RewardConfig
@@ -22,10 +25,16 @@ logger = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S = 0.5
 """sleep before retry k is k * RETRY_BACKOFF_S"""
+DEPLOY_POLL_S = 0.2
+"""how often deploy() looks at the app's status"""
 
 
 class RewardServiceError(RuntimeError):
     """A score call failed on every attempt."""
+
+
+class RewardDeployError(RewardServiceError):
+    """The reward app did not start: a replica failed to start, or deploy_timeout_s passed."""
 
 
 class RewardClient:
@@ -45,7 +54,11 @@ class RewardClient:
         else:
             serve.start(proxy_location="Disabled")
             route_prefix = None
-        handle = serve.run(build_app(cfg), name=app_name, route_prefix=route_prefix)
+        # run_many without waiting, then our own bounded wait: serve.run waits for RUNNING with no limit
+        # (a replica that never gets its resources hangs it) and reports a failed replica without its reason.
+        (handle,) = serve.run_many([serve.RunTarget(build_app(cfg), name=app_name, route_prefix=route_prefix)],
+                                   wait_for_applications_running=False)
+        _wait_until_running(app_name, cfg.deploy_timeout_s)
         logger.info("reward service %r running with sources %s", app_name, [s.name for s in cfg.sources])
         return cls(handle, cfg, app_name)
 
@@ -100,6 +113,37 @@ class RewardClient:
         serve.delete(self.app_name)
         if not serve.status().applications:
             serve.shutdown()
+
+
+def _wait_until_running(app_name: str, timeout_s: float) -> None:
+    """Return once the app is RUNNING; else start deleting it and raise RewardDeployError with each unhealthy
+    deployment's message (Serve's, with the replica's exception)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        failed = app is not None and app.status == ApplicationStatus.DEPLOY_FAILED
+        if failed or time.monotonic() > deadline:
+            break
+        time.sleep(DEPLOY_POLL_S)
+    what = "failed" if failed else f"did not start within deploy_timeout_s={timeout_s:g}s"
+    problems = _unhealthy(app) if app is not None else "the app was never created"
+    # not blocking: deleting a replica that is still waiting for resources takes Serve about 20 s
+    serve.delete(app_name, _blocking=False)
+    raise RewardDeployError(f"reward service {app_name!r} {what}: {problems}")
+
+
+def _unhealthy(app: ApplicationStatusOverview) -> str:
+    """One line per unhealthy deployment with the last line of its message (the replica's exception, e.g.
+    the ImportError of a reward function), then the full messages (tracebacks)."""
+    bad = {name: dep.message.strip() or f"no replica is running yet; replicas: {dict(dep.replica_states)}"
+           for name, dep in app.deployments.items() if dep.status != DeploymentStatus.HEALTHY}
+    if not bad:
+        return app.message
+    headlines = "; ".join(f"{name}: {message.splitlines()[-1]}" for name, message in bad.items())
+    details = [f"{name}: {message}" for name, message in bad.items() if "\n" in message]
+    return "\n\n".join([headlines, *details])
 
 
 def _first_line(exc: BaseException | None) -> str:

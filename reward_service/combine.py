@@ -18,18 +18,21 @@ def validate_request(obj: object) -> RewardRequest | str:
     """A well-formed ``RewardRequest``, or a message saying what is wrong with ``obj``.
 
     Accepts a ``RewardRequest`` or a dict with ``prompt`` (a non-empty string), ``response`` (a string,
-    possibly empty) and an optional ``metadata`` dict of strings (the HTTP route sends dicts).
+    possibly empty), an optional ``metadata`` dict of strings and an optional ``response_tokens`` (an int
+    >= 0, or null); the HTTP route sends dicts.
     """
     if isinstance(obj, RewardRequest):
-        fields = {"prompt": obj.prompt, "response": obj.response, "metadata": obj.metadata}
+        fields = {"prompt": obj.prompt, "response": obj.response, "metadata": obj.metadata,
+                  "response_tokens": obj.response_tokens}
     elif isinstance(obj, Mapping):
         missing = [k for k in ("prompt", "response") if k not in obj]
         if missing:
             return f"bad request: missing field(s) {missing} in {_quote(obj)}"
-        unknown = sorted(set(obj) - {"prompt", "response", "metadata"})
+        unknown = sorted(set(obj) - set(_REQUEST_FIELDS))
         if unknown:
-            return f"bad request: unknown field(s) {unknown}; allowed: prompt, response, metadata"
-        fields = {"prompt": obj["prompt"], "response": obj["response"], "metadata": obj.get("metadata", {})}
+            return f"bad request: unknown field(s) {unknown}; allowed: {', '.join(_REQUEST_FIELDS)}"
+        fields = {"prompt": obj["prompt"], "response": obj["response"], "metadata": obj.get("metadata", {}),
+                  "response_tokens": obj.get("response_tokens")}
     else:
         return f"bad request: expected a RewardRequest or a dict, got {type(obj).__name__}: {_quote(obj)}"
     for key in ("prompt", "response"):
@@ -44,7 +47,13 @@ def validate_request(obj: object) -> RewardRequest | str:
         meta = {}
     if not isinstance(meta, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         return f"bad request: metadata must be a dict of strings to strings, got {_quote(meta)}"
-    return RewardRequest(fields["prompt"], fields["response"], dict(meta))
+    tokens = fields["response_tokens"]
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+        return f"bad request: response_tokens must be an int >= 0 or null, got {_quote(tokens)}"
+    return RewardRequest(fields["prompt"], fields["response"], dict(meta), tokens)
+
+
+_REQUEST_FIELDS = ("prompt", "response", "metadata", "response_tokens")
 
 
 def combine(req: RewardRequest, scores: Mapping[str, SourceScore],

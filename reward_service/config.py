@@ -2,17 +2,40 @@
 
 Every field is documented where it is declared; validators name the offending key and
 the allowed values. Nothing here imports torch or Ray.
+
+A source is one of five kinds, each with its own fields (``_KIND_FIELDS``; setting another kind's field to
+anything but its default is an error):
+
+- ``rule``: a built-in rule by name (``reward_service.rules``), with ``params``.
+- ``model`` / ``ensemble``: scalar-head reward model(s) from checkpoint directories.
+- ``function``: the user's Python function, ``path/to/file.py:name`` (relative to the directory relay runs
+  in; resolved to an absolute path when the config loads; ``app.build_app`` reads it and ships its text
+  to the replicas) or ``package.module:name`` (importable on every node). Per sample (``batched: false``)::
+
+      def score(prompt: str, response: str, **metadata) -> float
+
+  or batched (``batched: true``)::
+
+      def score(prompts: list[str], responses: list[str], metadatas: list[dict]) -> list[float]
+
+  ``metadata`` holds the task's string columns (e.g. ``answer``). A raise, a NaN/inf or a non-number
+  becomes an error for that sample; in the batched form a raise or a list of the wrong length errors
+  every sample of the call; a call running past ``timeout_s`` errors all its samples. The function is
+  imported when the replica starts; one that cannot be imported fails ``RewardClient.deploy``.
+- ``code``: runs the code block of the response against the tests in ``metadata[tests_field]`` in
+  ``reward_service.sandbox``; reward = the fraction of tests passed.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from reward_service.rules import RULES
+from reward_service.rules import RULES, check_params
 
 Pooling = Literal["last", "first", "mean"]
 
@@ -47,15 +70,97 @@ class AutoscalingSpec(BaseModel):
         return self
 
 
+class SandboxSpec(BaseModel):
+    """One sandboxed run of a kind=code source: ``reward_service.sandbox.SandboxLimits`` and the user it runs as.
+
+    A run that hangs is killed at wall_seconds (plus up to 4 s to clean up); if many can hang, reward.timeout_s
+    must cover samples per step / (replicas * concurrency) runs of that length.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu_seconds: int = Field(2, ge=1, description="CPU time of one run (RLIMIT_CPU), seconds")
+    wall_seconds: float = Field(5.0, gt=0, description="wall-clock time of one run before it is killed, seconds")
+    memory_mb: int = Field(512, ge=16, description="address space of one run (RLIMIT_AS), MiB")
+    file_size_mb: int = Field(1, ge=1, description="largest file one run may write (RLIMIT_FSIZE), MiB")
+    max_processes: int = Field(32, ge=1, description="processes/threads of the sandbox user (RLIMIT_NPROC); "
+                                                     "concurrent runs as root share it")
+    user: str = Field("nobody", min_length=1, description="the unprivileged user the code runs as when the replica "
+                                                          "runs as root (otherwise it runs as the replica's user "
+                                                          "in a user namespace)")
+
+
+@dataclass(frozen=True)
+class FunctionRef:
+    """A parsed ``function`` field: ``path/to/file.py:name`` or ``package.module:name``."""
+
+    target: str
+    """the file path (``is_file``) or the dotted module name"""
+    name: str
+    """the attribute of the file/module to call"""
+    is_file: bool
+
+    @classmethod
+    def parse(cls, ref: str) -> FunctionRef:
+        """Split ``ref``; ValueError (without the field's name) if it is malformed."""
+        target, sep, name = ref.rpartition(":")
+        if not sep or not target or not name:
+            raise ValueError(f"{ref!r} lacks ':name', the function to call (e.g. 'rewards.py:score' or "
+                             f"'my_pkg.rewards:score')")
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} in {ref!r} is not a Python identifier")
+        if target.endswith(".py") or "/" in target:
+            return cls(target, name, True)
+        if not all(part.isidentifier() for part in target.split(".")):
+            raise ValueError(f"{target!r} in {ref!r} is neither a .py file nor a dotted module name")
+        return cls(target, name, False)
+
+    def __str__(self) -> str:
+        return f"{self.target}:{self.name}"
+
+
+_KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "rule": ("rule", "params"),
+    "model": ("model_path", "pooling", "max_length"),
+    "ensemble": ("model_paths", "pooling", "max_length", "uncertainty_penalty"),
+    "function": ("function", "batched", "timeout_s", "concurrency"),
+    "code": ("tests_field", "sandbox", "concurrency"),
+}
+"""fields that only some kinds take; a source that sets one its kind does not take (to a value other than its
+default) fails validation"""
+
+
 class RewardSourceConfig(BaseModel):
-    """One reward source: a rule, a reward model, or an ensemble of reward models."""
+    """One reward source: a rule, a reward model, an ensemble of reward models, a user function, or code tests."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="unique name; also the key of this source in RewardResult.components",
                       min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["rule", "model", "ensemble"] = Field(description="rule | model | ensemble")
+    kind: Literal["rule", "model", "ensemble", "function", "code"] = Field(
+        description="rule | model | ensemble | function | code (see the module docstring)")
     rule: str | None = Field(None, description="registry name of the rule (kind=rule), see reward_service.rules")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="kind=rule: the rule's parameters, e.g. {tags: [think, answer]} for "
+                                          "format; checked against the rule's signature when the config loads")
+    function: str | None = Field(
+        None, description="kind=function: 'path/to/file.py:name' (relative to the directory relay runs in; stored "
+                          "as an absolute path) or 'package.module:name'. Per sample: name(prompt: str, response: "
+                          "str, **metadata) -> float; batched: name(prompts: list[str], responses: list[str], "
+                          "metadatas: list[dict]) -> list[float]")
+    batched: bool = Field(False, description="kind=function: call the function once per source call with lists "
+                                             "(up to max_batch_size samples) instead of once per sample")
+    timeout_s: float = Field(
+        5.0, gt=0, description="kind=function: seconds one call of the function may take; its samples then error. "
+                               "The call is abandoned, not stopped (a Python thread cannot be killed). If every call "
+                               "can hang, reward.timeout_s must cover samples per step / (replicas * concurrency) "
+                               "calls of this length")
+    concurrency: int = Field(4, ge=1, description="kind=function|code: function calls or sandbox runs in flight "
+                                                  "at once per replica (threads); a sandbox run takes a core, so "
+                                                  "give code sources num_cpus near it")
+    tests_field: str = Field("tests", min_length=1, description="kind=code: the metadata key holding the tests (a "
+                                                                "JSON list of assert snippets, or one string)")
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec, description="kind=code: limits of one sandboxed run")
     model_path: str | None = Field(None, description="reward-model checkpoint directory (kind=model)")
     model_paths: list[str] | None = Field(
         None, description="reward-model checkpoint directories, at least two (kind=ensemble)")
@@ -73,7 +178,9 @@ class RewardSourceConfig(BaseModel):
     autoscaling: AutoscalingSpec | None = Field(None, description="Serve autoscaling instead of num_replicas")
     num_cpus: float = Field(0.5, ge=0.0, description="logical CPUs per replica (ray_actor_options)")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (ray_actor_options)")
-    max_batch_size: int = Field(32, ge=1, description="serve.batch max_batch_size for model sources; 1 = no batching")
+    max_batch_size: int = Field(32, ge=1, description="model sources: serve.batch max_batch_size (1 = no batching); "
+                                                      "model, function and code sources: the ingress sends them "
+                                                      "chunks of at most this many samples, so replicas share a call")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, description="serve.batch wait for a fuller batch, seconds")
     max_ongoing_requests: int = Field(
         128, ge=1, description="calls one replica accepts at once; must be >= max_batch_size to fill a batch. Calls "
@@ -82,31 +189,55 @@ class RewardSourceConfig(BaseModel):
     @model_validator(mode="after")
     def _kind_fields(self) -> RewardSourceConfig:
         where = f"reward.sources[{self.name!r}]"
+        for key in sorted({k for keys in _KIND_FIELDS.values() for k in keys}):
+            kinds = [kind for kind, keys in _KIND_FIELDS.items() if key in keys]
+            # a value other than the default, so that a dumped config (every field written out) loads again
+            if self.kind not in kinds and getattr(self, key) != type(self).model_fields[key].get_default(
+                    call_default_factory=True):
+                raise ValueError(f"{where}.{key} only applies to kind={'|'.join(kinds)} (this source is "
+                                 f"kind={self.kind})")
         if self.kind == "rule":
             if self.rule is None:
                 raise ValueError(f"{where}: kind=rule needs 'rule', one of {sorted(RULES)}")
             if self.rule not in RULES:
                 raise ValueError(f"{where}.rule: unknown rule {self.rule!r}; valid rules: {sorted(RULES)}")
-            if self.model_path or self.model_paths:
-                raise ValueError(f"{where}: kind=rule takes no model_path/model_paths")
-        elif self.kind == "model":
-            if not self.model_path:
-                raise ValueError(f"{where}: kind=model needs 'model_path' (a checkpoint directory)")
-            if self.rule or self.model_paths:
-                raise ValueError(f"{where}: kind=model takes only model_path (not rule/model_paths)")
-        else:
-            if not self.model_paths or len(self.model_paths) < 2:
-                raise ValueError(f"{where}: kind=ensemble needs 'model_paths' with at least two checkpoints")
-            if self.rule or self.model_path:
-                raise ValueError(f"{where}: kind=ensemble takes only model_paths (not rule/model_path)")
-        if self.uncertainty_penalty and self.kind != "ensemble":
-            raise ValueError(f"{where}.uncertainty_penalty only applies to kind=ensemble")
+            try:
+                check_params(self.rule, self.params)
+            except ValueError as exc:
+                raise ValueError(f"{where}.params: {exc}") from None
+        elif self.kind == "model" and not self.model_path:
+            raise ValueError(f"{where}: kind=model needs 'model_path' (a checkpoint directory)")
+        elif self.kind == "ensemble" and (not self.model_paths or len(self.model_paths) < 2):
+            raise ValueError(f"{where}: kind=ensemble needs 'model_paths' with at least two checkpoints")
+        elif self.kind == "function":
+            self.function = _resolve_function(self.function, f"{where}.function")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"{where}.max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or batches can never fill")
         if self.autoscaling is not None and self.num_replicas is not None:
             raise ValueError(f"{where}: give either num_replicas or autoscaling, not both")
         return self
+
+
+def _resolve_function(ref: str | None, where: str) -> str:
+    """``ref`` with a file path made absolute (against the current directory); a cheap check that the file
+    exists. The import itself happens when the replica starts."""
+    if not ref:
+        raise ValueError(f"{where}: kind=function needs 'function', e.g. 'rewards.py:score' or "
+                         f"'my_pkg.rewards:score'")
+    try:
+        parsed = FunctionRef.parse(ref)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if not parsed.is_file:
+        return ref  # importable on the replicas (installed, or in the job's working_dir); checked at start-up
+    path = Path(parsed.target).expanduser().resolve()
+    if path.suffix != ".py":
+        raise ValueError(f"{where}: {parsed.target!r} is not a .py file")
+    if not path.is_file():
+        raise ValueError(f"{where}: file {str(path)!r} does not exist (from {parsed.target!r}, relative to "
+                         f"{str(Path.cwd())!r})")
+    return str(FunctionRef(str(path), parsed.name, True))
 
 
 def _default_sources() -> list[RewardSourceConfig]:
@@ -126,6 +257,9 @@ class RewardConfig(BaseModel):
                                                "(kept in the ingress replica)")
     timeout_s: float = Field(30.0, gt=0, description="timeout of one RewardClient.score call, seconds")
     max_retries: int = Field(3, ge=0, description="retries of a score call after a replica death or timeout")
+    deploy_timeout_s: float = Field(
+        300.0, gt=0, description="how long RewardClient.deploy waits for every replica to start (model loads, "
+                                 "function imports) before it deletes the app and raises, seconds")
     ingress_num_cpus: float = Field(0.1, ge=0.0, description="logical CPUs of the combiner/ingress replica")
     http_enabled: bool = Field(True, description="serve the debug HTTP route POST /<app_name>")
     http_host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy")

@@ -16,7 +16,10 @@ class RewardRequest:
     prompt: str
     response: str
     metadata: dict[str, str] = field(default_factory=dict)
-    """task metadata, e.g. {"answer": "81"} for the exact-match rule"""
+    """task metadata, e.g. {"answer": "81"} for the exact-match rule; the data layer JSON-encodes non-string
+    columns (e.g. a list of tests for a code source)"""
+    response_tokens: int | None = None
+    """length of the response in tokens, from the sampler (the ``overlong`` rule needs it); None = unknown"""
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,8 @@ def test_loading_a_config_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, cluster.config, cluster.cli; cluster.config.load_config('cluster/examples/gsm8k_one_gpu.yaml'); "
+    code = ("import sys, cluster.config, cluster.cli; "
+            "cluster.config.load_config('cluster/examples/gsm8k_one_gpu.yaml'); "
             "bad = [m for m in ('torch', 'ray', 'vllm', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
 

@@ -95,7 +95,8 @@ def test_rl_config_wires_sft_policy_and_rm_reward(tmp_path):
 def test_real_sft_and_rm_stages_then_skip(tmp_path):
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, f"model.cache_dir={tmp_path / 'cache'}", "sft.steps=3", "sft.batch_size=16",
-               "model.tiny.num_layers=1", "data.addition.n_train=200", "data.addition.n_eval=64", "train.eval_prompts=64",
+               "model.tiny.num_layers=1", "data.addition.n_train=200", "data.addition.n_eval=64",
+               "train.eval_prompts=64",
                "reward_model.n_pairs=40", "reward_model.policy_samples=2", "reward_model.epochs=1")
     results = run_pipeline(cfg, stages=("sft", "rm"), log=lambda _: None)
     sft_dir, rm_dir = tmp_path / "run" / "sft", tmp_path / "run" / "rm"

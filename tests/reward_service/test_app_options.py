@@ -1,6 +1,10 @@
 """Deployment options derived from the config (no Ray needed)."""
 
-from reward_service.app import _source_options, build_app
+from typing import get_args
+
+import pytest
+
+from reward_service.app import _SCORERS, _source_options, build_app
 from reward_service.config import RewardConfig, RewardSourceConfig
 
 
@@ -30,3 +34,27 @@ def test_build_app_binds_one_deployment_per_source():
     bound_sources = deployment.init_args[1]
     assert sorted(bound_sources) == ["em", "fmt"]
     assert bound_sources["fmt"]._bound_deployment.num_replicas == 2
+
+
+def test_every_kind_has_a_scorer():
+    assert set(_SCORERS) == set(get_args(RewardSourceConfig.model_fields["kind"].annotation))
+
+
+def test_function_file_text_is_bound_at_build_time(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text("def score(prompt, response, **metadata):\n    return 1.0\n")
+    cfg = RewardConfig(sources=[RewardSourceConfig(name="f", kind="function", function=f"{path}:score"),
+                                RewardSourceConfig(name="m", kind="function", function="my_pkg.rewards:score")])
+    sources = build_app(cfg)._bound_deployment.init_args[1]
+    assert sources["f"]._bound_deployment.init_args == (cfg.sources[0], path.read_text())
+    assert sources["m"]._bound_deployment.init_args == (cfg.sources[1],)  # imported by name on the replica
+    assert "runtime_env" not in sources["f"]._bound_deployment.ray_actor_options
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"reward.sources\['f'\].function: cannot read {path}"):
+        build_app(cfg)
+
+
+def test_code_source_options():
+    src = RewardSourceConfig(name="c", kind="code", num_cpus=4, concurrency=4, max_batch_size=8)
+    opts = _source_options(src)
+    assert opts["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 0.0} and opts["num_replicas"] == 1
