@@ -4,7 +4,7 @@ from typing import get_args
 
 import pytest
 
-from reward_service.app import _SCORERS, _source_options, build_app
+from reward_service.app import SCORERS, _source_options, build_app
 from reward_service.config import RewardConfig, RewardSourceConfig
 
 
@@ -37,7 +37,7 @@ def test_build_app_binds_one_deployment_per_source():
 
 
 def test_every_kind_has_a_scorer():
-    assert set(_SCORERS) == set(get_args(RewardSourceConfig.model_fields["kind"].annotation))
+    assert set(SCORERS) == set(get_args(RewardSourceConfig.model_fields["kind"].annotation))
 
 
 def test_function_file_text_is_bound_at_build_time(tmp_path):
