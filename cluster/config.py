@@ -7,6 +7,7 @@ values fail in ``load_config`` (before Ray starts) with a ``ConfigError`` naming
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -206,6 +207,15 @@ def reference_table() -> str:
     """Markdown table of every configuration key, its default and its description (the README's)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
 
+    def item_model(ann) -> type[BaseModel] | None:
+        """The section model inside ``list[M]`` or ``M | None`` (the keys of each item are listed after it)."""
+        for arg in typing.get_args(ann):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+            if typing.get_args(arg):
+                return item_model(arg)
+        return None
+
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
@@ -213,15 +223,23 @@ def reference_table() -> str:
                 walk(ann, f"{prefix}{name}.")
                 continue
             default = field.get_default(call_default_factory=True)
-            if name == "backbone":
+            if field.is_required():
+                shown = "required"
+            elif name == "backbone":
                 shown = "the packaged MiniLM"
-            elif isinstance(default, list):
-                shown = "(see below)"
+            elif isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                items = [d.model_dump(exclude_defaults=True) for d in default]
+                shown = f"`{yaml.safe_dump(items, default_flow_style=True).strip()}`"
             else:
-                dumped = yaml.safe_dump(default).removesuffix("...\n").strip()
+                dumped = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
                 shown = f"`{dumped}`"
             desc = (field.description or "").replace("|", "\\|")
             rows.append(f"| `{prefix}{name}` | {shown} | {desc} |")
+            if (inner := item_model(ann)) is not None and inner not in seen:
+                seen.add(inner)
+                walk(inner, f"{prefix}{name}{'[*]' if typing.get_origin(ann) is list else ''}.")
+
+    seen: set[type[BaseModel]] = set()
 
     walk(RelayConfig, "")
     return "\n".join(rows)

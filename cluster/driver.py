@@ -114,6 +114,7 @@ class Driver:
         self.sink = MetricSink("driver") if cfg.metrics.prometheus else None
         self.restarts = 0
         self.evaluator = None  # cluster.evaluation.Evaluator, built at the first evaluation
+        self._service_counts: dict[str, float] = {}  # the reward service's counters at the last step
 
     # ---- placement -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -244,7 +245,23 @@ class Driver:
             "reward/task_score": self._task_score(requests, rewards),
             "reward/excluded_total": float(excluded),
         }
+        if any(s.kind in ("code", "function") for s in self.cfg.reward.sources):
+            stats.update(self._service_increments())
         return scored, stats
+
+    def _service_increments(self) -> dict[str, float]:
+        """This step's increments of the reward service's sandbox outcomes and function timeouts (counters kept
+        per replica: a restarted replica starts from 0, so a negative difference counts as 0)."""
+        now = self.reward.stats()
+        out = {}
+        for key, value in now.items():
+            if key.startswith("code_"):
+                out[f"reward/code_runs_total{{reason={key.removeprefix('code_')}}}"] = value
+            elif key == "function_timeouts":
+                out["reward/function_timeouts_total"] = value
+        increments = {k: max(0.0, v - self._service_counts.get(k, 0.0)) for k, v in out.items()}
+        self._service_counts = out
+        return increments
 
     def _task_score(self, requests: list[RewardRequest], rewards: list[float]) -> float:
         """Mean held-out-score reward (``train.eval_reward``) of the step's samples; the training reward without."""

@@ -101,6 +101,9 @@ _SPECS = [
     _c("reward/errors_total", "rollouts whose reward computation raised"),
     _c("reward/excluded_total", "rollouts excluded from the update (errors, zero-variance groups, too stale)"),
     _c("reward/truncated_total", "rollouts cut at the max response length"),
+    _c("reward/code_runs_total", "sandboxed code runs of kind=code sources, by outcome (ok, failed, timeout, "
+       "memory, cpu, crash, syntax, no_tests, output)", ("reason",)),
+    _c("reward/function_timeouts_total", "calls of kind=function sources abandoned at their timeout_s"),
     # learner/: one PPO/GRPO step
     _g("learner/step_seconds", "wall time of a learner step stage", ("phase",)),
     _g("learner/policy_loss", "clipped policy loss"),

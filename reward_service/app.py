@@ -191,5 +191,7 @@ def build_app(cfg: RewardConfig) -> serve.Application:
     sources = {src.name: _bind_source(src) for src in cfg.sources}
     ingress = serve.deployment(RewardIngress).options(
         name="RewardIngress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus})
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+        # Two access-log lines per RL step drowned the progress display; errors still reach the log.
+        logging_config={"enable_access_log": False})
     return ingress.bind(cfg, sources)
