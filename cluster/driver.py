@@ -91,8 +91,10 @@ class Fleet:
 
 
 class Driver:
-    def __init__(self, cfg: RelayConfig, policy_path: str, splits: Splits, log=print):
+    def __init__(self, cfg: RelayConfig, policy_path: str, splits: Splits | None = None, log=print):
+        """``splits``: the data, already read (``train`` reads it before Ray starts); None = read it now."""
         self.cfg, self.log = cfg, log
+        splits = splits or load_splits(cfg.data, cfg.model.cache_dir, log=log)
         self.run_dir = Path(cfg.train.run_dir)
         self.policy_path = policy_path
         from transformers import AutoTokenizer
@@ -139,11 +141,10 @@ class Driver:
         self.fleet.call(lambda a: a.health.remote())  # engines are up (start takes ~20 s on CPU)
         self.reward = RewardClient.deploy(self.cfg.reward)
         if self.cfg.train.eval_reward:
-            from reward_service.config import RewardConfig
-
-            self.eval_reward = RewardClient.deploy(RewardConfig(sources=self.cfg.train.eval_reward, http_enabled=False,
-                                                                timeout_s=self.cfg.reward.timeout_s),
-                                                   app_name="relay-eval-reward")
+            r = self.cfg.reward
+            self.eval_reward = RewardClient.deploy(  # a second app on the same Serve (and its HTTP settings)
+                r.model_copy(update={"sources": self.cfg.train.eval_reward, "normalize": False, "clip": None}),
+                app_name="relay-eval-reward")
 
     # ---- the loop pieces -------------------------------------------------------------------------
     def next_prompts(self) -> list[Prompt]:
@@ -158,19 +159,27 @@ class Driver:
                 for j, i in enumerate(picked)]
 
     def _shards(self, prompts: list[Prompt]) -> list[list[Prompt]]:
-        """Contiguous shards, one per actor, so results concatenate in prompt order."""
-        k = len(self.fleet.actors)
-        size = -(-len(prompts) // k)
-        return [prompts[i * size:(i + 1) * size] for i in range(k)]
+        """Contiguous shards of near-equal size, one per actor, so results concatenate in prompt order."""
+        k, n = len(self.fleet.actors), len(prompts)
+        bounds = [i * n // k for i in range(k + 1)]
+        return [prompts[bounds[i]:bounds[i + 1]] for i in range(k)]
 
     def fan_out(self, method: str, prompts: list[Prompt], *args) -> list:
-        """``generate`` (rollouts) or ``greedy`` (texts) of ``prompts`` across the actors, in prompt order."""
-        out = []
-        for i, shard in enumerate(self._shards(prompts)):
-            if shard:
-                result = self._on_actor(i, method, shard, *args)
-                out.extend(result[0] if method == "generate" else result)
-        return out
+        """``generate`` (rollouts) or ``greedy`` (texts) of ``prompts`` on all actors at once, in prompt order."""
+        shards = self._shards(prompts)
+        refs = [getattr(a, method).remote(s, *args) for a, s in zip(self.fleet.actors, shards, strict=True)]
+        results = self._gather(method, shards, refs, *args)
+        return [x for r in results for x in (r[0] if method == "generate" else r)]
+
+    def _gather(self, method: str, shards: list[list[Prompt]], refs: list, *args) -> list:
+        """Each actor's result; an actor that died is restarted, caught up and asked again."""
+        results = []
+        for i, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref, timeout=self.fleet.timeout_s))
+            except ray.exceptions.RayActorError:
+                results.append(self._on_actor(i, method, shards[i], *args))
+        return results
 
     def _on_actor(self, i: int, method: str, *args):
         """Call one actor; if it died, let Ray restart it, catch it up to the latest version, retry once."""
@@ -214,12 +223,7 @@ class Driver:
     def collect(self, launched) -> tuple[list[Rollout], float]:
         """Wait for a ``launch``; an actor that died is restarted, caught up and asked again."""
         shards, refs, start = launched
-        results = []
-        for i, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref, timeout=self.fleet.timeout_s))
-            except ray.exceptions.RayActorError:
-                results.append(self._on_actor(i, "generate", shards[i]))
+        results = self._gather("generate", shards, refs)
         return [r for rs, _ in results for r in rs], time.perf_counter() - start
 
     def generate(self, prompts: list[Prompt]) -> tuple[list[Rollout], float]:

@@ -34,11 +34,12 @@ def init_ray(cfg: ClusterConfig, log=print) -> bool:
 
 
 def requested(cfg: RelayConfig) -> dict[str, float]:
-    """Total CPUs/GPUs the learner, generation actors and reward replicas ask for."""
+    """Total CPUs/GPUs the learner, generation actors and reward replicas (the eval reward's too) ask for."""
     g, lc = cfg.generation, cfg.learner
-    cpus = lc.num_cpus + g.num_actors * g.num_cpus + cfg.reward.ingress_num_cpus
+    eval_sources = cfg.train.eval_reward or []
+    cpus = lc.num_cpus + g.num_actors * g.num_cpus + cfg.reward.ingress_num_cpus * (1 + bool(eval_sources))
     gpus = lc.num_gpus + g.num_actors * g.num_gpus
-    for s in cfg.reward.sources:
+    for s in [*cfg.reward.sources, *eval_sources]:
         replicas = s.autoscaling.min_replicas if s.autoscaling else (s.num_replicas or 1)
         cpus += replicas * s.num_cpus
         gpus += replicas * s.num_gpus

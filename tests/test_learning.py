@@ -34,7 +34,7 @@ def test_grpo_fits_the_prompts_it_trains_on(tmp_path):
     try:
         driver = Driver(cfg, resolve_policy(cfg))
         driver.train_prompts = driver.train_prompts[:64]
-        driver.eval_prompts = [p for p in driver.train_prompts]  # measure on the prompts it trains on
+        driver.eval_sets = {"trained": driver.train_prompts}  # measure on the prompts it trains on
         driver.start()
         try:
             summary = driver.run()
