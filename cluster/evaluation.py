@@ -373,6 +373,7 @@ def local_score(sources) -> Score:
 
     scorers = {src.name: SCORERS[src.kind](src) for src in sources}
     weights = {src.name: src.weight for src in sources}
+    loop = asyncio.new_event_loop()  # one loop: the scorers' semaphores bind to the loop that first uses them
 
     def score(prompts: list[str], responses: list[str], metadatas: list[dict[str, str]]) -> list[float]:
         requests = [RewardRequest(p, r, m) for p, r, m in zip(prompts, responses, metadatas, strict=True)]
@@ -380,7 +381,7 @@ def local_score(sources) -> Score:
         async def run():
             return await asyncio.gather(*(s.score(requests) for s in scorers.values()))
 
-        per_source = dict(zip(scorers, asyncio.run(run()), strict=True))
+        per_source = dict(zip(scorers, loop.run_until_complete(run()), strict=True))
         rewards = [combine(req, {n: per_source[n][i] for n in per_source}, weights)[0]
                    for i, req in enumerate(requests)]
         return [0.0 if r is None else r for r in rewards]  # excluded samples score 0, as in the driver

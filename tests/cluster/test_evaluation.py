@@ -153,3 +153,19 @@ def test_evaluator_scores_with_the_eval_reward_pass_at_k_and_extra_sets():
     assert m["eval/set_task_score{eval_set=main}"] == pytest.approx(0.5)
     assert m["eval/pass_at_k"] == pytest.approx(0.5) and m["eval/mean_at_k"] == pytest.approx(0.25)
     assert m["eval/set_task_score{eval_set=extra}"] == 1.0 and m["eval/set_pass_at_k{eval_set=extra}"] == 1.0
+
+
+def test_local_score_runs_rules_and_functions_in_process(tmp_path):
+    """relay eval's scorer: the reward service's own classes and combiner, no Serve; an error scores 0."""
+    from cluster.evaluation import local_score
+    from reward_service.config import RewardSourceConfig
+
+    fn = tmp_path / "my_reward.py"
+    fn.write_text("def reward(prompt, response, **meta):\n"
+                  "    if response == 'boom':\n        raise RuntimeError('boom')\n"
+                  "    return 0.5 if response.strip() == meta['answer'] else 0.0\n")
+    score = local_score([RewardSourceConfig(name="em", kind="rule", rule="exact_match", weight=2.0),
+                         RewardSourceConfig(name="fn", kind="function", function=f"{fn}:reward")])
+    metas = [{"answer": "4"}] * 3
+    assert score(["2+2="] * 3, ["4", "5", "boom"], metas) == [2.5, 0.0, 0.0]
+    assert score(["2+2="], [" 4 "], metas[:1]) == [2.5]  # a second call reuses the scorers
