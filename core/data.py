@@ -154,24 +154,50 @@ class Splits:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _check_text_file(path: Path, fmt: str) -> None:
-    """Name the first line that is not UTF-8 or (JSONL) not JSON: ``datasets`` would only say "failed"."""
-    raw = path.read_bytes()
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
+def _bad_lines(path: Path) -> dict[int, str]:
+    """Line number -> what is wrong, for lines that are not UTF-8 or (JSONL) not JSON: ``datasets`` would only
+    say that the file failed."""
+    bad = {}
+    for lineno, line in enumerate(path.read_bytes().split(b"\n"), 1):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: bytes that are not UTF-8 ({e.reason} at byte {e.start}); "
-                            "re-encode the file as UTF-8") from None
-        if fmt == "json" and path.suffix == ".jsonl" and text.strip():
+            bad[lineno] = f"bytes that are not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8"
+            continue
+        if path.suffix == ".jsonl" and text.strip():
             try:
                 json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+                bad[lineno] = f"not valid JSON ({e.msg}, column {e.colno})"
+    return bad
 
 
-def read_rows(source: SourceConfig) -> list[dict]:
-    """Every row of ``source`` as a dict, read with ``datasets``; clear errors for a bad file."""
+def _without_bad_lines(path: Path, bad: dict[int, str], on_invalid: str, skipped: dict[str, int],
+                       log: Callable[[str], object]) -> Path:
+    """``path`` itself when every line is good; else an error (``on_invalid: error``) or a copy without the bad
+    lines (``skip``), beside the cache of ``datasets``."""
+    if not bad:
+        return path
+    first = min(bad)
+    if on_invalid == "error":
+        raise DataError(f"{path}:{first}: {bad[first]} (data.on_invalid: skip drops such lines)")
+    for lineno, why in sorted(bad.items()):
+        reason = why.split(" (")[0]
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if skipped[reason] <= 3:
+            log(f"data: skipped {path}:{lineno}: {why}")
+    import tempfile
+
+    lines = path.read_bytes().split(b"\n")
+    clean = Path(tempfile.mkdtemp(prefix="relay-data-")) / path.name
+    clean.write_bytes(b"\n".join(line for i, line in enumerate(lines, 1) if i not in bad))
+    return clean
+
+
+def read_rows(source: SourceConfig, on_invalid: str = "error", skipped: dict[str, int] | None = None,
+              log: Callable[[str], object] = print) -> list[dict]:
+    """Every row of ``source`` as a dict, read with ``datasets``; clear errors for a bad file. Lines that are
+    not UTF-8 or not JSON follow ``on_invalid`` (counted in ``skipped``)."""
     import datasets
 
     path = Path(source.path)
@@ -194,13 +220,18 @@ def read_rows(source: SourceConfig) -> list[dict]:
             raise DataError(f"{path}: unknown format {path.suffix!r}; use one of {sorted(FORMATS)} or a "
                             "save_to_disk directory")
         if fmt in ("json", "csv"):
-            _check_text_file(path, fmt)
+            path = _without_bad_lines(path, _bad_lines(path), on_invalid, {} if skipped is None else skipped, log)
         try:
             ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as e:  # noqa: BLE001 - datasets raises many types; name the file and the cause
             cause = e.__cause__ or e
             raise DataError(f"{path}: could not be read as {fmt} ({type(cause).__name__}: "
                             f"{str(cause).splitlines()[0][:200] if str(cause) else ''})") from None
+        finally:
+            if path != Path(source.path):  # the copy without bad lines
+                import shutil
+
+                shutil.rmtree(path.parent, ignore_errors=True)
     rows = ds.to_list()
     if not rows:
         raise DataError(f"{path}: the dataset is empty")
@@ -284,9 +315,10 @@ def load_splits(cfg: DataConfig, cache_dir: str | Path = ".relay_cache",
     train_src = cfg.train or write_builtin(cfg.addition, Path(cache_dir))
     eval_srcs = cfg.eval if cfg.train is not None else [builtin_eval_source(cfg.addition, Path(cache_dir))]
     skipped: dict[str, int] = {}
-    train = _examples(read_rows(train_src), cfg, train_src.path, skipped, log)
+    train = _examples(read_rows(train_src, cfg.on_invalid, skipped, log), cfg, train_src.path, skipped, log)
     if eval_srcs:
-        evals = {s.label: _examples(read_rows(s), cfg, s.path, skipped, log) for s in eval_srcs}
+        evals = {s.label: _examples(read_rows(s, cfg.on_invalid, skipped, log), cfg, s.path, skipped, log)
+                 for s in eval_srcs}
         held = {e.key for ex in evals.values() for e in ex}
         kept = [e for e in train if e.key not in held]
         if len(kept) < len(train):  # never train on a held-out prompt

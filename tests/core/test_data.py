@@ -98,6 +98,18 @@ def test_bytes_that_are_not_utf8(tmp_path):
         load_splits(_cfg(path), tmp_path)
 
 
+def test_skip_drops_bad_lines_and_counts_them(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = "".join(json.dumps(r) + "\n" for r in ROWS[:10])
+    path.write_bytes(good.encode() + b'{"question": "\xff", "answer": "0"}\n{"question": \n')
+    logs: list[str] = []
+    splits = load_splits(_cfg(path, on_invalid="skip"), tmp_path, log=logs.append)
+    assert len(splits.train) + len(splits.main_eval) == 10
+    assert splits.skipped == {"bytes that are not UTF-8": 1, "not valid JSON": 1}
+    assert any("d.jsonl:12: not valid JSON" in line for line in logs)
+    assert path.read_bytes().endswith(b'{"question": \n')  # the user's file is left as it was
+
+
 def test_empty_unknown_and_missing_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="empty"):
