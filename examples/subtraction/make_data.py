@@ -1,6 +1,7 @@
 """Write the subtraction example's data: train.jsonl and eval.jsonl, disjoint by prompt.
 
-Each record is {"question": "47-82", "answer": "-35"}: two-digit operands, answers from -89 to 89.
+Each record is {"question": "83-47", "answer": "36"}: two-digit operands, the first at least the second,
+so answers run from 0 to 89 with borrows but no sign: all 4,095 such problems, 400 of them held out.
 The YAML beside this file formats the prompt with the template "{question}=" and SFTs on "answer".
 
     python examples/subtraction/make_data.py [OUT_DIR]   # default: examples/subtraction/data
@@ -12,8 +13,8 @@ import sys
 from pathlib import Path
 
 
-def main(out: Path, n_eval: int = 500, seed: int = 0) -> None:
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+def main(out: Path, n_eval: int = 400, seed: int = 0) -> None:
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, a + 1)]
     random.Random(seed).shuffle(pairs)
     rows = [{"question": f"{a}-{b}", "answer": str(a - b)} for a, b in pairs]
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Relay calls it once per sample as ``reward(prompt, response, **metadata)``; the metadata are the
 record's other columns (here ``answer``). It recomputes the difference from the prompt itself, so it
-needs no answer column, and checks the answer column agrees when one is there.
+needs no answer column, and checks that the answer column agrees when there is one.
 """
 
 import re
@@ -15,7 +15,7 @@ def reward(prompt: str, response: str, **metadata: str) -> float:
     match = _PROMPT.search(prompt)
     if match is None:
         raise ValueError(f"not a subtraction prompt: {prompt!r}")
-    expected = int(match[1]) - int(match[2])
-    if "answer" in metadata and int(metadata["answer"]) != expected:
+    expected = str(int(match[1]) - int(match[2]))
+    if "answer" in metadata and metadata["answer"] != expected:
         raise ValueError(f"the record's answer {metadata['answer']} disagrees with {prompt!r}")
-    return 1.0 if response.strip() == str(expected) else 0.0
+    return 1.0 if response.strip() == expected else 0.0

@@ -84,3 +84,22 @@ def test_nothing_already_written_is_clobbered(tmp_path):
     code, err = relay("train", *TINY, "--set", f"train.run_dir={run_dir}", "--set", "generation.max_model_len=8")
     assert code == 2
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "time": 0}\n'
+
+
+def test_gpu_example_stops_clearly_without_a_gpu():
+    """cluster/examples/gsm8k_one_gpu.yaml validates here, and then stops on what this machine lacks."""
+    assert_one_clear_error(*relay("train", "--config", "cluster/examples/gsm8k_one_gpu.yaml"),
+                           "GPU")
+
+
+def test_bad_data_file_names_the_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=" "answer": "4"}\n')
+    assert_one_clear_error(*relay("train", "--set", f"data.train={data}"), "d.jsonl:2: not valid JSON")
+
+
+def test_missing_data_field_lists_the_columns(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1+1=", "answer": "2"}\n')
+    assert_one_clear_error(*relay("train", "--set", f"data.train={data}"), "missing prompt field 'prompt'",
+                           "['answer', 'question']")
