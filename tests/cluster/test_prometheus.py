@@ -305,6 +305,10 @@ def workload(ray_metrics_port, training_run):
                     elif "phase" in spec.tag_keys:
                         for phase in ("logprobs", "advantages", "update", "total"):
                             emit(sinks["learner"], key, values[key], {"phase": phase})
+                    elif "reason" in spec.tag_keys:
+                        emit(sinks["driver"], key, values[key], {"reason": "timeout"})
+                    elif "eval_set" in spec.tag_keys:
+                        emit(sinks["driver"], key, values[key], {"eval_set": "heldout"})
                     else:
                         emit(sinks["driver"], key, values[key])
                 for sink in sinks.values():
