@@ -14,15 +14,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_pipeline_from_a_jsonl_file_with_a_function_reward(tmp_path):
-    subprocess.run([sys.executable, str(REPO / "examples/subtraction/make_data.py"), str(tmp_path / "data")],
+    subprocess.run([sys.executable, str(REPO / "examples/maximum/make_data.py"), str(tmp_path / "data")],
                    check=True, timeout=60)
     # Second eval set: the first 40 held-out records under another name.
     lines = (tmp_path / "data" / "eval.jsonl").read_text().splitlines()
     (tmp_path / "data" / "small.jsonl").write_text("\n".join(lines[:40]) + "\n")
     config = tmp_path / "relay.yaml"
-    config.write_text((REPO / "examples/subtraction/relay.yaml").read_text()
-                      .replace("examples/subtraction/data/", f"{tmp_path}/data/")
-                      .replace("examples/subtraction/reward.py", str(REPO / "examples/subtraction/reward.py")))
+    config.write_text((REPO / "examples/maximum/relay.yaml").read_text()
+                      .replace("examples/maximum/data/", f"{tmp_path}/data/")
+                      .replace("examples/maximum/reward.py", str(REPO / "examples/maximum/reward.py")))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "cluster.cli", "pipeline", "--config", str(config),
            "--set", f"train.run_dir={run}", "--set", f"model.cache_dir={tmp_path / 'cache'}",
