@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from core.section import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GenerationConfig(_Section):
+class GenerationConfig(Section):
     num_actors: int = Field(1, ge=1, description="vLLM generation actors; prompts are sharded across them")
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs per generation actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generation actor (= tensor_parallel_size on GPUs)")

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from actors.config import GenerationConfig
 from core.data import DataConfig
+from core.section import Section
 from learner.config import AlgorithmConfig, LearnerConfig, SFTConfig, TinyModelConfig
 from reward_service.config import RewardConfig, RewardModelTrainConfig, RewardSourceConfig
 
@@ -24,11 +25,7 @@ class ConfigError(ValueError):
     """A configuration problem, with a message meant for the person who wrote the YAML."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     path: str | None = Field(None, description="Hugging Face checkpoint directory of the policy; "
                              "null = build the embedded tiny model (SFT warm start, cached)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -39,7 +36,7 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the embedded tiny model")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     steps: int = Field(2000, ge=1, description="RL steps (one batch of prompts each)")
     time_limit_s: float | None = Field(600.0, gt=0, description="stop after this many seconds of RL; null = no limit")
     prompts_per_step: int = Field(64, ge=1, description="prompts per step (times samples_per_prompt rollouts)")
@@ -58,18 +55,18 @@ class TrainConfig(_Section):
     run_dir: str = Field("runs/latest", description="where metrics.jsonl, checkpoints and the report go")
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="save a Hugging Face checkpoint every this many steps; 0 = only at the end")
     keep_versions: int = Field(2, ge=1, description="published weight versions kept in the object store")
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(Section):
     jsonl: bool = Field(True, description="write every step's metrics to run_dir/metrics.jsonl")
     prometheus: bool = Field(True, description="export relay_* metrics through ray.util.metrics")
     progress: bool = Field(True, description="print a progress line per step")
 
 
-class ClusterConfig(_Section):
+class ClusterConfig(Section):
     address: str | None = Field(None, description="Ray address; null = join the job's cluster if there is one, "
                                 "else start a local Ray")
     local_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (null = all cores, "
@@ -77,7 +74,7 @@ class ClusterConfig(_Section):
     metrics_export_port: int | None = Field(None, ge=1, le=65535, description="local Ray's metrics port; null = Ray's")
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     stages: list[Literal["sft", "rm", "rl"]] = Field(
         ["sft", "rm", "rl"], description="stages of relay pipeline, in order: sft, rm, rl. Without rm, the rl stage "
                                          "trains on reward.sources (your function or rule) instead of a learned RM")
@@ -91,7 +88,7 @@ class PipelineConfig(_Section):
         return self
 
 
-class RelayConfig(_Section):
+class RelayConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)

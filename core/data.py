@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from core.section import Section
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -39,11 +41,7 @@ class DataError(ValueError):
     """Bad data: the message names the file, the line or field, and what to do."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SourceConfig(_Section):
+class SourceConfig(Section):
     """One dataset file or ``save_to_disk`` directory."""
 
     path: str = Field(description="JSONL, JSON, Parquet or CSV file, or a datasets save_to_disk directory")
@@ -55,7 +53,7 @@ class SourceConfig(_Section):
         return self.name or Path(self.path).stem
 
 
-class AdditionConfig(_Section):
+class AdditionConfig(Section):
     """The embedded task: ``"23+58="`` -> ``"81"``, train and held-out generated from a seed, disjoint."""
 
     digits: int = Field(2, ge=1, le=6, description="digits of each operand")
@@ -65,7 +63,7 @@ class AdditionConfig(_Section):
     seed: int = Field(0, description="seed of the prompt sets")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where prompts come from and how they are formatted. SFT, RL, the RM stage and evaluation all read it."""
 
     builtin: Literal["addition"] | None = Field(None, description="the embedded task, used when data.train is null")

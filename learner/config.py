@@ -9,14 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from core.section import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AlgorithmConfig(_Section):
+class AlgorithmConfig(Section):
     name: Literal["grpo", "drgrpo", "rloo", "reinforce", "ppo"] = Field(
         "grpo", description="grpo | drgrpo | rloo | reinforce | ppo (ppo adds a critic and uses GAE)")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator (Schulman's note)")
@@ -39,7 +37,7 @@ class AlgorithmConfig(_Section):
     max_staleness: int = Field(0, ge=0, description="0 = on-policy; s = actors may sample up to s versions ahead")
 
 
-class LearnerConfig(_Section):
+class LearnerConfig(Section):
     lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate of the policy")
     warmup_steps: int = Field(50, ge=0, description="linear warmup steps, then constant")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -80,7 +78,7 @@ class LearnerConfig(_Section):
         return self
 
 
-class SFTConfig(_Section):
+class SFTConfig(Section):
     """Supervised fine-tuning stage. The defaults give the embedded policy a low but non-zero start."""
 
     steps: int = Field(300, ge=1, description="optimizer steps (one batch each)")
@@ -95,7 +93,7 @@ class SFTConfig(_Section):
     log_every: int = Field(50, ge=1, description="log the training loss every this many steps")
 
 
-class TinyModelConfig(_Section):
+class TinyModelConfig(Section):
     """Shape of the embedded tiny Qwen2 policy."""
 
     hidden_size: int = Field(128, ge=1, description="residual stream width")
