@@ -8,7 +8,7 @@ other column as metadata that travels to the reward and to evaluation (``answer`
 Three steps, so that bad data fails before Ray starts and formatting uses the policy's tokenizer:
 
 1. :func:`load_splits` (no tokenizer): read, validate fields, split train / held-out by prompt.
-2. :func:`format_prompts` (tokenizer): a ``{field}`` template or the tokenizer's chat template,
+2. :func:`format_prompt` (tokenizer): a ``{field}`` template or the tokenizer's chat template,
    with an optional system prompt; vLLM, the learner and the reward all see this text.
 3. the driver tokenises the formatted prompts and drops (or refuses) those that do not fit.
 
@@ -262,14 +262,14 @@ def to_example(row: dict, cfg: DataConfig) -> Example:
                         f"got {str(prompt)[:80]!r}")
     if cfg.completion_field and row.get(cfg.completion_field) is not None:
         completion = str(row[cfg.completion_field])
-    if cfg.template is not None:
-        missing = [f for f in _template_fields(cfg.template) if f not in row]
+    metadata = {k: _as_metadata(v) for k, v in row.items() if k != cfg.prompt_field and v is not None}
+    if cfg.template is not None:  # template fields (the prompt included) reach formatting through metadata
+        fields = _template_fields(cfg.template)
+        missing = [f for f in fields if f not in row]
         if missing:
             raise DataError(f"data.template uses field(s) {missing} that the record lacks; the columns are "
                             f"{sorted(row)}")
-    metadata = {k: _as_metadata(v) for k, v in row.items() if k != cfg.prompt_field and v is not None}
-    if cfg.template is not None:  # template fields (the prompt included) reach formatting through metadata
-        metadata.update({f: _as_metadata(row[f]) for f in _template_fields(cfg.template)})
+        metadata.update({f: _as_metadata(row[f]) for f in fields})
     return Example(prompt, completion, metadata)
 
 

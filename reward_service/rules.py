@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core import data
 from reward_service.records import RewardRequest
 from reward_service.verifiers import (
     extract_final_answer,
@@ -56,8 +57,8 @@ def _answer(req: RewardRequest, rule: str) -> str:
 
 
 def exact_match(req: RewardRequest) -> float:
-    """1.0 if the stripped response equals the stripped ``metadata["answer"]``, else 0.0."""
-    return 1.0 if req.response.strip() == _answer(req, "exact_match").strip() else 0.0
+    """1.0 if the stripped response equals the stripped ``metadata["answer"]`` (``core.data.exact_match``)."""
+    return 1.0 if data.exact_match(req.response, _answer(req, "exact_match")) else 0.0
 
 
 def math_answer(req: RewardRequest) -> float:
