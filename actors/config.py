@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.section import Section
 
 
 class GenerationConfig(Section):
     num_actors: int = Field(1, ge=1, description="vLLM generation actors; prompts are sharded across them")
+    max_num_actors: int | None = Field(None, ge=1, description="grow the fleet up to this many actors while the "
+                                       "job runs, one whenever the cluster has room (a node joined); null = num_actors")
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs per generation actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generation actor (= tensor_parallel_size on GPUs)")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPU only)")
@@ -23,8 +25,26 @@ class GenerationConfig(Section):
     torch_threads: int | None = Field(2, ge=1, description="CPU engine threads; null = num_cpus rounded. 2 suits "
                                       "the 2-core default, where generation and learning alternate")
     seed: int = Field(0, description="sampling seed of actor 0 (actor i uses seed + i)")
-    timeout_s: float = Field(300.0, gt=0, description="timeout of one generate or weight-load call, seconds")
+    timeout_s: float = Field(300.0, gt=0, description="deadline of one generate or weight-load call, seconds; an actor "
+                             "that misses it is killed, restarted and caught up")
+    start_timeout_s: float = Field(300.0, gt=0, description="deadline for an engine to start or restart, seconds; an "
+                                   "actor whose restart misses it (its node is gone) is retired")
     max_restarts: int = Field(2, ge=0, description="times Ray restarts a crashed generation actor")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> GenerationConfig:
+        if self.max_tokens >= self.max_model_len:
+            raise ValueError(f"generation.max_tokens ({self.max_tokens}) must be less than generation.max_model_len "
+                             f"({self.max_model_len}), which holds the prompt and the response; lower max_tokens or "
+                             "raise max_model_len")
+        return self
+
+    @model_validator(mode="after")
+    def _sizes(self) -> GenerationConfig:
+        if self.max_num_actors is not None and self.max_num_actors < self.num_actors:
+            raise ValueError(f"generation.max_num_actors ({self.max_num_actors}) is below generation.num_actors "
+                             f"({self.num_actors}); set it to at least num_actors, or null")
+        return self
 
     @property
     def engine_threads(self) -> int:

@@ -28,7 +28,8 @@ def _engine_env(cfg: GenerationConfig) -> None:
 class GenerationActor:
     """Holds one vLLM engine; samples ``samples_per_prompt`` responses per prompt."""
 
-    def __init__(self, cfg: GenerationConfig, model_path: str, dtype: str, actor_id: int = 0):
+    def __init__(self, cfg: GenerationConfig, model_path: str, dtype: str, actor_id: int = 0, version: int = 0):
+        """``version``: the policy version of the weights at ``model_path`` (non-zero when a run resumes)."""
         _engine_env(cfg)
         import torch
         from vllm import LLM
@@ -40,7 +41,7 @@ class GenerationActor:
             torch.set_num_threads(cfg.engine_threads)
         self.cfg = cfg
         self.actor_id = actor_id
-        self.policy_version = 0
+        self.policy_version = version
         start = time.perf_counter()
         self.llm = LLM(
             model=model_path,
@@ -62,22 +63,28 @@ class GenerationActor:
         self.sink = MetricSink("generation", {"actor_id": str(actor_id)})
         self.sink.heartbeat()
 
-    def _sampling(self, n: int, greedy: bool):
+    def _sampling(self, n: int, greedy: bool, seed: int | None = None):
+        """``seed``: this request's own sampling seed (vLLM gives sample i of the request seed + i), so its
+        samples do not depend on the engine's random state or on what else is in the batch."""
         from vllm import SamplingParams
 
         if greedy:
             return SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.max_tokens, logprobs=0)
         return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                              max_tokens=self.cfg.max_tokens, logprobs=0)
+                              max_tokens=self.cfg.max_tokens, logprobs=0, seed=seed)
 
     def _run(self, prompts: list[Prompt], params):
         return self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
 
-    def generate(self, prompts: list[Prompt], n: int | None = None) -> tuple[list[Rollout], float]:
+    def generate(self, prompts: list[Prompt], n: int | None = None,
+                 seeds: list[int] | None = None) -> tuple[list[Rollout], float]:
         """Sample ``n`` (default ``samples_per_prompt``) responses for each prompt, grouped by prompt in order;
-        returns rollouts and seconds taken."""
+        ``seeds``: one sampling seed per prompt (deterministic mode), else the engine's random state. Returns
+        rollouts and seconds taken."""
         start = time.perf_counter()
-        outputs = self._run(prompts, self._sampling(n or self.cfg.samples_per_prompt, greedy=False))
+        n = n or self.cfg.samples_per_prompt
+        params = [self._sampling(n, False, seed) for seed in seeds] if seeds else self._sampling(n, greedy=False)
+        outputs = self._run(prompts, params)
         rollouts = []
         for prompt, out in zip(prompts, outputs, strict=True):
             for sample in out.outputs:

@@ -9,17 +9,23 @@ and its shard is sampled again.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
+import shutil
+import signal
+import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
+from cluster import checkpoint
 from cluster.config import RelayConfig
+from cluster.fleet import Fleet, Launch
 from cluster.progress import Progress
 from cluster.resources import check_resources, init_ray, oversubscription_warning
 from core.data import DataConfig, DataError, Example, Splits, format_prompt, load_splits
@@ -77,26 +83,17 @@ def encode_prompts(examples: list[Example], data: DataConfig, tokenizer, max_pro
     return prompts
 
 
-@dataclass
-class Fleet:
-    """The generation actors and the version each one holds."""
-
-    actors: list
-    timeout_s: float
-    versions: list[int] = field(default_factory=list)
-
-    def call(self, fn):
-        """``fn(actor) -> ObjectRef`` on every actor; results in actor order."""
-        return ray.get([fn(a) for a in self.actors], timeout=self.timeout_s)
-
-
 class Driver:
-    def __init__(self, cfg: RelayConfig, policy_path: str, splits: Splits | None = None, log=print):
-        """``splits``: the data, already read (``train`` reads it before Ray starts); None = read it now."""
+    def __init__(self, cfg: RelayConfig, policy_path: str, splits: Splits | None = None, log=print,
+                 resume_from: Path | None = None):
+        """``policy_path``: the starting policy, which is also the frozen reference; ``splits``: the data, already
+        read (``train`` reads it before Ray starts), None = read it now; ``resume_from``: a checkpoint of this
+        run to continue from (``cluster/checkpoint.py``)."""
         self.cfg, self.log = cfg, log
         splits = splits or load_splits(cfg.data, cfg.model.cache_dir, log=log)
         self.run_dir = Path(cfg.train.run_dir)
         self.policy_path = policy_path
+        self.resume_from = resume_from
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or policy_path)
@@ -111,123 +108,74 @@ class Driver:
         self.eval_prompts = next(iter(self.eval_sets.values()))
         self.eval_reward = None  # a second reward app when train.eval_reward is set (start())
         self.rng = random.Random(cfg.train.seed)
-        self.order: list[int] = []
+        self.order: list[int] = []  # training prompt indices still to draw, in order
+        self.inflight: deque[tuple[list[int], Launch]] = deque()  # launched ahead (max_staleness): picks, launch
+        self.step, self.evals, self.elapsed_before = 0, [], 0.0  # evals: (step, held-out score)
         self.store = VersionStore(cfg.checkpoint.keep_versions)
         self.sink = MetricSink("driver") if cfg.metrics.prometheus else None
-        self.restarts = 0
         self.evaluator = None  # cluster.evaluation.Evaluator, built at the first evaluation
+        self.logger: JsonlLogger | None = None
+        self.learner_restores = 0
+        self.last_checkpoint: Path | None = resume_from
         self._service_counts: dict[str, float] = {}  # the reward service's counters at the last step
+        self._stop: str | None = None  # set by SIGTERM / Ctrl-C: checkpoint after this step and exit
 
     # ---- placement -----------------------------------------------------------------------------
     def start(self) -> None:
-        from actors.generation import GenerationActor
-        from learner.learner import Learner
-
-        g, lc = self.cfg.generation, self.cfg.learner
-        learner_cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(Learner)
-        gen_cls = ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=g.max_restarts,
-                             max_task_retries=0)(GenerationActor)
-        env = {"env_vars": {
+        g = self.cfg.generation
+        self.runtime_env = {"env_vars": {
             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
             # ERROR: every in-place reload warns that RotaryEmbedding and the tied LM head had no weights
             # to load, which is expected (the head is re-tied after the reload, see actors/vllm_ext.py).
             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
         }}
-        self.learner = learner_cls.options(runtime_env=env).remote(
-            self.policy_path, self.cfg.algorithm, lc, self.cfg.model.dtype, g.temperature, g.max_tokens)
-        actors = [gen_cls.options(runtime_env=env).remote(g, self.policy_path, self.cfg.model.dtype, i)
-                  for i in range(g.num_actors)]
-        self.fleet = Fleet(actors, g.timeout_s + 120.0, [0] * len(actors))
-        self.fleet.call(lambda a: a.health.remote())  # engines are up (start takes ~20 s on CPU)
+        state = checkpoint.read_state(self.resume_from) if self.resume_from else None
+        start_path = str(self.resume_from) if state else self.policy_path
+        self.learner = self._start_learner(start_path, with_state=state is not None)
+        self.fleet = Fleet(g, start_path, self.cfg.model.dtype, self.store, self.runtime_env,
+                           version=state["version"] if state else 0, log=self.log, sink=self.sink)
+        self.fleet.start()
         self.reward = RewardClient.deploy(self.cfg.reward)
         if self.cfg.train.eval_reward:
             r = self.cfg.reward
             self.eval_reward = RewardClient.deploy(  # a second app on the same Serve (and its HTTP settings)
                 r.model_copy(update={"sources": self.cfg.train.eval_reward, "normalize": False, "clip": None}),
                 app_name="relay-eval-reward")
+        if state:
+            self._restore(state)
+
+    def _start_learner(self, path: str, with_state: bool):
+        """A learner actor on the policy at ``path`` (the reference stays ``policy_path``), continuing from the
+        checkpoint at ``path`` if ``with_state``."""
+        from learner.learner import Learner
+
+        lc, g = self.cfg.learner, self.cfg.generation
+        cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(Learner)
+        learner = cls.options(runtime_env=self.runtime_env).remote(
+            path, self.cfg.algorithm, lc, self.cfg.model.dtype, g.temperature, g.max_tokens,
+            reference_path=self.policy_path)
+        if with_state:
+            ray.get(learner.load_state.remote(path), timeout=lc.timeout_s)
+        return learner
 
     # ---- the loop pieces -------------------------------------------------------------------------
-    def next_prompts(self) -> list[Prompt]:
+    def next_prompts(self) -> tuple[list[int], list[Prompt]]:
+        """The next step's training prompt indices, and the prompts with group ids = position in the batch."""
         n = self.cfg.train.prompts_per_step
         if len(self.order) < n:
             fresh = list(range(len(self.train_prompts)))
             self.rng.shuffle(fresh)
             self.order.extend(fresh)
         picked, self.order = self.order[:n], self.order[n:]
-        # group ids = position in this step's batch, unique across actors
-        return [Prompt(j, self.train_prompts[i].text, self.train_prompts[i].token_ids, self.train_prompts[i].metadata)
-                for j, i in enumerate(picked)]
+        return picked, [Prompt(j, self.train_prompts[i].text, self.train_prompts[i].token_ids,
+                               self.train_prompts[i].metadata) for j, i in enumerate(picked)]
 
-    def _shards(self, prompts: list[Prompt]) -> list[list[Prompt]]:
-        """Contiguous shards of near-equal size, one per actor, so results concatenate in prompt order."""
-        k, n = len(self.fleet.actors), len(prompts)
-        bounds = [i * n // k for i in range(k + 1)]
-        return [prompts[bounds[i]:bounds[i + 1]] for i in range(k)]
-
-    def fan_out(self, method: str, prompts: list[Prompt], *args) -> list:
-        """``generate`` (rollouts) or ``greedy`` (texts) of ``prompts`` on all actors at once, in prompt order."""
-        shards = self._shards(prompts)
-        refs = [getattr(a, method).remote(s, *args) for a, s in zip(self.fleet.actors, shards, strict=True)]
-        results = self._gather(method, shards, refs, *args)
-        return [x for r in results for x in (r[0] if method == "generate" else r)]
-
-    def _gather(self, method: str, shards: list[list[Prompt]], refs: list, *args) -> list:
-        """Each actor's result; an actor that died is restarted, caught up and asked again."""
-        results = []
-        for i, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref, timeout=self.fleet.timeout_s))
-            except ray.exceptions.RayActorError:
-                results.append(self._on_actor(i, method, shards[i], *args))
-        return results
-
-    def _on_actor(self, i: int, method: str, *args):
-        """Call one actor; if it died, let Ray restart it, catch it up to the latest version, retry once."""
-        actor = self.fleet.actors[i]
-        try:
-            return ray.get(getattr(actor, method).remote(*args), timeout=self.fleet.timeout_s)
-        except ray.exceptions.RayActorError as e:
-            self.restarts += 1
-            self.log(f"generation actor {i} died ({str(e).splitlines()[0][:120]}); waiting for its restart")
-            self._catch_up(i)
-            return ray.get(getattr(actor, method).remote(*args), timeout=self.fleet.timeout_s)
-
-    def _wait_restarted(self, i: int) -> None:
-        """Poll the actor until Ray has restarted it (its engine start takes ~20 s on CPU)."""
-        deadline = time.monotonic() + self.fleet.timeout_s
-        while True:
-            try:
-                ray.get(self.fleet.actors[i].health.remote(), timeout=self.fleet.timeout_s)
-                return
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
-
-    def _catch_up(self, i: int) -> None:
-        actor = self.fleet.actors[i]
-        self._wait_restarted(i)
-        if self.store.latest_version > 0:
-            version, ref = self.store.latest()
-            ray.get(actor.update_weights.remote(version, [ref]), timeout=self.fleet.timeout_s)
-            self.fleet.versions[i] = version
-        if self.sink:
-            self.sink.log({"system/actor_restarts_total": 1.0}, tags={"actor_id": str(i)})
-
-    def launch(self, prompts: list[Prompt]) -> tuple[list[list[Prompt]], list, float]:
-        """Start sampling ``prompts`` on the actors; returns what ``collect`` needs."""
-        shards = self._shards(prompts)
-        refs = [a.generate.remote(s) for a, s in zip(self.fleet.actors, shards, strict=True)]
-        return shards, refs, time.perf_counter()
-
-    def collect(self, launched) -> tuple[list[Rollout], float]:
-        """Wait for a ``launch``; an actor that died is restarted, caught up and asked again."""
-        shards, refs, start = launched
-        results = self._gather("generate", shards, refs)
-        return [r for rs, _ in results for r in rs], time.perf_counter() - start
-
-    def generate(self, prompts: list[Prompt]) -> tuple[list[Rollout], float]:
-        return self.collect(self.launch(prompts))
+    def launch(self, step: int) -> tuple[list[int], Launch]:
+        """Start sampling the prompts of ``step`` on the fleet."""
+        picked, prompts = self.next_prompts()
+        seeds = [sampling_seed(self.cfg.train.seed, step, p.index) for p in prompts] \
+            if self.cfg.train.deterministic else None
+        return picked, self.fleet.launch(prompts, seeds=seeds)
 
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], dict[str, float]]:
         start = time.perf_counter()
@@ -275,12 +223,11 @@ class Driver:
         return sum(scores) / len(scores)
 
     def sync(self) -> dict[str, float]:
+        """Publish the learner's weights once and have every actor load them."""
         start = time.perf_counter()
-        version, ref, stats = ray.get(self.learner.publish.remote(), timeout=self.cfg.learner.timeout_s)
+        version, ref, stats = self._learner_call("publish")
         self.store.add(version, ref[0])
-        loads = [self._on_actor(i, "update_weights", version, ref) for i in range(len(self.fleet.actors))]
-        self.fleet.versions = [version] * len(self.fleet.actors)
-        stats["sync/load_seconds"] = max(x["sync/load_seconds"] + x["sync/fetch_seconds"] for x in loads)
+        stats.update(self.fleet.load(version, ref[0]))
         stats["sync/seconds"] = time.perf_counter() - start
         return stats
 
@@ -291,7 +238,11 @@ class Driver:
             from cluster.evaluation import driver_evaluator
 
             self.evaluator = driver_evaluator(self)
+            if self._evaluator_state is not None:
+                self.evaluator.restore(self._evaluator_state)
         return self.evaluator(log=self.log)
+
+    _evaluator_state: dict | None = None
 
     def rollout_stats(self, rollouts: list[Rollout], seconds: float, version: int) -> dict[str, float]:
         n_tokens = sum(len(r.response_ids) for r in rollouts)
@@ -310,95 +261,235 @@ class Driver:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-        logger = JsonlLogger(self.run_dir / "metrics.jsonl") if cfg.metrics.jsonl else None
-        first_eval = self.evaluate()
-        self._emit(logger, 0, first_eval)
-        self.log(f"step 0: held-out score {first_eval['eval/task_score']:.3f} (the start)")
-        evals = [(0, first_eval["eval/task_score"])]
-        start, step, version, inflight = time.time(), 0, 0, deque()
-        progress = Progress(cfg.train.steps, started_at=start, time_limit_s=cfg.train.time_limit_s) \
-            if cfg.metrics.progress else None
-        while step < cfg.train.steps:
-            if cfg.train.time_limit_s and time.time() - start > cfg.train.time_limit_s:
-                self.log(f"time limit of {cfg.train.time_limit_s:.0f} s reached after {step} steps")
-                break
-            step += 1
-            metrics = self._step(version, inflight)
-            version = self.store.latest_version
-            if step % cfg.train.eval_every == 0:
-                metrics.update(self.evaluate())
-                evals.append((step, metrics["eval/task_score"]))
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                self.checkpoint(f"step_{step}")
-            self._emit(logger, step, metrics)
-            if progress:
-                progress.update(step, metrics)
-        if evals[-1][0] != step:
-            final = self.evaluate()
-            evals.append((step, final["eval/task_score"]))
-            self._emit(logger, step, final)
+        self._open_log()
+        if self.resume_from is None:
+            first_eval = self.evaluate()
+            self._emit(0, first_eval)
+            self.log(f"step 0: held-out score {first_eval['eval/task_score']:.3f} (the start)")
+            self.evals = [(0, first_eval["eval/task_score"])]
+        else:
+            self.log(f"resumed from {self.resume_from} at step {self.step} (version {self.store.latest_version})")
+        start = time.time()
+        self.last_checkpoint_time = start
+        progress = Progress(cfg.train.steps, started_at=start - self.elapsed_before,
+                            time_limit_s=cfg.train.time_limit_s) if cfg.metrics.progress else None
+        with _graceful_stop(self):
+            while self.step < cfg.train.steps and not self._stop:
+                elapsed = self.elapsed_before + time.time() - start
+                if cfg.train.time_limit_s and elapsed > cfg.train.time_limit_s:
+                    self.log(f"time limit of {cfg.train.time_limit_s:.0f} s reached after {self.step} steps")
+                    break
+                metrics = self._guarded_step()
+                if metrics is None:  # the learner was restored from a checkpoint: self.step went back
+                    continue
+                if self.step % cfg.train.eval_every == 0:
+                    metrics.update(self.evaluate())
+                    self.evals.append((self.step, metrics["eval/task_score"]))
+                self._emit(self.step, metrics)
+                if progress:
+                    progress.update(self.step, metrics)
+                if self._checkpoint_due():
+                    self.checkpoint(f"step_{self.step}", elapsed=self.elapsed_before + time.time() - start)
+        rl_seconds = self.elapsed_before + time.time() - start
         if progress:
             progress.close()
-        ckpt = self.checkpoint("final")
-        summary = self._summary(evals, step, time.time() - start, ckpt)
+        if self._stop:
+            path = self.checkpoint(f"step_{self.step}", elapsed=rl_seconds)
+            self.log(f"stopped by {self._stop} after step {self.step}; checkpoint {path}. Continue with: "
+                     f"relay train --resume {self.run_dir}")
+            self.logger.close()
+            return self._summary(rl_seconds, str(path), interrupted=self._stop)
+        if self.evals[-1][0] != self.step:
+            final = self.evaluate()
+            self.evals.append((self.step, final["eval/task_score"]))
+            self._emit(self.step, final)
+        path = self.checkpoint("final", elapsed=rl_seconds)
+        summary = self._summary(rl_seconds, str(path))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if progress:
             self.log(progress.summary({k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in summary.items()}))
-        if logger:
-            logger.close()
+        self.logger.close()
         return summary
 
-    def _step(self, version: int, inflight: deque) -> dict[str, float]:
+    def _step(self) -> dict[str, float]:
         """One step. With ``max_staleness`` s > 0, s generations are launched ahead and run while the
         learner trains, with the weights the actors hold; every rollout carries its policy_version and
         the sampler's logprobs feed the importance correction (TIS)."""
         t0 = time.perf_counter()
-        s = self.cfg.algorithm.max_staleness
-        if not inflight:
-            inflight.append(self.launch(self.next_prompts()))
-        rollouts, gen_seconds = self.collect(inflight.popleft())
-        metrics = self.rollout_stats(rollouts, gen_seconds, version)
+        s, version = self.cfg.algorithm.max_staleness, self.store.latest_version
+        if not self.inflight:
+            self.inflight.append(self.launch(self.step + 1))
+        _, launched = self.inflight[0]
+        rollouts, gen_seconds = self.fleet.collect(launched)
+        metrics = self.rollout_stats(rollouts, gen_seconds, max(version, 0))
         fresh = [r for r in rollouts if version - r.policy_version <= s]
         if len(fresh) < len(rollouts):  # never train on samples older than allowed
             self.log(f"dropped {len(rollouts) - len(fresh)} rollouts older than algorithm.max_staleness={s}")
+            metrics["rollout/dropped_total{reason=stale}"] = float(len(rollouts) - len(fresh))
             rollouts = fresh
-        while len(inflight) < s:  # sample ahead while the learner trains
-            inflight.append(self.launch(self.next_prompts()))
+        while len(self.inflight) < s + 1:  # sample ahead while the learner trains
+            self.inflight.append(self.launch(self.step + 1 + len(self.inflight)))
         scored, reward_stats = self.score(rollouts)
         metrics.update(reward_stats)
-        learner_stats = ray.get(self.learner.train_step.remote(scored), timeout=self.cfg.learner.timeout_s)
-        metrics.update(learner_stats)
+        metrics.update(self._learner_call("train_step", scored))
+        self.inflight.popleft()  # trained: from here on it is never redone
+        self.step += 1
         metrics.update(self.sync())
+        metrics.update(self.fleet.take_counts())
+        self.fleet.grow()
         metrics["system/step_seconds"] = time.perf_counter() - t0
         return metrics
 
-    def _emit(self, logger, step: int, metrics: dict[str, float]) -> None:
-        if logger:
-            logger.write(step, metrics)
+    def _guarded_step(self) -> dict[str, float] | None:
+        """``_step``, restoring the learner from the last checkpoint if it died (None then)."""
+        try:
+            return self._step()
+        except LearnerDied as e:
+            self._restore_learner(e)
+            return None
+
+    # ---- the learner ------------------------------------------------------------------------------
+    def _learner_call(self, method: str, *args):
+        """One learner call with its deadline; a dead learner raises LearnerDied, a non-finite run RunError."""
+        from learner.learner import NonFiniteError
+
+        call = self.learner.train_step.remote(*args) if method == "train_step" else self.learner.publish.remote()
+        try:
+            return ray.get(call, timeout=self.cfg.learner.timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            raise LearnerDied(str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__) from e
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, NonFiniteError):
+                last = self.last_checkpoint or "not written yet"
+                raise RunError(f"{e.cause} The last checkpoint is {last}") from None
+            raise
+
+    def _restore_learner(self, error: LearnerDied) -> None:
+        """Rebuild a dead learner from the last checkpoint and roll the run back to it; or stop, saying how
+        to resume."""
+        where = self.last_checkpoint
+        if where is None or self.learner_restores >= self.cfg.learner.max_restores:
+            why = "no checkpoint was written yet" if where is None else \
+                f"it was restored {self.learner_restores} times already (learner.max_restores)"
+            raise RunError(f"the learner died at step {self.step + 1} ({error}) and {why}. Fix the cause, then "
+                           f"continue from the last checkpoint with: relay train --resume {self.run_dir}")
+        started = time.perf_counter()
+        self.learner_restores += 1
+        self.log(f"the learner died at step {self.step + 1} ({error}); restoring it from {where}")
+        ray.kill(self.learner, no_restart=True)
+        self.learner = self._start_learner(str(where), with_state=True)
+        ahead = max(self.store.latest_version, max(self.fleet.versions.values(), default=0))
+        ray.get(self.learner.set_version.remote(ahead), timeout=self.cfg.learner.timeout_s)  # versions only go up
+        self._restore(checkpoint.read_state(where))
+        self.sync()  # every actor gets the checkpoint's weights, as a new version
+        if self.sink:
+            self.sink.log({"system/learner_restores_total": 1.0})
+        self.log(f"learner restored in {time.perf_counter() - started:.1f} s; continuing from step {self.step}")
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def _checkpoint_due(self) -> bool:
+        c = self.cfg.checkpoint
+        return bool((c.every and self.step % c.every == 0)
+                    or (c.every_s and time.time() - self.last_checkpoint_time >= c.every_s))
+
+    def checkpoint(self, name: str, elapsed: float = 0.0) -> Path:
+        """A full checkpoint: the learner's state and the driver's, committed atomically (cluster/checkpoint.py).
+        A failed write leaves the previous checkpoint as it was and says why."""
+        started = time.perf_counter()
+        staging = None
+        try:
+            staging = checkpoint.staging_dir(self.run_dir, name)
+            ray.get(self.learner.save.remote(str(staging.resolve())), timeout=self.cfg.learner.timeout_s)
+            path = checkpoint.commit(staging, self._state(elapsed))
+        except (OSError, ray.exceptions.RayTaskError) as e:
+            cause = getattr(e, "cause", e)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            reason = "the disk is full" if getattr(cause, "errno", None) == errno.ENOSPC else str(cause).splitlines()[0]
+            raise RunError(f"writing checkpoint {name} under {self.run_dir / 'checkpoints'} failed: {reason}. The "
+                           f"previous checkpoint ({self.last_checkpoint or 'none yet'}) is intact; free space or fix "
+                           f"permissions, then: relay train --resume {self.run_dir}") from None
+        self.last_checkpoint, self.last_checkpoint_time = path, time.time()
+        checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep_last, protect=self.fleet.policy_path)
+        if self.sink:
+            self.sink.log({"system/checkpoint_seconds": time.perf_counter() - started})
+        return path
+
+    def _state(self, elapsed: float) -> dict:
+        """Everything besides the learner's state that continuing exactly needs."""
+        pending = [i for picks, _ in self.inflight for i in picks]  # launched, not trained: drawn again
+        return {
+            "step": self.step,
+            "version": self.store.latest_version if self.store.latest_version > 0 else self.fleet.start_version,
+            "order": pending + self.order,
+            "rng": _jsonable_rng(self.rng.getstate()),
+            "evals": self.evals,
+            "elapsed_s": elapsed,
+            "metrics_offset": self.logger.offset() if self.logger else 0,
+            "reward_norm": self.reward.norm_state() if self.cfg.reward.normalize else None,
+            "evaluator": self.evaluator.state() if self.evaluator else self._evaluator_state,
+            "service_counts": self._service_counts,
+            "restarts": self.fleet.restarts,
+            "reference": self.policy_path,
+        }
+
+    def _restore(self, state: dict) -> None:
+        """Continue from a checkpoint's driver state (a resume, or a restored learner)."""
+        self.step, self.order, self.evals = state["step"], list(state["order"]), [tuple(e) for e in state["evals"]]
+        self.rng.setstate(_rng_from_json(state["rng"]))
+        self.elapsed_before = state["elapsed_s"]
+        self.inflight.clear()
+        self._service_counts = state["service_counts"]
+        self._evaluator_state = state["evaluator"]
+        if self.evaluator is not None and state["evaluator"] is not None:
+            self.evaluator.restore(state["evaluator"])
+        if state["reward_norm"] is not None:
+            self.reward.set_norm_state(state["reward_norm"])
+        if self.logger is not None:  # a restored learner: the steps after the checkpoint are redone
+            self.logger.close()
+            self._open_log(state["metrics_offset"])
+        self._metrics_offset = state["metrics_offset"]
+
+    _metrics_offset: int | None = None
+
+    def _open_log(self, offset: int | None = None) -> None:
+        """Open metrics.jsonl for appending, cut back to ``offset`` (a resume: the log as of the checkpoint)."""
+        path = self.run_dir / "metrics.jsonl"
+        offset = self._metrics_offset if offset is None else offset
+        if offset is not None and path.exists():
+            with path.open("r+b") as f:
+                f.truncate(offset)
+        self.logger = JsonlLogger(path) if self.cfg.metrics.jsonl else None
+
+    def _emit(self, step: int, metrics: dict[str, float]) -> None:
+        if self.logger:
+            self.logger.write(step, metrics)
         if self.sink:
             self.sink.log({k: v for k, v in metrics.items() if _driver_exports(k)})
-            for i, v in enumerate(self.fleet.versions):
-                self.sink.log({"sync/policy_version": float(v)}, tags={"actor_id": str(i)})
+            for slot, v in self.fleet.versions.items():
+                self.sink.log({"sync/policy_version": float(v)}, tags={"actor_id": str(slot)})
             self.sink.heartbeat()
 
-    def checkpoint(self, name: str) -> str:
-        path = str((self.run_dir / "checkpoints" / name).resolve())
-        return ray.get(self.learner.save.remote(path), timeout=self.cfg.learner.timeout_s)
-
-    def _summary(self, evals: list[tuple[int, float]], steps: int, seconds: float, ckpt: str) -> dict:
+    def _summary(self, seconds: float, ckpt: str, interrupted: str | None = None) -> dict:
+        evals = self.evals
         last3 = [s for _, s in evals[-3:]]
         start_score = evals[0][1]
-        return {
-            "steps": steps,
+        out = {
+            "steps": self.step,
             "rl_seconds": round(seconds, 1),
             "eval_start": start_score,
             "eval_final": evals[-1][1],
             "eval_last3_mean": sum(last3) / len(last3),
             "eval_gain_points": 100 * (sum(last3) / len(last3) - start_score),
             "eval_best": max(s for _, s in evals),
-            "actor_restarts": self.restarts,
+            "actor_restarts": self.fleet.restarts,
+            "fleet_size": len(self.fleet.live),
+            "learner_restores": self.learner_restores,
             "checkpoint": ckpt,
         }
+        if interrupted:
+            out["interrupted"] = interrupted
+        return out
 
     def shutdown(self) -> None:
         for client in (self.eval_reward, self.reward):
@@ -407,6 +498,52 @@ class Driver:
                     client.shutdown()
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
+
+
+class LearnerDied(RuntimeError):
+    """The learner actor died or missed its deadline."""
+
+
+def sampling_seed(seed: int, step: int, group: int) -> int:
+    """The sampling seed of prompt ``group`` at ``step`` in deterministic mode: a hash of the three, so seeds
+    never repeat across steps (vLLM seeds sample i of a request with seed + i; 2^31 apart makes those clash
+    only by chance)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{group}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def _jsonable_rng(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(state: list) -> tuple:
+    return state[0], tuple(state[1]), state[2]
+
+
+class _graceful_stop:
+    """SIGTERM or a first Ctrl-C sets ``driver._stop``: the step in flight finishes, a checkpoint is written and
+    the run returns. A second Ctrl-C interrupts at once. Only in the main thread (signals arrive there)."""
+
+    def __init__(self, driver: Driver):
+        self.driver, self.saved = driver, {}
+
+    def _handle(self, signum, frame):
+        if self.driver._stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.driver._stop = signal.Signals(signum).name
+        self.driver.log(f"{self.driver._stop}: finishing step {self.driver.step + 1}, then writing a checkpoint "
+                        "(Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
 
 
 # Exported to Prometheus by the component that measures them, with its own labels.
@@ -419,16 +556,41 @@ def _driver_exports(key: str) -> bool:
     return split_key(key)[0] in METRICS and not key.startswith(_EXPORTED_ELSEWHERE)
 
 
-def train(cfg: RelayConfig, log=print) -> dict:
-    """``relay train``: build or find the policy, start Ray, run the loop, return the summary."""
+def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
+    """``relay train``: build or find the policy, start Ray, run the loop, return the summary. ``resume``:
+    continue the run in ``train.run_dir`` from its latest complete checkpoint."""
     splits = load_splits(cfg.data, cfg.model.cache_dir, log=log)  # bad data fails here, before Ray starts
+    run_dir = Path(cfg.train.run_dir)
+    checkpoint.check_writable(run_dir)
+    lock = checkpoint.RunDirLock(run_dir)
+    lock.acquire()  # a second job on this run_dir fails here, before it touches anything
+    try:
+        resume_from = _resume_point(cfg, log) if resume else None
+        if resume_from is None and checkpoint.latest(run_dir) is not None:
+            lock.release()
+            moved = _move_aside(run_dir)
+            log(f"train.run_dir {run_dir} held an earlier run; moved it to {moved} (continue that one with "
+                f"relay train --resume {moved})")
+            checkpoint.check_writable(run_dir)
+            lock.acquire()
+        if resume_from is not None and checkpoint.read_state(resume_from)["step"] >= cfg.train.steps:
+            log(f"the run in {run_dir} already finished train.steps={cfg.train.steps}; raise it to train further")
+            return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+        return _train(cfg, splits, resume_from, log)
+    finally:
+        lock.release()
+
+
+def _train(cfg: RelayConfig, splits: Splits, resume_from: Path | None, log) -> dict:
     connected = init_ray(cfg.cluster, log=log)
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
         if warning := oversubscription_warning(cfg):
             log(f"warning: {warning}")
         policy_path = resolve_policy(cfg, log=log)
-        driver = Driver(cfg, policy_path, splits, log=log)  # validates the prompts before any actor starts
+        if resume_from is not None:
+            _check_same_model(resume_from, policy_path)
+        driver = Driver(cfg, policy_path, splits, log=log, resume_from=resume_from)  # validates the prompts first
         driver.start()
         try:
             return driver.run()
@@ -437,3 +599,38 @@ def train(cfg: RelayConfig, log=print) -> dict:
     finally:
         if connected:
             ray.shutdown()
+
+
+def _resume_point(cfg: RelayConfig, log) -> Path:
+    run_dir = Path(cfg.train.run_dir)
+    found = checkpoint.latest(run_dir)
+    if found is None:
+        staged = sorted(p.name for p in checkpoint.checkpoints_dir(run_dir).glob(".*")) \
+            if checkpoint.checkpoints_dir(run_dir).is_dir() else []
+        raise RunError(f"--resume: {run_dir} has no complete checkpoint to continue from"
+                       + (f" (only unfinished writes: {staged})" if staged else "")
+                       + "; start the run without --resume")
+    log(f"resuming from {found}")
+    return found
+
+
+def _move_aside(run_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((run_dir / "config.json").stat().st_mtime)) \
+        if (run_dir / "config.json").exists() else time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}-{stamp}")
+    n = 1
+    while target.exists():
+        target, n = run_dir.with_name(f"{run_dir.name}-{stamp}.{n}"), n + 1
+    run_dir.rename(target)
+    return target
+
+
+def _check_same_model(ckpt: Path, reference: str) -> None:
+    """A checkpoint must be of the model the run starts from (same architecture and sizes)."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    ours = json.loads((ckpt / "config.json").read_text())
+    theirs = json.loads((Path(reference) / "config.json").read_text())
+    diff = [f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in keys if ours.get(k) != theirs.get(k)]
+    if diff:
+        raise RunError(f"checkpoint {ckpt} is of another model than {reference} ({'; '.join(diff)}); resume it with "
+                       "the model it was trained from, or start a new train.run_dir")

@@ -233,6 +233,14 @@ class Evaluator:
             log(f"reward-hacking monitor: {flag}")
         return metrics
 
+    def state(self) -> dict:
+        """What a resumed run needs: the reference's scores (the policy is no longer the reference then) and the
+        history the hacking monitor reads."""
+        return {"reference_rewards": self._reference_rewards, "history": self.history}
+
+    def restore(self, state: dict) -> None:
+        self._reference_rewards, self.history = state["reference_rewards"], list(state["history"])
+
     def _at_k(self, prompts: list[str], metadatas: list[dict[str, str]]) -> tuple[float, float]:
         groups = self.sample_k(prompts)  # (P, k)
         k = len(groups[0])
@@ -327,7 +335,7 @@ def driver_evaluator(driver) -> Evaluator:
     by_text = {p.text: p for ps in driver.eval_sets.values() for p in ps}
 
     def greedy(texts: list[str]) -> Responses:
-        out = driver.fan_out("greedy", [by_text[t] for t in texts])
+        out = driver.fleet.greedy([by_text[t] for t in texts])
         return out, [driver.tokenizer.encode(t, add_special_tokens=False) for t in out]
 
     def scorer(client) -> Score:
@@ -338,13 +346,13 @@ def driver_evaluator(driver) -> Evaluator:
         return score
 
     def sample(texts: list[str]):
-        rollouts = driver.fan_out("generate", [by_text[t] for t in texts[:KL_PROMPTS]])
+        rollouts, _ = driver.fleet.generate([by_text[t] for t in texts[:KL_PROMPTS]])
         return ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                 [r.sampling_logprobs for r in rollouts])
 
     def sample_k(texts: list[str]) -> list[list[str]]:
         k = driver.cfg.train.eval_k
-        rollouts = driver.fan_out("generate", [by_text[t] for t in texts], k)
+        rollouts, _ = driver.fleet.generate([by_text[t] for t in texts], k)
         return [[r.response_text for r in rollouts[i * k:(i + 1) * k]] for i in range(len(texts))]
 
     (name, main), *rest = driver.eval_sets.items()

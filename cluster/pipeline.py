@@ -31,8 +31,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cluster import checkpoint
 from cluster.config import RelayConfig
-from cluster.driver import RunError
+from cluster.driver import RunError, resolve_policy
 
 STAGES = ("sft", "rm", "rl")
 MARKER = "stage_done.json"
@@ -66,8 +67,9 @@ def _sft_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dic
     from core.data import load_splits, sft_pairs
     from learner.sft import greedy_accuracy, train_sft
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
+    policy = resolve_policy(cfg, log=log)  # model.path, checked: a RunError if it is no checkpoint directory
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or policy)
+    model = AutoModelForCausalLM.from_pretrained(policy)
     splits = load_splits(cfg.data, cfg.model.cache_dir, log=log)
     stats = train_sft(model, tokenizer, sft_pairs(splits.train, cfg.data, tokenizer, log=log), cfg.sft, log=log)
     model.save_pretrained(out, safe_serialization=True)
@@ -120,10 +122,10 @@ def rl_config(cfg: RelayConfig) -> RelayConfig:
     return RelayConfig.model_validate(tree)
 
 
-def _rl_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dict:
+def _rl_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object], resume: bool = False) -> dict:
     from cluster.driver import train
 
-    return train(rl_config(cfg), log=log)  # the summary, with the final checkpoint's path
+    return train(rl_config(cfg), log=log, resume=resume)  # the summary, with the final checkpoint's path
 
 
 STAGE_FNS: dict[str, Callable[[RelayConfig, Path, Callable[[str], object]], dict]] = {
@@ -144,19 +146,20 @@ def run_stage(cfg: RelayConfig, stage: str, force: bool = False, log: Callable[[
         raise RunError(f"pipeline stage {stage!r} needs finished stage(s) {missing} under {cfg.train.run_dir}; "
                        f"run `relay pipeline` (all stages) or `relay pipeline --stage {missing[0]}` first")
     out = stage_dir(cfg, stage)
-    if out.exists():
-        shutil.rmtree(out)  # a crashed attempt or a forced rerun starts clean
+    resume = stage == "rl" and not force and checkpoint.latest(out) is not None
+    if out.exists() and not resume:
+        shutil.rmtree(out)  # a crashed attempt or a forced rerun starts clean; RL cut off mid-run continues
     start = time.time()
-    log(f"pipeline: stage {stage} -> {out}")
+    log(f"pipeline: stage {stage} -> {out}" + (" (continuing from its last checkpoint)" if resume else ""))
     if stage == "rl":
-        metrics = STAGE_FNS[stage](cfg, out, log)
-        checkpoint = metrics["checkpoint"]
+        metrics = _rl_stage(cfg, out, log, resume=resume)
+        path = metrics["checkpoint"]
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         metrics = STAGE_FNS[stage](cfg, out, log)
-        checkpoint = str(out.resolve())
+        path = str(out.resolve())
     out.mkdir(parents=True, exist_ok=True)
-    marker = {"stage": stage, "checkpoint": checkpoint, "seconds": round(time.time() - start, 1),
+    marker = {"stage": stage, "checkpoint": path, "seconds": round(time.time() - start, 1),
               "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}}
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return marker

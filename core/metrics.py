@@ -92,6 +92,9 @@ _SPECS = [
     _g("rollout/staleness_versions", "learner version minus the oldest policy_version trained on this step"),
     _g("rollout/queue_depth", "scored rollouts waiting for the learner"),
     _c("rollout/samples_total", "rollouts produced"),
+    _c("rollout/prompts_resampled_total", "prompts sampled again on another actor or after a restart, by why their "
+       "first actor failed (died, stuck, retired)", ("reason",)),
+    _c("rollout/dropped_total", "rollouts sampled but not trained on, by reason (stale)", ("reason",)),
     # reward/: the reward service
     _h("reward/latency_seconds", "wall time of one reward batch", SECONDS_BUCKETS),
     _g("reward/mean", "mean reward of the step's train batch"),
@@ -124,6 +127,7 @@ _SPECS = [
     _g("learner/value_clip_fraction", "fraction of value predictions clipped (0 without a critic)"),
     _c("learner/tokens_trained_total", "response tokens the learner updated on"),
     _c("learner/steps_total", "learner steps completed"),
+    _c("learner/bad_steps_total", "steps with a non-finite loss or gradient, skipped (learner.max_bad_steps)"),
     # sync/: weight publication through the object store
     _g("sync/seconds", "publish plus slowest load of one weight sync"),
     _g("sync/bytes", "bytes published per weight version"),
@@ -152,6 +156,12 @@ _SPECS = [
     _g("system/heartbeat_timestamp_seconds", "unix time of the component's last heartbeat"),
     _g("system/step_seconds", "wall time of one whole RL step (generate, score, update, sync)"),
     _c("system/actor_restarts_total", "actor restarts observed by the driver", ("actor_id",)),
+    _c("system/actor_failures_total", "generation actor failures, by kind: died (crashed), stuck (missed its "
+       "deadline and was killed), retired (out of restarts, or its node is gone)", ("actor_id", "reason")),
+    _g("system/fleet_size", "generation actors taking work"),
+    _c("system/actors_added_total", "generation actors that joined a running job (generation.max_num_actors)"),
+    _c("system/learner_restores_total", "times the learner was rebuilt from the last checkpoint after it died"),
+    _g("system/checkpoint_seconds", "wall time of the last checkpoint (learner state, driver state, fsync, rename)"),
 ]
 
 
@@ -341,6 +351,10 @@ class JsonlLogger:
         record = {"step": int(step), "time": time.time(), **{k: _jsonable(v) for k, v in values.items()}}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+
+    def offset(self) -> int:
+        """Bytes written so far: where a resumed run cuts the log back to."""
+        return self._file.tell()
 
     def close(self) -> None:
         self._file.close()

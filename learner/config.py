@@ -36,6 +36,13 @@ class AlgorithmConfig(Section):
     drop_uniform_groups: bool = Field(True, description="drop groups whose samples all scored the same")
     max_staleness: int = Field(0, ge=0, description="0 = on-policy; s = actors may sample up to s versions ahead")
 
+    @model_validator(mode="after")
+    def _kl(self) -> AlgorithmConfig:
+        if self.kl_target is not None and self.kl_in == "none":
+            raise ValueError(f"algorithm.kl_target ({self.kl_target}) steers a KL penalty, but algorithm.kl_in is "
+                             "none (no penalty); set kl_in to reward or loss, or kl_target to null")
+        return self
+
 
 class LearnerConfig(Section):
     lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate of the policy")
@@ -63,6 +70,10 @@ class LearnerConfig(Section):
     torch_threads: int | None = Field(2, ge=1, description="torch intra-op threads in the learner; "
                                       "null = Ray's default (num_cpus)")
     timeout_s: float = Field(600.0, gt=0, description="timeout of one learner call, seconds")
+    max_restores: int = Field(2, ge=0, description="times a dead learner is rebuilt from the last checkpoint before "
+                              "the run stops (and says how to resume)")
+    max_bad_steps: int = Field(3, ge=1, description="steps in a row whose loss or gradient is not finite (each is "
+                               "skipped and counted) before the run stops; the last checkpoint stays intact")
 
     @model_validator(mode="after")
     def _batches(self) -> LearnerConfig:

@@ -16,8 +16,12 @@ Simplifications, on purpose:
 
 from __future__ import annotations
 
+import math
+import random
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,15 +33,24 @@ from learner.config import AlgorithmConfig, LearnerConfig
 from learner.critic import Critic
 from learner.weights import PackedWeights, pack_weights
 
+STATE_FILE = "trainer_state.pt"
+"""everything besides the Hugging Face weights that an exact resume needs (``Learner.save``)"""
+
+
+class NonFiniteError(RuntimeError):
+    """``learner.max_bad_steps`` steps in a row had a non-finite loss or gradient."""
+
+
 _EXPORTED = {k for k in METRICS if k.startswith("learner/")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Learner:
     def __init__(self, policy_path: str, algorithm: AlgorithmConfig, learner: LearnerConfig, dtype: str = "float32",
-                 temperature: float = 1.0, max_tokens: int = 1):
+                 temperature: float = 1.0, max_tokens: int = 1, reference_path: str | None = None):
         """``temperature``: the sampler's, so logprobs are of the distribution that sampled; ``max_tokens``: the
-        constant of the ``seq-mean-token-sum-norm`` loss aggregation (Dr.GRPO)."""
+        constant of the ``seq-mean-token-sum-norm`` loss aggregation (Dr.GRPO); ``reference_path``: the frozen
+        reference when it differs from ``policy_path`` (a resumed run starts the policy from its checkpoint)."""
         self.alg, self.lc = algorithm, learner
         self.temperature, self.max_tokens = temperature, max_tokens
         if self.lc.num_gpus > 0 and not torch.cuda.is_available():
@@ -50,7 +63,8 @@ class Learner:
         self.policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(self.device)
         self.reference = None
         if self.alg.kl_in != "none":
-            self.reference = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype).to(self.device).eval()
+            self.reference = AutoModelForCausalLM.from_pretrained(reference_path or policy_path, dtype=dtype)
+            self.reference = self.reference.to(self.device).eval()
             self.reference.requires_grad_(False)
         self.critic, self.value_head = None, None
         groups = [{"params": list(self.policy.parameters()), "lr": self.lc.lr}]
@@ -71,6 +85,7 @@ class Learner:
         else:
             self.kl_ctl = algos.FixedKLController(self.alg.kl_coef)
         self.version = 0
+        self.bad_steps = 0  # steps in a row whose loss or gradient was not finite
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.sink = MetricSink("learner")
         self.sink.heartbeat()
@@ -188,11 +203,12 @@ class Learner:
     def _update(self, batch, mask, advantages, returns, old_logprobs, ref_logprobs, values) -> dict[str, float]:
         n = len(batch)
         sums: dict[str, float] = {}
-        updates = 0
+        updates, skipped = 0, 0
         for _ in range(self.lc.epochs):
             order = torch.randperm(n)
             for mb in order.split(self.lc.minibatch_size):
                 self.optimizer.zero_grad(set_to_none=True)
+                mb_sums: dict[str, float] = {}
                 for micro in self._micro_indices(len(mb), mb):
                     part = self._micro_loss(batch.select(micro), mask[micro], advantages[micro],
                                             None if old_logprobs is None else old_logprobs[micro],
@@ -201,18 +217,28 @@ class Learner:
                                             old_values=None if self.value_head is None else values[micro],
                                             returns=returns[micro])
                     for k, v in part.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.lc.max_grad_norm)
+                        mb_sums[k] = mb_sums.get(k, 0.0) + v
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.lc.max_grad_norm).item()
+                if not (math.isfinite(grad_norm) and all(math.isfinite(v) for v in mb_sums.values())):
+                    self.optimizer.zero_grad(set_to_none=True)  # skip it: one NaN would poison every weight
+                    skipped += 1
+                    continue
                 self.optimizer.step()
                 self.scheduler.step()
-                sums["learner/grad_norm"] = sums.get("learner/grad_norm", 0.0) + grad_norm.item()
-                updates += 1
+                mb_sums["learner/grad_norm"] = grad_norm
                 if self.critic is not None:
-                    critic_stats = self.critic.update(batch.select(mb), mask[mb], values[mb], returns[mb], self.alg)
-                    for k, v in critic_stats.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                    mb_sums.update(self.critic.update(batch.select(mb), mask[mb], values[mb], returns[mb], self.alg))
+                for k, v in mb_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                updates += 1
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        if self.bad_steps >= self.lc.max_bad_steps:
+            raise NonFiniteError(f"the loss or gradient was not finite in {self.bad_steps} steps in a row "
+                                 f"(learner.max_bad_steps={self.lc.max_bad_steps}); the run stopped before applying "
+                                 "them. Look at the rewards (reward/mean, reward/std) and lower learner.lr")
         out = {k: v / updates for k, v in sums.items()}
-        if self.value_head is not None:
+        out["learner/bad_steps_total"] = float(bool(skipped))
+        if self.value_head is not None and updates:
             out["learner/explained_variance"] = algos.explained_variance(values, returns, mask).item()
         return out
 
@@ -263,13 +289,52 @@ class Learner:
         return self.version, [ref], stats
 
     def save(self, path: str) -> str:
+        """The policy in Hugging Face format (and the critic's, for use elsewhere), plus ``trainer_state.pt``:
+        optimizer, LR schedule, critic and its optimizer, value head, KL controller, version and this process's
+        RNG states, which is what ``load_state`` needs to continue exactly."""
         self.policy.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         if self.critic is not None:
             self.critic.save(f"{path}/critic")
         if self.value_head is not None:
             torch.save(self.value_head.state_dict(), f"{path}/value_head.pt")
+        torch.save({
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_coef": self.kl_ctl.value,
+            "version": self.version,
+            "bad_steps": self.bad_steps,
+            "critic": None if self.critic is None else self.critic.state_dict(),
+            "critic_optimizer": None if self.critic is None else self.critic.optimizer.state_dict(),
+            "value_head": None if self.value_head is None else self.value_head.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }, Path(path) / STATE_FILE)
         return path
+
+    def load_state(self, path: str) -> int:
+        """Continue from a ``save``d checkpoint whose policy this learner was built from; returns its version."""
+        state = torch.load(Path(path) / STATE_FILE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.value = state["kl_coef"]
+        self.version, self.bad_steps = state["version"], state["bad_steps"]
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+            self.critic.optimizer.load_state_dict(state["critic_optimizer"])
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return self.version
+
+    def set_version(self, version: int) -> None:
+        """Number the next published version after ``version`` (a learner restored while actors ran ahead)."""
+        self.version = version
 
     @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:

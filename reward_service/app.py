@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -35,6 +36,10 @@ from reward_service.scorers import CodeScorer, FunctionScorer, ModelScorer, Rewa
 
 INGRESS_MAX_ONGOING = 256
 """concurrent score calls the ingress accepts (callers beyond wait in Serve's queue)"""
+
+HTTP_MAX_BODY_BYTES = 4 * 2**20
+"""largest body (4 MiB) the debug HTTP route reads; a larger one gets 413 (a declared Content-Length over it before
+the body is read). RL scores through the handle, which this does not limit"""
 
 SCORERS = {"rule": RuleScorer, "model": ModelScorer, "ensemble": RewardEnsemble, "function": FunctionScorer,
             "code": CodeScorer}
@@ -53,6 +58,15 @@ class RewardIngress:
 
     def config(self) -> RewardConfig:
         return self._cfg
+
+    def norm_state(self) -> dict | None:
+        """The running normalisation's statistics (``normalize: true``), for a checkpoint; None without."""
+        return None if self._norm is None else dataclasses.asdict(self._norm)
+
+    def set_norm_state(self, state: dict | None) -> None:
+        """Continue the running normalisation from a checkpoint's ``norm_state``."""
+        if self._norm is not None and state is not None:
+            self._norm = RunningNorm(**state)
 
     def health(self) -> dict:
         """The ingress replica's pid and its source names (for debugging and the replica-death test)."""
@@ -131,18 +145,61 @@ class RewardIngress:
         return dict(zip(names, results, strict=True))
 
     async def __call__(self, http_request) -> Any:
-        """POST {"requests": [{"prompt", "response", "metadata"}]} -> {"results": [...]}."""
+        """POST {"requests": [{"prompt", "response", "metadata"}]} -> {"results": [...]}. A call that is not a JSON
+        POST of that shape gets a 4xx with {"error": what is wrong}; a bad sample gets an error result, as in
+        ``score``."""
         from starlette.responses import JSONResponse
 
         try:
-            body = await http_request.json()
-        except ValueError as exc:
-            return JSONResponse({"error": f"body is not JSON: {exc}"}, status_code=400)
-        if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
-            return JSONResponse({"error": 'expected {"requests": [{"prompt": ..., "response": ..., '
-                                          '"metadata": {...}}, ...]}'}, status_code=400)
+            body = await _json_body(http_request)
+        except _HTTPError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
         results = await self.score(body["requests"])
         return JSONResponse({"results": [dataclasses.asdict(r) for r in results]})
+
+
+_SHAPE = '{"requests": [{"prompt": ..., "response": ..., "metadata": {...}}, ...]}'
+
+
+class _HTTPError(Exception):
+    """A malformed call to the debug HTTP route: its status (4xx) and what is wrong."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+async def _json_body(http_request) -> dict:
+    """The body of a POST of ``_SHAPE`` as JSON, read up to ``HTTP_MAX_BODY_BYTES``; else ``_HTTPError``."""
+    if http_request.method != "POST":
+        raise _HTTPError(405, f"use POST with a JSON body {_SHAPE}, not {http_request.method}", {"Allow": "POST"})
+    ctype = http_request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise _HTTPError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
+    too_large = _HTTPError(413, f"body larger than {HTTP_MAX_BODY_BYTES} bytes (HTTP_MAX_BODY_BYTES); send fewer "
+                                "requests per call")
+    declared = http_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > HTTP_MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in http_request.stream():  # a chunked body declares no length: count as it comes
+        size += len(chunk)
+        if size > HTTP_MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8; RecursionError: nested too deep
+        raise _HTTPError(400, f"body is not JSON ({str(exc)[:200] or type(exc).__name__}); expected {_SHAPE}") from None
+    if not isinstance(body, dict):
+        raise _HTTPError(400, f"expected a JSON object {_SHAPE}, got {type(body).__name__}")
+    unknown = sorted(set(body) - {"requests"})
+    if unknown or not isinstance(body.get("requests"), list):
+        what = f"unknown key(s) {unknown}" if unknown else \
+            f"'requests' must be a list, got {type(body.get('requests')).__name__}" if "requests" in body else \
+            "missing key 'requests'"
+        raise _HTTPError(400, f"{what}; expected {_SHAPE}")
+    return body
 
 
 async def _replica_stats(handle: DeploymentHandle) -> list[dict]:

@@ -104,6 +104,13 @@ class RewardClient:
         """Per source, each live replica's own stats (batch sizes seen, truncation, ...)."""
         return self._handle.source_stats.remote().result(timeout_s=self.cfg.timeout_s)
 
+    def norm_state(self) -> dict | None:
+        """The running reward normalisation's statistics (``normalize: true``), else None."""
+        return self._handle.norm_state.remote().result(timeout_s=self.cfg.timeout_s)
+
+    def set_norm_state(self, state: dict | None) -> None:
+        self._handle.set_norm_state.remote(state).result(timeout_s=self.cfg.timeout_s)
+
     def health(self) -> dict:
         """The ingress replica's pid and source names."""
         return self._handle.health.remote().result(timeout_s=self.cfg.timeout_s)

@@ -5,13 +5,14 @@ One driver with two generation actors is shared by the module (engine start cost
 
 from __future__ import annotations
 
-from collections import Counter, deque
+import time
+from collections import Counter
 
 import pytest
 import ray
 
 from cluster.config import load_config
-from cluster.driver import Driver, Fleet, resolve_policy
+from cluster.driver import Driver, resolve_policy, sampling_seed
 from cluster.resources import check_resources
 
 PROBE = ([1, 2, 3], [4, 5, 6, 7])  # a fixed token sequence: prompt ids, response ids
@@ -51,71 +52,135 @@ def assert_close(a, b, tol=1e-4):
 
 
 def one_training_step(d):
-    rollouts, _ = d.generate(d.next_prompts())
+    rollouts, _ = d.fleet.generate(d.next_prompts()[1])
     scored, _ = d.score(rollouts)
     # Guarantee a non-uniform group so the update really changes the weights.
     scored = [s.__class__(s.rollout, float(i % 2), s.components) for i, s in enumerate(scored)]
     return ray.get(d.learner.train_step.remote(scored), timeout=300)
 
 
-@pytest.mark.parametrize("n_actors", [1, 2])
-def test_every_prompt_sampled_exactly_once_per_step(driver, n_actors):
-    full = driver.fleet
-    driver.fleet = Fleet(full.actors[:n_actors], full.timeout_s, full.versions[:n_actors])
-    try:
-        prompts = driver.next_prompts()
-        rollouts, _ = driver.generate(prompts)
-    finally:
-        driver.fleet = full
+def handle(d, slot):
+    return d.fleet.members[slot].handle
+
+
+def test_every_prompt_sampled_exactly_once_per_step(driver):
+    _, prompts = driver.next_prompts()
+    rollouts, _ = driver.fleet.generate(prompts)
     per_group = Counter(r.group_id for r in rollouts)
     k = driver.cfg.generation.samples_per_prompt
     assert per_group == {p.index: k for p in prompts}
-    assert {r.actor_id for r in rollouts} == set(range(n_actors))
+    assert [r.group_id for r in rollouts] == sorted(r.group_id for r in rollouts)  # prompt order
+    assert {r.actor_id for r in rollouts} == {0, 1}
     for r in rollouts:
         assert len(r.sampling_logprobs) == len(r.response_ids) > 0
         assert r.metadata["answer"] and r.policy_version == driver.fleet.versions[r.actor_id]
 
 
+def test_per_prompt_seeds_make_sampling_reproducible(driver):
+    _, prompts = driver.next_prompts()
+    seeds = [sampling_seed(0, 1, p.index) for p in prompts]
+    first, _ = driver.fleet.generate(prompts, seeds=seeds)
+    driver.fleet.generate(prompts)  # unseeded work in between moves the engines' own random state
+    again, _ = driver.fleet.generate(prompts, seeds=seeds)
+    other, _ = driver.fleet.generate(prompts, seeds=[sampling_seed(0, 2, p.index) for p in prompts])
+    assert [r.response_ids for r in first] == [r.response_ids for r in again]
+    assert [r.response_ids for r in first] != [r.response_ids for r in other]
+
+
 def test_vllm_matches_learner_after_sync(driver):
     stats = one_training_step(driver)
     assert stats["learner/kept_fraction"] > 0
-    before = vllm_logprobs(driver.fleet.actors[0])
+    before = vllm_logprobs(handle(driver, 0))
     sync = driver.sync()
     assert sync["sync/bytes"] > 1e6 and sync["sync/seconds"] > 0
-    after = vllm_logprobs(driver.fleet.actors[0])
+    after = vllm_logprobs(handle(driver, 0))
     reference = learner_logprobs(driver)
     assert max(abs(x - y) for x, y in zip(before, after, strict=True)) > 1e-4  # the weights did change
-    for actor in driver.fleet.actors:
-        assert_close(vllm_logprobs(actor), reference)
+    for m in driver.fleet.live:
+        assert_close(vllm_logprobs(m.handle), reference)
 
 
 def test_actor_that_missed_versions_catches_up_from_latest_ref(driver):
-    lagging = driver.fleet.actors[1]
-    version_before = ray.get(lagging.health.remote(), timeout=30)["policy_version"]
+    lagging = driver.fleet.members[1]
+    version_before = ray.get(lagging.handle.health.remote(), timeout=30)["policy_version"]
     for _ in range(2):  # two versions published, only actor 0 loads them
         one_training_step(driver)
         version, ref, _ = ray.get(driver.learner.publish.remote(), timeout=60)
         driver.store.add(version, ref[0])
-        ray.get(driver.fleet.actors[0].update_weights.remote(version, ref), timeout=60)
-    assert ray.get(lagging.health.remote(), timeout=30)["policy_version"] == version_before
-    driver._catch_up(1)
-    assert ray.get(lagging.health.remote(), timeout=30)["policy_version"] == driver.store.latest_version
-    assert_close(vllm_logprobs(lagging), learner_logprobs(driver))
+        ray.get(handle(driver, 0).update_weights.remote(version, ref), timeout=60)
+    assert ray.get(lagging.handle.health.remote(), timeout=30)["policy_version"] == version_before
+    driver.fleet._catch_up(lagging)
+    assert ray.get(lagging.handle.health.remote(), timeout=30)["policy_version"] == driver.store.latest_version
+    assert_close(vllm_logprobs(lagging.handle), learner_logprobs(driver))
 
 
 def test_run_survives_a_crashed_generation_actor(driver):
     one_training_step(driver)
     driver.sync()
-    victim = driver.fleet.actors[1]
+    victim = handle(driver, 1)
     pid = ray.get(victim.health.remote(), timeout=30)["pid"]
     ray.kill(victim, no_restart=False)  # the process dies; Ray restarts it (max_restarts)
-    prompts = driver.next_prompts()
-    rollouts, _ = driver.generate(prompts)
+    _, prompts = driver.next_prompts()
+    rollouts, _ = driver.fleet.generate(prompts)
     assert len(rollouts) == len(prompts) * driver.cfg.generation.samples_per_prompt
-    assert driver.restarts == 1
+    assert driver.fleet.restarts == 1
+    counts = driver.fleet.take_counts()
+    assert counts["rollout/prompts_resampled_total{reason=died}"] == len(prompts) - len(prompts) // 2
     health = ray.get(victim.health.remote(), timeout=30)
     assert health["pid"] != pid and health["policy_version"] == driver.store.latest_version
     assert_close(vllm_logprobs(victim), learner_logprobs(driver))
+
+
+def test_stuck_actor_is_killed_restarted_and_caught_up(driver):
+    """An actor that is alive but never answers (here: busy in a 10-minute sleep) misses its deadline."""
+    victim = handle(driver, 1)
+    pid = ray.get(victim.health.remote(), timeout=30)["pid"]
+    victim.__ray_call__.remote(lambda self: time.sleep(600))
+    lines, deadline = [], driver.cfg.generation.timeout_s
+    driver.fleet.log, driver.cfg.generation.timeout_s = lines.append, 15.0
+    try:
+        _, prompts = driver.next_prompts()
+        started = time.monotonic()
+        rollouts, _ = driver.fleet.generate(prompts)
+        took = time.monotonic() - started
+    finally:
+        driver.fleet.log, driver.cfg.generation.timeout_s = driver.log, deadline
+    assert Counter(r.group_id for r in rollouts) == {p.index: driver.cfg.generation.samples_per_prompt
+                                                     for p in prompts}
+    assert any("generation actor 1 stuck" in line for line in lines), lines
+    assert 15.0 <= took < 120.0
+    health = ray.get(victim.health.remote(), timeout=30)
+    assert health["pid"] != pid and health["policy_version"] == driver.store.latest_version
+    assert driver.fleet.take_counts()["rollout/prompts_resampled_total{reason=stuck}"] > 0
+
+
+def test_fleet_retires_an_actor_for_good_and_grows_back(driver):
+    """An actor that cannot come back is retired and the others take its prompts; with room in the cluster
+    and generation.max_num_actors above the fleet, a new actor starts, catches up and takes work."""
+    ray.kill(handle(driver, 1), no_restart=True)
+    _, prompts = driver.next_prompts()
+    rollouts, _ = driver.fleet.generate(prompts)
+    assert Counter(r.group_id for r in rollouts) == {p.index: driver.cfg.generation.samples_per_prompt
+                                                     for p in prompts}
+    assert {r.actor_id for r in rollouts} == {0}
+    counts = driver.fleet.take_counts()
+    assert counts["system/fleet_size"] == 1.0 and counts["rollout/prompts_resampled_total{reason=retired}"] > 0
+
+    driver.cfg.generation.max_num_actors = 2
+    try:
+        driver.fleet.grow()  # starts one (its engine takes ~20 s)
+        deadline = time.monotonic() + 120
+        while len(driver.fleet.live) < 2 and time.monotonic() < deadline:
+            time.sleep(2)
+            driver.fleet.grow()
+    finally:
+        driver.cfg.generation.max_num_actors = None
+    assert [m.slot for m in driver.fleet.live] == [0, 2]
+    newcomer = handle(driver, 2)
+    assert ray.get(newcomer.health.remote(), timeout=30)["policy_version"] == driver.store.latest_version
+    assert_close(vllm_logprobs(newcomer), learner_logprobs(driver))
+    rollouts, _ = driver.fleet.generate(prompts)
+    assert {r.actor_id for r in rollouts} == {0, 2}
 
 
 def test_greedy_evaluation_is_deterministic(driver):
@@ -126,13 +191,12 @@ def test_greedy_evaluation_is_deterministic(driver):
 def test_actors_run_one_version_ahead_with_max_staleness_1(driver):
     driver.cfg.algorithm.max_staleness = 1
     try:
-        inflight, version, staleness = deque(), driver.store.latest_version, []
+        staleness = []
         for _ in range(3):
-            metrics = driver._step(version, inflight)
+            metrics = driver._step()
             staleness.append(metrics["rollout/staleness_versions"])
-            version = driver.store.latest_version
         assert staleness == [0.0, 1.0, 1.0]  # the first batch was sampled before any update
-        assert len(inflight) == 1  # one generation runs ahead
-        driver.collect(inflight.popleft())
+        assert len(driver.inflight) == 1  # one generation runs ahead
+        driver.fleet.collect(driver.inflight.popleft()[1])
     finally:
         driver.cfg.algorithm.max_staleness = 0

@@ -1,0 +1,273 @@
+"""The generation fleet: the vLLM actors, the version each holds, and what happens when one fails.
+
+The driver hands it prompts and gets rollouts back in prompt order; the fleet owns sharding,
+launch and collect, weight fan-out, restart and catch-up, and growth. Every call has a deadline:
+
+- an actor that **died** is restarted by Ray (``generation.max_restarts``), caught up to the
+  latest published version from the ``VersionStore``, and its shard is sampled again;
+- an actor that is alive but **stuck** (its call missed ``generation.timeout_s``) is killed, and
+  then handled as one that died;
+- an actor out of restarts, or whose restart does not come back within
+  ``generation.start_timeout_s`` (its node is gone), is **retired**: its shard goes to the
+  others, and the fleet runs on with fewer;
+- with ``generation.max_num_actors`` above ``num_actors``, an actor is **added** whenever the
+  cluster has room for one (say, the autoscaler brought a node). It starts in the background,
+  catches up to the latest version, and takes work from the next launch.
+
+Each failure is logged with the actor's slot and counted in ``system/actor_failures_total`` and
+``rollout/prompts_resampled_total``. A shard is sampled again in full, so a rollout from a
+failed call is never trained on, and never twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+
+from actors.config import GenerationConfig
+from core.records import Prompt, Rollout
+from learner.weights import VersionStore
+
+
+class FleetError(RuntimeError):
+    """No generation actor is left to take work."""
+
+
+@dataclass
+class Member:
+    """One actor slot. ``state``: joining (engine starting) -> live -> retired."""
+
+    slot: int
+    handle: object
+    version: int
+    state: str = "live"
+    ready: object = None  # the health() ref of a joining actor
+    restarts: int = 0
+
+
+@dataclass
+class Launch:
+    """Work handed to the fleet and not collected yet: shard i runs on member ``slots[i]``."""
+
+    kind: str  # "generate" (sampled rollouts) or "greedy" (texts)
+    shards: list[list[Prompt]]
+    slots: list[int]
+    refs: list
+    n: int | None
+    seeds: list[list[int]] | None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def contiguous_shards(items: list, k: int) -> list[list]:
+    """``k`` contiguous slices of near-equal size, so results concatenate back in order."""
+    bounds = [i * len(items) // k for i in range(k + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(k)]
+
+
+class Fleet:
+    def __init__(self, cfg: GenerationConfig, policy_path: str, dtype: str, store: VersionStore,
+                 runtime_env: dict | None = None, version: int = 0, log=print, sink=None):
+        """``version``: that of the weights at ``policy_path`` (a resumed run's checkpoint)."""
+        from actors.generation import GenerationActor
+
+        self.cfg, self.policy_path, self.dtype, self.store = cfg, policy_path, dtype, store
+        self.start_version, self.log, self.sink = version, log, sink
+        self._cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
+                               max_task_retries=0)(GenerationActor).options(runtime_env=runtime_env or {})
+        self.members: list[Member] = []
+        self.restarts = 0  # Ray restarts observed, all actors
+        self.resampled: dict[str, int] = {}  # prompts sampled again, by reason, since the last take_counts()
+
+    # ---- membership -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start ``num_actors`` engines and wait until all are up (~20 s each on CPU)."""
+        for _ in range(self.cfg.num_actors):
+            self._spawn()
+        ray.get([m.ready for m in self.members], timeout=self.cfg.start_timeout_s)
+        for m in self.members:
+            m.state, m.ready = "live", None
+
+    def _spawn(self) -> Member:
+        slot = len(self.members)
+        handle = self._cls.remote(self.cfg, self.policy_path, self.dtype, slot, self.start_version)
+        member = Member(slot, handle, self.start_version, state="joining", ready=handle.health.remote())
+        self.members.append(member)
+        return member
+
+    @property
+    def live(self) -> list[Member]:
+        return [m for m in self.members if m.state == "live"]
+
+    @property
+    def versions(self) -> dict[int, int]:
+        """The policy version each live actor holds, by slot."""
+        return {m.slot: m.version for m in self.live}
+
+    def grow(self) -> None:
+        """Admit actors whose engines came up; start one more if below ``max_num_actors`` and the cluster
+        has room for it. Never blocks."""
+        for m in self.members:
+            if m.state != "joining" or not ray.wait([m.ready], timeout=0)[0]:
+                continue
+            try:
+                ray.get(m.ready, timeout=self.cfg.timeout_s)
+                self._catch_up(m)
+            except (RayActorError, GetTimeoutError) as e:
+                self._retire(m, f"it failed while starting ({_first_line(e)})")
+                continue
+            m.state, m.ready = "live", None
+            self.log(f"generation actor {m.slot} joined at version {m.version}; fleet of {len(self.live)}")
+            self._count("system/actors_added_total")
+        target = self.cfg.max_num_actors or self.cfg.num_actors
+        busy = sum(m.state in ("live", "joining") for m in self.members)
+        if busy < target and self._room_for_one():
+            self._spawn()
+            self.log(f"starting generation actor {len(self.members) - 1} (the cluster has room; target {target})")
+
+    def _room_for_one(self) -> bool:
+        free = ray.available_resources()
+        return (free.get("CPU", 0.0) >= self.cfg.num_cpus - 1e-9
+                and free.get("GPU", 0.0) >= self.cfg.num_gpus - 1e-9)
+
+    # ---- work -----------------------------------------------------------------------------------
+    def launch(self, prompts: list[Prompt], n: int | None = None, seeds: list[int] | None = None,
+               kind: str = "generate") -> Launch:
+        """Start ``kind`` (generate: ``n`` samples per prompt, one seed per prompt if given; greedy) of
+        ``prompts`` over the live actors, one contiguous shard each."""
+        members = self.live
+        if not members:
+            raise FleetError("no generation actor is left: every one has failed and used up its restarts "
+                             "(generation.max_restarts). The last checkpoint is intact; continue with "
+                             "relay train --resume")
+        shards = contiguous_shards(prompts, len(members))
+        seed_shards = contiguous_shards(seeds, len(members)) if seeds else None
+        refs = [self._submit(m, kind, s, n, seed_shards[i] if seed_shards else None)
+                for i, (m, s) in enumerate(zip(members, shards, strict=True))]
+        return Launch(kind, shards, [m.slot for m in members], refs, n, seed_shards)
+
+    def collect(self, launch: Launch) -> tuple[list, float]:
+        """Wait for a launch: rollouts (generate) or texts (greedy) in prompt order, and the seconds since
+        launch. A shard whose actor failed is sampled again (module docstring)."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        out = []
+        for i, ref in enumerate(launch.refs):
+            member = self.members[launch.slots[i]]
+            seeds = launch.seeds[i] if launch.seeds else None
+            try:
+                result = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+            except (RayActorError, GetTimeoutError) as e:
+                result = self._redo(launch.kind, launch.shards[i], launch.n, seeds, member, e)
+            out.extend(result[0] if launch.kind == "generate" else result)
+        return out, time.perf_counter() - launch.started
+
+    def generate(self, prompts: list[Prompt], n: int | None = None,
+                 seeds: list[int] | None = None) -> tuple[list[Rollout], float]:
+        return self.collect(self.launch(prompts, n, seeds))
+
+    def greedy(self, prompts: list[Prompt]) -> list[str]:
+        return self.collect(self.launch(prompts, kind="greedy"))[0]
+
+    def _submit(self, member: Member, kind: str, shard: list[Prompt], n: int | None, seeds: list[int] | None):
+        if kind == "greedy":
+            return member.handle.greedy.remote(shard)
+        return member.handle.generate.remote(shard, n, seeds)
+
+    def _redo(self, kind, shard, n, seeds, member: Member, error: Exception):
+        """Sample ``shard`` again after ``member`` failed on it: on the same actor once it is back, else on
+        the live ones."""
+        reason = "stuck" if isinstance(error, GetTimeoutError) else "died"
+        self._recover(member, reason, error)
+        self.resampled[reason if member.state == "live" else "retired"] = (
+            self.resampled.get(reason if member.state == "live" else "retired", 0) + len(shard))
+        if member.state == "live":
+            return self._call(member, kind, shard, n, seeds)
+        redo = self.launch(shard, n, seeds, kind)  # the others share it
+        return (self.collect(redo)[0], 0.0) if kind == "generate" else self.collect(redo)[0]
+
+    def _call(self, member: Member, kind, shard, n, seeds):
+        """One call with the deadline; a second failure of the same actor retires it and the others take it."""
+        try:
+            return ray.get(self._submit(member, kind, shard, n, seeds), timeout=self.cfg.timeout_s)
+        except (RayActorError, GetTimeoutError) as e:
+            self._retire(member, f"it failed again right after its restart ({_first_line(e)})")
+            return self._redo(kind, shard, n, seeds, member, e)
+
+    # ---- weights --------------------------------------------------------------------------------
+    def load(self, version: int, ref) -> dict[str, float]:
+        """Every live actor loads ``version`` (published as ``ref``, already in the store); returns the
+        slowest fetch + load."""
+        members = self.live
+        refs = [m.handle.update_weights.remote(version, [ref]) for m in members]
+        slowest = 0.0
+        for m, r in zip(members, refs, strict=True):
+            try:
+                stats = ray.get(r, timeout=self.cfg.timeout_s)
+                slowest = max(slowest, stats["sync/load_seconds"] + stats["sync/fetch_seconds"])
+                m.version = version
+            except (RayActorError, GetTimeoutError) as e:  # a recovered actor catches up to this version
+                self._recover(m, "stuck" if isinstance(e, GetTimeoutError) else "died", e)
+        return {"sync/load_seconds": slowest}
+
+    def _catch_up(self, member: Member) -> None:
+        if self.store.latest_version > member.version:
+            version, ref = self.store.latest()
+            ray.get(member.handle.update_weights.remote(version, [ref]), timeout=self.cfg.timeout_s)
+            member.version = version
+
+    # ---- failures -------------------------------------------------------------------------------
+    def _recover(self, member: Member, reason: str, error: Exception) -> None:
+        """Bring a failed actor back (kill it first if stuck) and catch it up; retire it if it cannot be."""
+        if member.state != "live":
+            return
+        self.log(f"generation actor {member.slot} {reason} ({_first_line(error)}); restarting it")
+        self._count("system/actor_failures_total", actor_id=str(member.slot), reason=reason)
+        if reason == "stuck":
+            ray.kill(member.handle, no_restart=False)  # Ray restarts it if it has restarts left
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while True:
+            try:
+                ray.get(member.handle.health.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ActorDiedError as e:
+                return self._retire(member, f"it cannot be restarted ({_first_line(e)})")
+            except (RayActorError, GetTimeoutError) as e:
+                if time.monotonic() > deadline:
+                    return self._retire(member, f"its restart did not come back within generation.start_timeout_s="
+                                                f"{self.cfg.start_timeout_s:g} s ({_first_line(e)})")
+                time.sleep(1.0)
+        member.version, member.restarts = self.start_version, member.restarts + 1
+        self.restarts += 1
+        self._count("system/actor_restarts_total", actor_id=str(member.slot))
+        try:
+            self._catch_up(member)
+        except (RayActorError, GetTimeoutError) as e:
+            self._retire(member, f"it failed while catching up ({_first_line(e)})")
+
+    def _retire(self, member: Member, why: str) -> None:
+        if member.state == "retired":
+            return
+        member.state = "retired"
+        ray.kill(member.handle, no_restart=True)
+        self._count("system/actor_failures_total", actor_id=str(member.slot), reason="retired")
+        self.log(f"generation actor {member.slot} retired: {why}; {len(self.live)} actors take its work")
+
+    def _count(self, key: str, **tags: str) -> None:
+        if self.sink is not None:
+            self.sink.log({key: 1.0}, tags=tags or None)
+
+    def take_counts(self) -> dict[str, float]:
+        """Prompts sampled again since the last call, by reason, as metric keys; and the live fleet size."""
+        out = {f"rollout/prompts_resampled_total{{reason={r}}}": float(v) for r, v in self.resampled.items()}
+        self.resampled = {}
+        out["system/fleet_size"] = float(len(self.live))
+        return out
+
+    def health(self) -> list[dict]:
+        return ray.get([m.handle.health.remote() for m in self.live], timeout=self.cfg.timeout_s)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
