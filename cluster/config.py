@@ -35,6 +35,22 @@ class ModelConfig(Section):
                            "task's files) are built and cached")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="the embedded tiny model")
 
+    @model_validator(mode="after")
+    def _checkpoint(self) -> ModelConfig:
+        # A path missing here may be on the cluster's nodes (the driver checks it); one that is here must be a
+        # checkpoint, and saying so now spares starting Ray first.
+        path = Path(self.path) if self.path is not None else None
+        if path is not None and path.exists() and not (path / "config.json").is_file():
+            what = "no config.json in it" if path.is_dir() else "no config.json: it is a file"
+            raise ValueError(f"model.path {self.path!r} is not a Hugging Face checkpoint directory ({what}); point "
+                             "it at a directory written by save_pretrained, or set it to null for the embedded model")
+        tok = self.tokenizer
+        if tok is not None and not Path(tok).is_dir() and (Path(tok).exists() or tok.startswith(("/", ".", "~"))):
+            what = "is a file" if Path(tok).exists() else "does not exist"
+            raise ValueError(f"model.tokenizer {tok!r} {what}; give a directory holding a tokenizer (a checkpoint "
+                             "directory), or null for the one in model.path")
+        return self
+
 
 class TrainConfig(Section):
     steps: int = Field(2000, ge=1, description="RL steps (one batch of prompts each)")
@@ -51,13 +67,21 @@ class TrainConfig(Section):
                         "(0 = off)")
     eval_pass_threshold: float = Field(1.0, description="a sample passes (pass@k) when its held-out score is at "
                                        "least this")
-    seed: int = Field(0, description="seed of prompt order")
+    seed: int = Field(0, description="seed of prompt order, and of the sampling seeds in deterministic mode")
+    deterministic: bool = Field(False, description="reproducible on CPU: each prompt's sampling seed derives from "
+                                "(seed, step, group id), so a resumed run equals an uninterrupted one. Needs "
+                                "algorithm.max_staleness 0")
     run_dir: str = Field("runs/latest", description="where metrics.jsonl, checkpoints and the report go")
 
 
 class CheckpointConfig(Section):
-    every: int = Field(0, ge=0, description="save a Hugging Face checkpoint every this many steps; 0 = only at the end")
-    keep_versions: int = Field(2, ge=1, description="published weight versions kept in the object store")
+    every: int = Field(0, ge=0, description="save a full checkpoint (Hugging Face policy plus everything a resume "
+                       "needs) every this many steps; 0 = by time only")
+    every_s: float | None = Field(1800.0, gt=0, description="also save one when this many seconds have passed since "
+                                  "the last; null = by step only. A run always saves at the end and on SIGTERM/Ctrl-C")
+    keep_last: int = Field(2, ge=1, description="step checkpoints kept on disk (older ones are deleted); the final "
+                           "one is always kept")
+    keep_versions: int = Field(2, ge=1, description="published weight versions kept in the object store (not on disk)")
 
 
 class MetricsConfig(Section):
@@ -126,7 +150,26 @@ class RelayConfig(Section):
                              "has none. Set model.path (or model.tokenizer), or use data.template")
         if self.generation.num_gpus == 0 and self.generation.tensor_parallel_size > 1:
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.num_gpus > 0")
+        if self.train.deterministic and self.algorithm.max_staleness > 0:
+            raise ValueError(f"train.deterministic collects every step's rollouts from the weights of the step "
+                             f"before; algorithm.max_staleness={self.algorithm.max_staleness} samples ahead with "
+                             "older ones. Set max_staleness to 0, or deterministic to false")
+        self._one_sample_per_prompt()
         return self
+
+    def _one_sample_per_prompt(self) -> None:
+        """With one sample per prompt every group is a singleton: group baselines give advantage 0, and the
+        uniform-group filter (all but ppo) drops every sample."""
+        if self.generation.samples_per_prompt > 1:
+            return
+        name = self.algorithm.name
+        if name in ("grpo", "drgrpo", "rloo"):
+            raise ValueError(f"algorithm.name={name} compares the responses to one prompt, so it needs "
+                             "generation.samples_per_prompt >= 2 (got 1); raise it, or use reinforce or ppo")
+        if name != "ppo" and self.algorithm.drop_uniform_groups:
+            raise ValueError("algorithm.drop_uniform_groups drops every group of one sample, and "
+                             "generation.samples_per_prompt is 1: nothing would be trained on. Set "
+                             "drop_uniform_groups to false or raise samples_per_prompt")
 
 
 def _set_dotted(tree: dict, dotted: str, value: object) -> None:
@@ -145,11 +188,22 @@ def parse_override(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set generation.num_actors=2")
+    if not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: {key.strip()!r} has an empty part; a key is section.name, "
+                          "e.g. --set generation.num_actors=2")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({e})") from None
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({_yaml_problem(e)}); quote it, "
+                          "e.g. --set 'data.template=\"Q: {question}\"'") from None
     return key.strip(), value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, e.g. "expected ',' or '}', but got '<stream end>' at line 2, column 1"."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _describe(error: dict) -> str:
@@ -172,7 +226,16 @@ def _describe(error: dict) -> str:
         hint = f"; did you mean {'.'.join([*map(str, parent_loc), close[0]])!r}?" if close else ""
         return f"unknown key {key!r}{hint} (allowed here: {', '.join(allowed)})" if allowed else f"unknown key {key!r}"
     value = error.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    if error["type"] == "value_error":  # a validator's message names its keys already
+        msg = error["msg"].removeprefix("Value error, ")
+        section = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
+        return msg if section in msg else f"{key}: {msg}"
+    if error["type"] == "model_type" and value is None:
+        return f"{key}: the section is empty (null); give it keys or delete its line"
+    if isinstance(value, dict):
+        shown = f" (got a section: {{{', '.join(map(str, value))}}})" if error["type"].endswith("_type") else ""
+    else:
+        shown = f" (got {value!r})"
     return f"{key}: {error['msg']}{shown}"
 
 
@@ -181,12 +244,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; give the experiment's YAML file, "
+                              "e.g. --config cluster/local.yaml")
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"config file {str(path)!r} does not exist (relative paths are read from the "
+                              f"directory relay runs in: {Path.cwd()})")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
@@ -240,3 +309,47 @@ def reference_table() -> str:
 
     walk(RelayConfig, "")
     return "\n".join(rows)
+
+
+# Keys a resumed run may change: budgets, placement, timeouts and logging. Any other change (the model, the
+# data, the algorithm, the batch) would continue a different run, so --resume refuses it and names the key.
+RESUMABLE = (
+    "train.steps", "train.time_limit_s", "train.eval_every", "train.eval_prompts", "train.run_dir",
+    "checkpoint.", "metrics.", "cluster.", "pipeline.",
+    "generation.num_actors", "generation.max_num_actors", "generation.num_cpus", "generation.num_gpus",
+    "generation.timeout_s", "generation.start_timeout_s", "generation.max_restarts", "generation.torch_threads",
+    "generation.kv_cache_gb", "generation.gpu_memory_utilization", "generation.enforce_eager",
+    "learner.num_cpus", "learner.num_gpus", "learner.timeout_s", "learner.torch_threads", "learner.max_bad_steps",
+    "learner.max_restores", "reward.timeout_s", "reward.max_retries", "reward.deploy_timeout_s",
+    "reward.http_enabled", "reward.http_port", "reward.http_host",
+)
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix.removesuffix("."): tree}
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def resume_config(run_dir: str | Path, path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> RelayConfig:
+    """The config to continue ``run_dir`` with: the run's own (``config.json``), or ``path`` when given, plus
+    ``overrides``; refused, naming the key, where it changes what the run trains (``RESUMABLE``)."""
+    saved_path = Path(run_dir) / "config.json"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {str(run_dir)!r} holds no run (no config.json); give the train.run_dir of "
+                          "a run that was started, or start one without --resume")
+    saved = load_config(saved_path)
+    cfg = load_config(path or saved_path, [*overrides, f"train.run_dir={run_dir}"])
+    before, after = _flatten(saved.model_dump()), _flatten(cfg.model_dump())
+    changed = [k for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k) and not k.startswith(RESUMABLE)]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"--resume: the run in {run_dir} cannot continue with a changed {changed[0]} ({shown}): it "
+                          "would train something else. Undo the change, or start a new train.run_dir. Budgets, "
+                          "placement, timeouts and logging may change (train.steps, train.time_limit_s, "
+                          "generation.num_actors, ...)")
+    return cfg

@@ -153,7 +153,7 @@ class Driver:
         cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(Learner)
         learner = cls.options(runtime_env=self.runtime_env).remote(
             path, self.cfg.algorithm, lc, self.cfg.model.dtype, g.temperature, g.max_tokens,
-            reference_path=self.policy_path)
+            reference_path=self.policy_path, seed=self.cfg.train.seed)
         if with_state:
             ray.get(learner.load_state.remote(path), timeout=lc.timeout_s)
         return learner

@@ -61,11 +61,19 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def load_records(run_dir: Path) -> list[dict]:
+    if not run_dir.is_dir():
+        what = "is a file, not a directory" if run_dir.exists() else "does not exist"
+        raise ValueError(f"run directory {str(run_dir)!r} {what}: pass the directory a `relay train` run wrote "
+                         f"(it holds metrics.jsonl), e.g. `relay report runs/<name>`")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path} does not exist: pass the run directory a `relay train` run wrote "
                          f"(it holds metrics.jsonl), e.g. `relay report runs/<name>`")
-    records = [r for r in read_jsonl(path) if "step" in r]
+    try:
+        records = [r for r in read_jsonl(path) if isinstance(r, dict) and "step" in r]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); is it a relay metrics "
+                         "log?") from None
     if not records:
         raise ValueError(f"{path} holds no steps yet: wait for the run to finish a step, then rerun the report")
     return records
@@ -144,6 +152,9 @@ def make_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     records = load_records(run_dir)
     out_dir = run_dir / "report"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, and the report is written into a directory of that name; move the "
+                         "file away, then rerun")
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = []
     for figure in FIGURES:
@@ -161,8 +172,8 @@ def report_command(run_dir: str) -> int:
     """Entry point for ``relay report RUN_DIR``: 0 on success, 2 with a message on stderr otherwise."""
     try:
         out_dir = make_report(Path(run_dir))
-    except ValueError as err:
-        print(f"relay report: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # OSError: e.g. a run directory we may not read or write
+        print(f"relay report: error: {err}", file=sys.stderr)
         return 2
     print((out_dir / "summary.txt").read_text(), end="")
     print(f"report written to {out_dir}")

@@ -152,6 +152,15 @@ class Splits:
 # ------------------------------------------------------------------------------------------ reading
 
 
+def _is_blank(path: Path) -> bool:
+    """True for an empty or whitespace-only file (read until the first other byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
 def _bad_lines(path: Path) -> dict[int, str]:
     """Line number -> what is wrong, for lines that are not UTF-8 or (JSONL) not JSON: ``datasets`` would only
     say that the file failed."""
@@ -206,8 +215,9 @@ def read_rows(source: SourceConfig, on_invalid: str = "error", skipped: dict[str
     if path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError as e:
-            raise DataError(f"{path} is a directory but not one written by datasets' save_to_disk ({e})") from None
+        except FileNotFoundError:
+            raise DataError(f"{path} is a directory but not one written by datasets' save_to_disk; give a data file "
+                            f"({', '.join(sorted(FORMATS))}) or such a directory") from None
         if isinstance(ds, datasets.DatasetDict):
             if source.split not in ds:
                 raise DataError(f"{path} holds splits {sorted(ds)}, not {source.split!r}; set the source's 'split'")
@@ -217,6 +227,8 @@ def read_rows(source: SourceConfig, on_invalid: str = "error", skipped: dict[str
         if fmt is None:
             raise DataError(f"{path}: unknown format {path.suffix!r}; use one of {sorted(FORMATS)} or a "
                             "save_to_disk directory")
+        if _is_blank(path):  # datasets would fail with a bare StopIteration
+            raise DataError(f"{path}: the file is empty")
         if fmt in ("json", "csv"):
             path = _without_bad_lines(path, _bad_lines(path), on_invalid, {} if skipped is None else skipped, log)
         try:

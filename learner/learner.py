@@ -47,11 +47,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class Learner:
     def __init__(self, policy_path: str, algorithm: AlgorithmConfig, learner: LearnerConfig, dtype: str = "float32",
-                 temperature: float = 1.0, max_tokens: int = 1, reference_path: str | None = None):
+                 temperature: float = 1.0, max_tokens: int = 1, reference_path: str | None = None, seed: int = 0):
         """``temperature``: the sampler's, so logprobs are of the distribution that sampled; ``max_tokens``: the
         constant of the ``seq-mean-token-sum-norm`` loss aggregation (Dr.GRPO); ``reference_path``: the frozen
-        reference when it differs from ``policy_path`` (a resumed run starts the policy from its checkpoint)."""
+        reference when it differs from ``policy_path`` (a resumed run starts the policy from its checkpoint);
+        ``seed``: of this process's RNGs (minibatch order, head init), so two runs of one config agree."""
         self.alg, self.lc = algorithm, learner
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
         self.temperature, self.max_tokens = temperature, max_tokens
         if self.lc.num_gpus > 0 and not torch.cuda.is_available():
             raise RuntimeError(f"learner.num_gpus={self.lc.num_gpus} but this process sees no CUDA device")
@@ -94,7 +98,7 @@ class Learner:
     def from_config(cls, cfg, policy_path: str) -> Learner:
         """From the whole run config (``cluster.config.RelayConfig``, not imported here: layers point one way)."""
         return cls(policy_path, cfg.algorithm, cfg.learner, cfg.model.dtype, cfg.generation.temperature,
-                   cfg.generation.max_tokens)
+                   cfg.generation.max_tokens, seed=cfg.train.seed)
 
     # ---- forward passes -------------------------------------------------------------------
     def _token_logprobs(self, model, batch: RolloutBatch, with_entropy: bool = False, with_values: bool = False):

@@ -194,11 +194,11 @@ async def _json_body(http_request) -> dict:
     if not isinstance(body, dict):
         raise _HTTPError(400, f"expected a JSON object {_SHAPE}, got {type(body).__name__}")
     unknown = sorted(set(body) - {"requests"})
-    if unknown or not isinstance(body.get("requests"), list):
-        what = f"unknown key(s) {unknown}" if unknown else \
-            f"'requests' must be a list, got {type(body.get('requests')).__name__}" if "requests" in body else \
-            "missing key 'requests'"
+    if unknown or "requests" not in body:
+        what = f"unknown key(s) {unknown}" if unknown else "missing key 'requests'"
         raise _HTTPError(400, f"{what}; expected {_SHAPE}")
+    if not isinstance(body["requests"], list):
+        raise _HTTPError(400, f"'requests' must be a list, got {type(body['requests']).__name__}; expected {_SHAPE}")
     return body
 
 

@@ -261,7 +261,8 @@ class RewardConfig(BaseModel):
         300.0, gt=0, description="how long RewardClient.deploy waits for every replica to start (model loads, "
                                  "function imports) before it deletes the app and raises, seconds")
     ingress_num_cpus: float = Field(0.1, ge=0.0, description="logical CPUs of the combiner/ingress replica")
-    http_enabled: bool = Field(True, description="serve the debug HTTP route POST /<app_name>")
+    http_enabled: bool = Field(True, description="serve the debug HTTP route POST /<app_name> (JSON bodies up "
+                               "to 4 MiB, app.HTTP_MAX_BODY_BYTES)")
     http_host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy")
     http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy")
 

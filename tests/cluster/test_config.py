@@ -61,7 +61,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 def test_overrides_parse_yaml_values():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a.b=null") == ("a.b", None)
-    cfg = load_config(overrides=["generation.num_actors=2", "algorithm.kl_target=0.05"])
+    cfg = load_config(overrides=["generation.num_actors=2", "algorithm.kl_in=loss", "algorithm.kl_target=0.05"])
     assert cfg.generation.num_actors == 2 and cfg.algorithm.kl_target == 0.05
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_override("generation.num_actors")

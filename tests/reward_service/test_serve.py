@@ -110,6 +110,58 @@ def test_http_route(client):
     assert requests.post(client.url, json={"oops": 1}, timeout=20).status_code == 400
 
 
+JSON = {"Content-Type": "application/json"}
+ONE = b'{"requests": [{"prompt": "1+2=", "response": "3", "metadata": {"answer": "3"}}]}'
+
+
+@pytest.mark.parametrize(("method", "body", "headers", "status", "expected"), [
+    pytest.param("POST", b'{"requests": [', JSON, 400, "body is not JSON (Expecting value", id="truncated-json"),
+    pytest.param("POST", b"\xff\xfe{}", JSON, 400, "body is not JSON", id="not-utf8"),
+    pytest.param("POST", b"[" * 100_000, JSON, 400, "body is not JSON", id="nested-too-deep"),
+    pytest.param("POST", b"", JSON, 400, "body is not JSON", id="empty-body"),
+    pytest.param("POST", ONE, {"Content-Type": "text/plain"}, 415, "Content-Type must be application/json, got "
+                 "'text/plain'", id="wrong-content-type"),
+    pytest.param("POST", ONE, {"Content-Type": ""}, 415, "got 'none'", id="no-content-type"),
+    pytest.param("GET", b"", {}, 405, "use POST", id="get"),
+    pytest.param("POST", b'[{"prompt": "1+2=", "response": "3"}]', JSON, 400, "expected a JSON object", id="list"),
+    pytest.param("POST", b"{}", JSON, 400, "missing key 'requests'", id="no-requests"),
+    pytest.param("POST", b'{"requests": [], "batch": 1}', JSON, 400, "unknown key(s) ['batch']", id="extra-key"),
+    pytest.param("POST", b'{"requests": "1+2=3"}', JSON, 400, "'requests' must be a list, got str", id="not-a-list"),
+])
+def test_http_route_refuses_malformed_calls(client, method, body, headers, status, expected):
+    """A malformed call gets a 4xx with one JSON error naming what is wrong (and the replica keeps serving)."""
+    reply = requests.request(method, client.url, data=body, headers=headers, timeout=20)
+    assert reply.status_code == status, reply.text
+    assert expected in reply.json()["error"], reply.text
+    assert requests.post(client.url, data=ONE, headers=JSON, timeout=20).json()["results"][0]["reward"] is not None
+
+
+def test_http_route_refuses_a_body_over_the_limit(client):
+    """HTTP_MAX_BODY_BYTES: 413 from the declared length before any body is read, or while a chunked body
+    (no declared length) is counted."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from reward_service.app import HTTP_MAX_BODY_BYTES
+
+    url = urlsplit(client.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=20)
+    conn.putrequest("POST", url.path)
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(HTTP_MAX_BODY_BYTES + 1))
+    conn.endheaders()  # and no body: the answer must not wait for it
+    reply = conn.getresponse()
+    assert reply.status == 413 and "HTTP_MAX_BODY_BYTES" in reply.read().decode()
+    conn.close()
+
+    chunk = b" " * 2**16
+    chunked = requests.post(client.url, data=(chunk for _ in range(HTTP_MAX_BODY_BYTES // len(chunk) + 1)),
+                            headers=JSON, timeout=20)
+    assert chunked.status_code == 413 and "HTTP_MAX_BODY_BYTES" in chunked.json()["error"]
+    padded = ONE + b" " * (HTTP_MAX_BODY_BYTES - len(ONE))  # exactly at the limit is accepted
+    assert requests.post(client.url, data=padded, headers=JSON, timeout=20).status_code == 200
+
+
 def test_bad_requests_give_error_results_and_replicas_survive(client):
     before = client.stats()
     results = client.score([{"prompt": "1+1="}, {"prompt": "1+1=", "response": 2},
