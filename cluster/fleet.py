@@ -1,22 +1,23 @@
 """The generation fleet: the vLLM actors, the version each holds, and what happens when one fails.
 
 The driver hands it prompts and gets rollouts back in prompt order; the fleet owns sharding,
-launch and collect, weight fan-out, restart and catch-up, and growth. Every call has a deadline:
+launch and collect, weight fan-out, restart and catch-up, and growth. Every call has a deadline.
+A failed actor never holds a step back while another can do its work:
 
-- an actor that **died** is restarted by Ray (``generation.max_restarts``), caught up to the
-  latest published version from the ``VersionStore``, and its shard is sampled again;
+- an actor that **died** is restarted by Ray (``generation.max_restarts``) in the background; its
+  shard is sampled again at once by the live actors (by itself, once back, if it was the only one).
+  When its engine is up it catches up to the latest version from the ``VersionStore`` and rejoins;
 - an actor that is alive but **stuck** (its call missed ``generation.timeout_s``) is killed, and
   then handled as one that died;
 - an actor out of restarts, or whose restart does not come back within
-  ``generation.start_timeout_s`` (its node is gone), is **retired**: its shard goes to the
-  others, and the fleet runs on with fewer;
+  ``generation.start_timeout_s`` (its node is gone and no other has room), is **retired**;
 - with ``generation.max_num_actors`` above ``num_actors``, an actor is **added** whenever the
   cluster has room for one (say, the autoscaler brought a node). It starts in the background,
-  catches up to the latest version, and takes work from the next launch.
+  catches up, and takes work from the next launch.
 
 Each failure is logged with the actor's slot and counted in ``system/actor_failures_total`` and
-``rollout/prompts_resampled_total``. A shard is sampled again in full, so a rollout from a
-failed call is never trained on, and never twice.
+``rollout/prompts_resampled_total``. A shard is sampled again in full, so a rollout from a failed
+call is never trained on, and never twice.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ class FleetError(RuntimeError):
 
 @dataclass
 class Member:
-    """One actor slot. ``state``: joining (engine starting) -> live -> retired."""
+    """One actor slot. ``state``: joining (engine starting or restarting) -> live -> joining ... -> retired."""
 
     slot: int
     handle: object
     version: int
     state: str = "live"
     ready: object = None  # the health() ref of a joining actor
+    deadline: float = 0.0  # monotonic time by which a joining actor must be up
     restarts: int = 0
 
 
@@ -78,7 +80,7 @@ class Fleet:
         self._cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
                                max_task_retries=0)(GenerationActor).options(runtime_env=runtime_env or {})
         self.members: list[Member] = []
-        self.restarts = 0  # Ray restarts observed, all actors
+        self.restarts = 0  # actors that came back after a failure, all slots
         self.resampled: dict[str, int] = {}  # prompts sampled again, by reason, since the last take_counts()
 
     # ---- membership -----------------------------------------------------------------------------
@@ -93,7 +95,8 @@ class Fleet:
     def _spawn(self) -> Member:
         slot = len(self.members)
         handle = self._cls.remote(self.cfg, self.policy_path, self.dtype, slot, self.start_version)
-        member = Member(slot, handle, self.start_version, state="joining", ready=handle.health.remote())
+        member = Member(slot, handle, self.start_version, state="joining", ready=handle.health.remote(),
+                        deadline=time.monotonic() + self.cfg.start_timeout_s)
         self.members.append(member)
         return member
 
@@ -107,25 +110,52 @@ class Fleet:
         return {m.slot: m.version for m in self.live}
 
     def grow(self) -> None:
-        """Admit actors whose engines came up; start one more if below ``max_num_actors`` and the cluster
-        has room for it. Never blocks."""
+        """Admit actors whose engines came up (new, or restarted); retire those past their start deadline;
+        start one more if below ``max_num_actors`` and the cluster has room for it. Never blocks."""
         for m in self.members:
-            if m.state != "joining" or not ray.wait([m.ready], timeout=0)[0]:
-                continue
-            try:
-                ray.get(m.ready, timeout=self.cfg.timeout_s)
-                self._catch_up(m)
-            except (RayActorError, GetTimeoutError) as e:
-                self._retire(m, f"it failed while starting ({_first_line(e)})")
-                continue
-            m.state, m.ready = "live", None
-            self.log(f"generation actor {m.slot} joined at version {m.version}; fleet of {len(self.live)}")
-            self._count("system/actors_added_total")
+            if m.state == "joining":
+                self._settle(m, wait=False)
         target = self.cfg.max_num_actors or self.cfg.num_actors
         busy = sum(m.state in ("live", "joining") for m in self.members)
         if busy < target and self._room_for_one():
             self._spawn()
             self.log(f"starting generation actor {len(self.members) - 1} (the cluster has room; target {target})")
+
+    def _settle(self, m: Member, wait: bool) -> None:
+        """A joining actor: live once its health answers and it has caught up; retired if it cannot come back.
+        ``wait``: block until it is one or the other."""
+        while m.state == "joining":
+            left = m.deadline - time.monotonic()
+            try:
+                ray.get(m.ready, timeout=max(0.0, left) if wait else 0)
+                self._catch_up(m)
+            except GetTimeoutError:
+                if left <= 0:
+                    self._retire(m, f"it did not come back within generation.start_timeout_s="
+                                    f"{self.cfg.start_timeout_s:g} s (no node has room for it?)")
+                elif not wait:
+                    return
+                continue
+            except ActorDiedError as e:
+                self._retire(m, f"it cannot be restarted ({_first_line(e)})")
+                continue
+            except RayActorError:  # still restarting: ask again
+                if left <= 0:
+                    self._retire(m, "it did not come back within generation.start_timeout_s")
+                    continue
+                m.ready = m.handle.health.remote()
+                if not wait:
+                    return
+                time.sleep(0.5)
+                continue
+            m.state, m.ready = "live", None
+            if m.restarts:
+                self.restarts += 1
+                self._count("system/actor_restarts_total", actor_id=str(m.slot))
+                self.log(f"generation actor {m.slot} is back at version {m.version}; fleet of {len(self.live)}")
+            else:
+                self._count("system/actors_added_total")
+                self.log(f"generation actor {m.slot} joined at version {m.version}; fleet of {len(self.live)}")
 
     def _room_for_one(self) -> bool:
         free = ray.available_resources()
@@ -154,13 +184,14 @@ class Fleet:
         deadline = time.monotonic() + self.cfg.timeout_s
         out = []
         for i, ref in enumerate(launch.refs):
-            member = self.members[launch.slots[i]]
             seeds = launch.seeds[i] if launch.seeds else None
             try:
                 result = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+                out.extend(result[0] if launch.kind == "generate" else result)
             except (RayActorError, GetTimeoutError) as e:
-                result = self._redo(launch.kind, launch.shards[i], launch.n, seeds, member, e)
-            out.extend(result[0] if launch.kind == "generate" else result)
+                reason = self._fail(self.members[launch.slots[i]], e)
+                self.resampled[reason] = self.resampled.get(reason, 0) + len(launch.shards[i])
+                out.extend(self._redo(launch.kind, launch.shards[i], launch.n, seeds))
         return out, time.perf_counter() - launch.started
 
     def generate(self, prompts: list[Prompt], n: int | None = None,
@@ -175,25 +206,14 @@ class Fleet:
             return member.handle.greedy.remote(shard)
         return member.handle.generate.remote(shard, n, seeds)
 
-    def _redo(self, kind, shard, n, seeds, member: Member, error: Exception):
-        """Sample ``shard`` again after ``member`` failed on it: on the same actor once it is back, else on
-        the live ones."""
-        reason = "stuck" if isinstance(error, GetTimeoutError) else "died"
-        self._recover(member, reason, error)
-        self.resampled[reason if member.state == "live" else "retired"] = (
-            self.resampled.get(reason if member.state == "live" else "retired", 0) + len(shard))
-        if member.state == "live":
-            return self._call(member, kind, shard, n, seeds)
-        redo = self.launch(shard, n, seeds, kind)  # the others share it
-        return (self.collect(redo)[0], 0.0) if kind == "generate" else self.collect(redo)[0]
-
-    def _call(self, member: Member, kind, shard, n, seeds):
-        """One call with the deadline; a second failure of the same actor retires it and the others take it."""
-        try:
-            return ray.get(self._submit(member, kind, shard, n, seeds), timeout=self.cfg.timeout_s)
-        except (RayActorError, GetTimeoutError) as e:
-            self._retire(member, f"it failed again right after its restart ({_first_line(e)})")
-            return self._redo(kind, shard, n, seeds, member, e)
+    def _redo(self, kind: str, shard: list[Prompt], n: int | None, seeds: list[int] | None) -> list:
+        """Sample a failed actor's shard on the live actors; with none live, wait for a joining one."""
+        while not self.live:
+            joining = [m for m in self.members if m.state == "joining"]
+            if not joining:
+                break  # launch() raises FleetError
+            self._settle(joining[0], wait=True)
+        return self.collect(self.launch(shard, n, seeds, kind))[0]
 
     # ---- weights --------------------------------------------------------------------------------
     def load(self, version: int, ref) -> dict[str, float]:
@@ -207,8 +227,8 @@ class Fleet:
                 stats = ray.get(r, timeout=self.cfg.timeout_s)
                 slowest = max(slowest, stats["sync/load_seconds"] + stats["sync/fetch_seconds"])
                 m.version = version
-            except (RayActorError, GetTimeoutError) as e:  # a recovered actor catches up to this version
-                self._recover(m, "stuck" if isinstance(e, GetTimeoutError) else "died", e)
+            except (RayActorError, GetTimeoutError) as e:  # it catches up when it rejoins
+                self._fail(m, e)
         return {"sync/load_seconds": slowest}
 
     def _catch_up(self, member: Member) -> None:
@@ -218,33 +238,21 @@ class Fleet:
             member.version = version
 
     # ---- failures -------------------------------------------------------------------------------
-    def _recover(self, member: Member, reason: str, error: Exception) -> None:
-        """Bring a failed actor back (kill it first if stuck) and catch it up; retire it if it cannot be."""
+    def _fail(self, member: Member, error: Exception) -> str:
+        """A live actor's call failed: kill it if stuck, and let it restart in the background (``_settle``).
+        Returns why it failed: died or stuck."""
+        reason = "stuck" if isinstance(error, GetTimeoutError) else "died"
         if member.state != "live":
-            return
-        self.log(f"generation actor {member.slot} {reason} ({_first_line(error)}); restarting it")
+            return reason
+        self.log(f"generation actor {member.slot} {reason} ({_first_line(error)}); the others take its work while "
+                 "it restarts")
         self._count("system/actor_failures_total", actor_id=str(member.slot), reason=reason)
         if reason == "stuck":
             ray.kill(member.handle, no_restart=False)  # Ray restarts it if it has restarts left
-        deadline = time.monotonic() + self.cfg.start_timeout_s
-        while True:
-            try:
-                ray.get(member.handle.health.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except ActorDiedError as e:
-                return self._retire(member, f"it cannot be restarted ({_first_line(e)})")
-            except (RayActorError, GetTimeoutError) as e:
-                if time.monotonic() > deadline:
-                    return self._retire(member, f"its restart did not come back within generation.start_timeout_s="
-                                                f"{self.cfg.start_timeout_s:g} s ({_first_line(e)})")
-                time.sleep(1.0)
-        member.version, member.restarts = self.start_version, member.restarts + 1
-        self.restarts += 1
-        self._count("system/actor_restarts_total", actor_id=str(member.slot))
-        try:
-            self._catch_up(member)
-        except (RayActorError, GetTimeoutError) as e:
-            self._retire(member, f"it failed while catching up ({_first_line(e)})")
+        member.state, member.ready = "joining", member.handle.health.remote()
+        member.deadline = time.monotonic() + self.cfg.start_timeout_s
+        member.version, member.restarts = self.start_version, member.restarts + 1  # it restarts from policy_path
+        return reason
 
     def _retire(self, member: Member, why: str) -> None:
         if member.state == "retired":
