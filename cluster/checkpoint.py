@@ -14,6 +14,7 @@ into the same run directory; the kernel releases it when the process dies, even 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -56,6 +57,29 @@ def commit(staging: Path, driver_state: dict) -> Path:
     _fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write(run_dir: str | Path, name: str, save, driver_state: dict, previous: Path | None = None) -> Path:
+    """Checkpoint ``name``: ``save(staging_dir)`` writes the learner's part, then ``commit``. On any failure the
+    staging directory is removed, the previous checkpoint is left as it was, and the error says why."""
+    staging = None
+    try:
+        staging = staging_dir(run_dir, name)
+        save(staging)
+        return commit(staging, driver_state)
+    except OSError as e:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else \
+            "permission denied" if e.errno == errno.EACCES else (e.strerror or str(e))
+        raise CheckpointError(f"writing checkpoint {name} under {checkpoints_dir(run_dir)} failed: {reason}"
+                              f"{f' ({e.filename})' if e.filename else ''}. The previous checkpoint "
+                              f"({previous or 'none yet'}) is intact; free space or fix permissions, then continue "
+                              f"with: relay train --resume {run_dir}") from None
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _fsync(path: Path) -> None:

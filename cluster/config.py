@@ -339,8 +339,10 @@ def resume_config(run_dir: str | Path, path: str | Path | None, overrides: list[
     ``overrides``; refused, naming the key, where it changes what the run trains (``RESUMABLE``)."""
     saved_path = Path(run_dir) / "config.json"
     if not saved_path.is_file():
-        raise ConfigError(f"--resume: {str(run_dir)!r} holds no run (no config.json); give the train.run_dir of "
-                          "a run that was started, or start one without --resume")
+        what = "does not exist" if not Path(run_dir).exists() else "is a file" if not Path(run_dir).is_dir() else \
+            "holds no run (no config.json)"
+        raise ConfigError(f"--resume: {str(run_dir)!r} {what}; give the train.run_dir of a run that was started, "
+                          "or start one without --resume")
     saved = load_config(saved_path)
     cfg = load_config(path or saved_path, [*overrides, f"train.run_dir={run_dir}"])
     before, after = _flatten(saved.model_dump()), _flatten(cfg.model_dump())

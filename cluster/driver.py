@@ -9,16 +9,15 @@ and its shard is sampled again.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -54,11 +53,16 @@ def resolve_policy(cfg: RelayConfig, log=print) -> str:
             return str(ensure_default_policy(Path(cfg.model.cache_dir), cfg.sft, cfg.model.tiny, cfg.data, log=log))
         finally:
             torch.set_num_threads(threads)
-    path = Path(cfg.model.path)
-    if not (path / "config.json").is_file():
+    check_model_path(cfg)
+    return str(cfg.model.path)
+
+
+def check_model_path(cfg: RelayConfig) -> None:
+    """A configured ``model.path`` must be a Hugging Face checkpoint directory (checked before Ray starts)."""
+    path = Path(cfg.model.path) if cfg.model.path is not None else None
+    if path is not None and not (path / "config.json").is_file():
         raise RunError(f"model.path {str(path)!r} is not a Hugging Face checkpoint directory (no config.json); "
                        "point it at a directory written by save_pretrained, or set it to null for the embedded model")
-    return str(path)
 
 
 def encode_prompts(examples: list[Example], data: DataConfig, tokenizer, max_prompt_tokens: int, where: str,
@@ -83,28 +87,53 @@ def encode_prompts(examples: list[Example], data: DataConfig, tokenizer, max_pro
     return prompts
 
 
+@dataclass
+class Encoded:
+    """The run's prompts, tokenised and checked against the context: known before Ray starts."""
+
+    tokenizer: object
+    train: list[Prompt]
+    eval_sets: dict[str, list[Prompt]]
+
+
+def encode_data(cfg: RelayConfig, splits: Splits, tokenizer=None, log=print) -> Encoded:
+    """Tokenise the splits with ``tokenizer``, by default the run's: ``model.tokenizer``, else ``model.path``'s,
+    else the embedded model's (a byte-level one built without data, so known before its SFT)."""
+    if tokenizer is None and (cfg.model.tokenizer or cfg.model.path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    elif tokenizer is None:
+        from learner.bootstrap import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    g, n_eval = cfg.generation, cfg.train.eval_prompts
+    room = g.max_model_len - g.max_tokens
+    train = encode_prompts(splits.train, cfg.data, tokenizer, room, "train", log)
+    if len(train) < cfg.train.prompts_per_step:
+        raise RunError(f"train.prompts_per_step ({cfg.train.prompts_per_step}) exceeds the {len(train)} training "
+                       "prompts: the dataset is too small for one step")
+    eval_sets = {name: encode_prompts(ex[:n_eval], cfg.data, tokenizer, room, f"eval set {name!r}", log)
+                 for name, ex in splits.eval.items()}
+    return Encoded(tokenizer, train, eval_sets)
+
+
 class Driver:
-    def __init__(self, cfg: RelayConfig, policy_path: str, splits: Splits | None = None, log=print,
+    def __init__(self, cfg: RelayConfig, policy_path: str, data: Splits | Encoded | None = None, log=print,
                  resume_from: Path | None = None):
-        """``policy_path``: the starting policy, which is also the frozen reference; ``splits``: the data, already
-        read (``train`` reads it before Ray starts), None = read it now; ``resume_from``: a checkpoint of this
-        run to continue from (``cluster/checkpoint.py``)."""
+        """``policy_path``: the starting policy, which is also the frozen reference; ``data``: the splits, or
+        already encoded (``train`` does both before Ray starts), None = read them now; ``resume_from``: a
+        checkpoint of this run to continue from (``cluster/checkpoint.py``)."""
         self.cfg, self.log = cfg, log
-        splits = splits or load_splits(cfg.data, cfg.model.cache_dir, log=log)
+        if not isinstance(data, Encoded):
+            from transformers import AutoTokenizer
+
+            splits = data or load_splits(cfg.data, cfg.model.cache_dir, log=log)
+            data = encode_data(cfg, splits, AutoTokenizer.from_pretrained(cfg.model.tokenizer or policy_path), log)
         self.run_dir = Path(cfg.train.run_dir)
         self.policy_path = policy_path
         self.resume_from = resume_from
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or policy_path)
-        g, n_eval = cfg.generation, cfg.train.eval_prompts
-        room = g.max_model_len - g.max_tokens
-        self.train_prompts = encode_prompts(splits.train, cfg.data, self.tokenizer, room, "train", log)
-        if len(self.train_prompts) < cfg.train.prompts_per_step:
-            raise RunError(f"train.prompts_per_step ({cfg.train.prompts_per_step}) exceeds the "
-                           f"{len(self.train_prompts)} training prompts: the dataset is too small for one step")
-        self.eval_sets = {name: encode_prompts(ex[:n_eval], cfg.data, self.tokenizer, room, f"eval set {name!r}", log)
-                          for name, ex in splits.eval.items()}
+        self.tokenizer, self.train_prompts, self.eval_sets = data.tokenizer, data.train, data.eval_sets
         self.eval_prompts = next(iter(self.eval_sets.values()))
         self.eval_reward = None  # a second reward app when train.eval_reward is set (start())
         self.rng = random.Random(cfg.train.seed)
@@ -396,19 +425,16 @@ class Driver:
         """A full checkpoint: the learner's state and the driver's, committed atomically (cluster/checkpoint.py).
         A failed write leaves the previous checkpoint as it was and says why."""
         started = time.perf_counter()
-        staging = None
-        try:
-            staging = checkpoint.staging_dir(self.run_dir, name)
-            ray.get(self.learner.save.remote(str(staging.resolve())), timeout=self.cfg.learner.timeout_s)
-            path = checkpoint.commit(staging, self._state(elapsed))
-        except (OSError, ray.exceptions.RayTaskError) as e:
-            cause = getattr(e, "cause", e)
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-            reason = "the disk is full" if getattr(cause, "errno", None) == errno.ENOSPC else str(cause).splitlines()[0]
-            raise RunError(f"writing checkpoint {name} under {self.run_dir / 'checkpoints'} failed: {reason}. The "
-                           f"previous checkpoint ({self.last_checkpoint or 'none yet'}) is intact; free space or fix "
-                           f"permissions, then: relay train --resume {self.run_dir}") from None
+
+        def save(staging: Path) -> None:
+            try:
+                ray.get(self.learner.save.remote(str(staging.resolve())), timeout=self.cfg.learner.timeout_s)
+            except ray.exceptions.RayTaskError as e:  # the learner's OSError (disk full, permissions) as itself
+                if isinstance(e.cause, OSError):
+                    raise e.cause from None
+                raise
+
+        path = checkpoint.write(self.run_dir, name, save, self._state(elapsed), previous=self.last_checkpoint)
         self.last_checkpoint, self.last_checkpoint_time = path, time.time()
         checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep_last, protect=self.fleet.policy_path)
         if self.sink:
@@ -559,7 +585,9 @@ def _driver_exports(key: str) -> bool:
 def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
     """``relay train``: build or find the policy, start Ray, run the loop, return the summary. ``resume``:
     continue the run in ``train.run_dir`` from its latest complete checkpoint."""
+    check_model_path(cfg)
     splits = load_splits(cfg.data, cfg.model.cache_dir, log=log)  # bad data fails here, before Ray starts
+    data = encode_data(cfg, splits, log=log)  # and prompts too long for the context
     run_dir = Path(cfg.train.run_dir)
     checkpoint.check_writable(run_dir)
     lock = checkpoint.RunDirLock(run_dir)
@@ -576,12 +604,12 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
         if resume_from is not None and checkpoint.read_state(resume_from)["step"] >= cfg.train.steps:
             log(f"the run in {run_dir} already finished train.steps={cfg.train.steps}; raise it to train further")
             return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-        return _train(cfg, splits, resume_from, log)
+        return _train(cfg, data, resume_from, log)
     finally:
         lock.release()
 
 
-def _train(cfg: RelayConfig, splits: Splits, resume_from: Path | None, log) -> dict:
+def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> dict:
     connected = init_ray(cfg.cluster, log=log)
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
@@ -590,7 +618,7 @@ def _train(cfg: RelayConfig, splits: Splits, resume_from: Path | None, log) -> d
         policy_path = resolve_policy(cfg, log=log)
         if resume_from is not None:
             _check_same_model(resume_from, policy_path)
-        driver = Driver(cfg, policy_path, splits, log=log, resume_from=resume_from)  # validates the prompts first
+        driver = Driver(cfg, policy_path, data, log=log, resume_from=resume_from)
         driver.start()
         try:
             return driver.run()

@@ -207,8 +207,11 @@ class Learner:
     def _update(self, batch, mask, advantages, returns, old_logprobs, ref_logprobs, values) -> dict[str, float]:
         n = len(batch)
         sums: dict[str, float] = {}
-        updates, skipped = 0, 0
-        for _ in range(self.lc.epochs):
+        # A non-finite reward makes its group's advantages non-finite. Skip the whole step, not only the minibatches
+        # holding those rows, so a skipped step leaves every weight as the last good step left it.
+        finite = bool(advantages.isfinite().all() and returns.isfinite().all())
+        updates, skipped = 0, int(not finite)
+        for _ in range(self.lc.epochs if finite else 0):
             order = torch.randperm(n)
             for mb in order.split(self.lc.minibatch_size):
                 self.optimizer.zero_grad(set_to_none=True)

@@ -3,16 +3,19 @@
 One row per mistake: (id, argv, words the message must hold). ``{d}`` in argv is a directory of prepared
 bad inputs (see ``bad``). Every case calls the CLI's ``main`` in this process and must stop before Ray
 starts or a model is built (both are made to fail the test if reached), and must leave every file that
-was in ``{d}`` as it was. Run-directory and ``--resume`` mistakes are in test_cli_errors.py.
+was in ``{d}`` as it was. A run directory locked by another process needs that process: its own test, at the end.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cluster.cli import main
+from cluster.config import load_config
 
 CASES = [
     # ---- wrong types and out-of-range values
@@ -115,6 +118,27 @@ CASES = [
     ("rm-out-below-a-file", ["train-rm", "--out", "{d}/notes.txt/rm"], "is a file; give a directory"),
     ("rm-out-someone-elses-dir", ["train-rm", "--out", "{d}/plain_dir"], "holds files that are not a reward-model "
                                                                          "checkpoint (readme.md)"),
+    # ---- the run directory, and --resume
+    ("run-dir-a-file", ["train", "--set", "train.run_dir={d}/notes.txt"], "train.run_dir '{d}/notes.txt' is a file; "
+                                                                          "point it at a directory"),
+    ("run-dir-below-a-file", ["train", "--set", "train.run_dir={d}/notes.txt/run"],
+     "train.run_dir '{d}/notes.txt/run' is not writable (Not a directory)"),
+    ("resume-missing-dir", ["train", "--resume", "{d}/nope"], "--resume: '{d}/nope' does not exist; give the "
+                                                              "train.run_dir of a run that was started"),
+    ("resume-a-file", ["train", "--resume", "{d}/notes.txt"], "--resume: '{d}/notes.txt' is a file"),
+    ("resume-no-config", ["train", "--resume", "{d}/plain_dir"], "--resume: '{d}/plain_dir' holds no run (no "
+                                                                 "config.json)"),
+    ("resume-default-run-dir-empty", ["train", "--resume", "--set", "train.run_dir={d}/plain_dir"],
+     "--resume: '{d}/plain_dir' holds no run"),
+    ("resume-no-complete-checkpoint", ["train", "--resume", "{d}/half_run"],
+     "--resume: {d}/half_run has no complete checkpoint to continue from (only unfinished writes: "
+     "['.staging-step_3']); start the run without --resume"),
+    ("resume-changes-algorithm", ["train", "--resume", "{d}/half_run", "--set", "algorithm.name=ppo"],
+     "cannot continue with a changed algorithm.name (algorithm.name: 'grpo' -> 'ppo')"),
+    ("resume-changes-lr", ["train", "--resume", "{d}/half_run", "--set", "learner.lr=0.5"],
+     "cannot continue with a changed learner.lr (learner.lr: 0.0001 -> 0.5)"),
+    ("resume-config-changes-data", ["train", "--resume", "{d}/half_run", "--config", "{d}/other_data.yaml"],
+     "cannot continue with a changed data.addition.n_train"),
     # ---- the command line itself
     ("unknown-command", ["trian"], "invalid choice: 'trian'"),
 ]
@@ -144,7 +168,17 @@ def bad(tmp_path_factory) -> Path:
     (d / "report_is_a_file" / "report").write_text("my notes, not a report directory\n")
     (d / "checkpoint").mkdir()
     (d / "checkpoint" / "config.json").write_text("{}\n")  # passes the CLI's check; never loaded
+    (d / "other_data.yaml").write_text("data:\n  addition:\n    n_train: 100\n")
+    _started_run(d / "half_run")
+    (d / "half_run" / "checkpoints" / ".staging-step_3").mkdir(parents=True)  # killed while writing its first
+    (d / "half_run" / "checkpoints" / ".staging-step_3" / "model.safetensors").write_text("half\n")
     return d
+
+
+def _started_run(run_dir: Path) -> None:
+    """The config.json that ``relay train`` writes into the run directory it starts."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(load_config(None, [f"train.run_dir={run_dir}"]).model_dump_json())
 
 
 @pytest.fixture(autouse=True)
@@ -176,3 +210,34 @@ def test_bad_input_ends_in_one_clear_message(argv, expected, bad, capsys):
     assert expected.replace("{d}", str(bad)) in err, err
     after = _files(bad)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing lost or rewritten
+
+
+HOLD_LOCK = """
+import os, sys
+from cluster.checkpoint import RunDirLock
+lock = RunDirLock(sys.argv[1])
+lock.acquire()
+print(os.getpid(), flush=True)
+sys.stdin.read()  # held until the test closes stdin
+"""
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new-run", "resume"])
+def test_run_dir_in_use_by_another_process(tmp_path, capsys, resume):
+    run_dir = tmp_path / "run"
+    _started_run(run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=Path(__file__).parents[2],
+                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == str(holder.pid)
+        before = _files(run_dir)
+        argv = ["train", "--resume", str(run_dir)] if resume else ["train", "--set", f"train.run_dir={run_dir}"]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+        assert f"run directory {str(run_dir)!r} is in use by another relay process (pid {holder.pid}); wait for " \
+               "it, stop it, or set another train.run_dir" in err, err
+        assert _files(run_dir) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

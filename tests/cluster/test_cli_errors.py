@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray  # noqa: F401 - imported here, Ray's log handler binds the real stderr rather than one test's capture
 
 from cluster.cli import main
 
@@ -36,6 +37,14 @@ def test_console_entry_point_exits_non_zero():
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "--set", "generation.num_actors=0"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "generation.num_actors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def relay_policy() -> str:
+    """The cached 30-step SFT policy (a real checkpoint directory)."""
+    from cluster.config import load_config
+    from cluster.driver import resolve_policy
+
+    return resolve_policy(load_config(overrides=[o for o in TINY if o != "--set"]), log=lambda _: None)
 
 
 def assert_one_clear_error(code, stderr, *needles):
@@ -86,10 +95,15 @@ def test_nothing_already_written_is_clobbered(tmp_path):
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "time": 0}\n'
 
 
-def test_gpu_example_stops_clearly_without_a_gpu():
-    """cluster/examples/gsm8k_one_gpu.yaml validates here, and then stops on what this machine lacks."""
-    assert_one_clear_error(*relay("train", "--config", "cluster/examples/gsm8k_one_gpu.yaml"),
-                           "GPU")
+def test_gpu_example_stops_clearly_without_a_gpu(tmp_path):
+    """cluster/examples/gsm8k_one_gpu.yaml validates here, and then stops on what this machine lacks: first the
+    model it names, then (given a model) the GPU."""
+    example = ("train", "--config", "cluster/examples/gsm8k_one_gpu.yaml")
+    assert_one_clear_error(*relay(*example), "model.path", "no config.json")
+    policy = relay_policy()
+    tiny = [f"model.path={policy}", "model.tokenizer=null", "data.chat_template=false",
+            "data.system_prompt=null", "data.template='{question}'"]
+    assert_one_clear_error(*relay(*example, *(a for o in tiny for a in ("--set", o))), "GPU")
 
 
 def test_bad_data_file_names_the_line(tmp_path):

@@ -99,13 +99,13 @@ def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([str(RAY), *args], env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def submit(address: str, run_dir: Path, *overrides: str) -> str:
-    """Submit `relay train` without waiting; returns the submission id."""
+def submit(address: str, run_dir: Path, *overrides: str, resume: bool = False) -> str:
+    """Submit `relay train` (with --resume) without waiting; returns the submission id."""
     job_id = f"relay_test_{os.getpid()}_{time.monotonic_ns()}"
     sets = [arg for o in (*TINY, f"train.run_dir={run_dir}", *overrides) for arg in ("--set", o)]
     out = ray_cli("job", "submit", "--address", address, "--no-wait", "--submission-id", job_id,
                   "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-                  "--", "relay", "train", *sets)
+                  "--", "relay", "train", *(["--resume"] if resume else []), *sets)
     assert out.returncode == 0, f"submit failed:\n{out.stdout}\n{out.stderr}"
     return job_id
 
@@ -143,18 +143,34 @@ def job_logs(address: str, job_id: str) -> str:
     return out.stdout
 
 
-def test_submitted_training_run_succeeds(head, tmp_path):
+def test_stopped_job_continues_when_resubmitted_with_resume(head, tmp_path):
+    """The way a preempted or stopped job goes on: `ray job stop` (SIGTERM: the driver finishes its step and
+    checkpoints), then the same submission with `relay train --resume`."""
+    run, steps = tmp_path / "run", ("train.steps=24", "checkpoint.every=4", "checkpoint.every_s=null")
+    first = submit(head, run, *steps)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (run / "checkpoints" / "step_4" / "driver_state.json").exists():
+        assert time.monotonic() < deadline, job_logs(head, first)[-4000:]
+        assert job_state(head, first) in ("PENDING", "RUNNING"), job_logs(head, first)[-4000:]
+        time.sleep(0.5)
+    stopped = ray_cli("job", "stop", "--address", head, first)
+    assert stopped.returncode == 0, stopped.stderr
+    assert wait_for_end(head, first, 120) == "STOPPED"
+    assert not (run / "summary.json").exists()
+
     started = time.monotonic()
-    job_id = submit(head, tmp_path / "run")
-    state = wait_for_end(head, job_id, JOB_TIMEOUT_S)
-    seconds = time.monotonic() - started
-    logs = job_logs(head, job_id)
-    print(f"\njob {job_id}: {state} after {seconds:.1f} s")
+    second = submit(head, run, *steps, resume=True)
+    state = wait_for_end(head, second, JOB_TIMEOUT_S)
+    logs = job_logs(head, second)
+    print(f"\njob {second}: {state} after {time.monotonic() - started:.1f} s")
     assert state == "SUCCEEDED", logs[-4000:]
+    assert "resuming from" in logs and "joined Ray cluster at" in logs  # the head's Ray, not a private one
     assert "held-out score:" in logs, logs[-4000:]
-    assert "joined Ray cluster at" in logs  # the driver used the head, not a private local Ray
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 4 and 0.0 <= summary["eval_final"] <= 1.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 24 and 0.0 <= summary["eval_final"] <= 1.0
+    trained = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+               if "reward/mean" in line]
+    assert trained == list(range(1, 25))  # each step once: the stopped job's steps after its checkpoint are redone
 
 
 def test_job_asking_for_missing_gpus_fails_fast(head, tmp_path):
