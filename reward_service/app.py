@@ -215,9 +215,10 @@ def source_deployment_name(name: str) -> str:
     return f"source-{name}"
 
 
-def _source_options(src: RewardSourceConfig) -> dict:
+def _source_options(src: RewardSourceConfig, cfg: RewardConfig) -> dict:
     opts: dict[str, Any] = {
         "name": source_deployment_name(src.name),
+        **_health_options(cfg),
         "ray_actor_options": {"num_cpus": src.num_cpus, "num_gpus": src.num_gpus},
         "max_ongoing_requests": src.max_ongoing_requests,
         # one access-log line per internal call costs replica CPU at high rates; the ingress keeps its log
@@ -230,8 +231,12 @@ def _source_options(src: RewardSourceConfig) -> dict:
     return opts
 
 
-def _bind_source(src: RewardSourceConfig) -> serve.Application:
-    deployment = serve.deployment(SCORERS[src.kind]).options(**_source_options(src))
+def _health_options(cfg: RewardConfig) -> dict[str, float]:
+    return {"health_check_period_s": cfg.health_check_period_s, "health_check_timeout_s": cfg.health_check_timeout_s}
+
+
+def _bind_source(src: RewardSourceConfig, cfg: RewardConfig) -> serve.Application:
+    deployment = serve.deployment(SCORERS[src.kind]).options(**_source_options(src, cfg))
     if src.kind == "function" and FunctionRef.parse(src.function).is_file:
         path = Path(FunctionRef.parse(src.function).target)
         try:
@@ -245,9 +250,9 @@ def _bind_source(src: RewardSourceConfig) -> serve.Application:
 def build_app(cfg: RewardConfig) -> serve.Application:
     """The Serve application for ``cfg``: one deployment per source plus the ingress. Function files are read
     here (see the module docstring)."""
-    sources = {src.name: _bind_source(src) for src in cfg.sources}
+    sources = {src.name: _bind_source(src, cfg) for src in cfg.sources}
     ingress = serve.deployment(RewardIngress).options(
-        name="RewardIngress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        name="RewardIngress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING, **_health_options(cfg),
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
         # Two access-log lines per RL step drowned the progress display; errors still reach the log.
         logging_config={"enable_access_log": False})

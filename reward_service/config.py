@@ -261,6 +261,11 @@ class RewardConfig(BaseModel):
         300.0, gt=0, description="how long RewardClient.deploy waits for every replica to start (model loads, "
                                  "function imports) before it deletes the app and raises, seconds")
     ingress_num_cpus: float = Field(0.1, ge=0.0, description="logical CPUs of the combiner/ingress replica")
+    health_check_period_s: float = Field(10.0, gt=0, description="Serve health-checks every replica this often, "
+                                         "seconds")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="a replica that has not answered its health "
+                                          "check in this many seconds (stuck: alive but not serving) is killed and "
+                                          "replaced by Serve; calls it held are retried by the client")
     http_enabled: bool = Field(True, description="serve the debug HTTP route POST /<app_name> (JSON bodies up "
                                "to 4 MiB, app.HTTP_MAX_BODY_BYTES)")
     http_host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy")

@@ -56,8 +56,8 @@ def test_write_commits_every_file_and_leaves_no_staging(tmp_path):
     assert checkpoint.latest(tmp_path) == path
 
 
-@pytest.mark.parametrize(("code", "reason"), [(errno.ENOSPC, "the disk is full"),
-                                              (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(("code", "reason"), [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied")],
+                         ids=["ENOSPC", "EACCES"])
 def test_failed_write_says_why_and_keeps_the_previous_checkpoint(tmp_path, code, reason):
     previous = _checkpoint(tmp_path, "step_1", 1, {"model.safetensors": "good weights", "trainer_state.pt": "s1"})
     before = _tree(previous)

@@ -11,7 +11,7 @@ from reward_service.config import RewardConfig, RewardSourceConfig
 def test_fixed_replicas_and_resources():
     src = RewardSourceConfig(name="rm", kind="model", model_path="/ckpt", num_replicas=3, num_cpus=2, num_gpus=0.5,
                              max_batch_size=16, max_ongoing_requests=64)
-    opts = _source_options(src)
+    opts = _source_options(src, RewardConfig())
     assert opts["name"] == "source-rm" and opts["num_replicas"] == 3 and "autoscaling_config" not in opts
     assert opts["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.5}
     assert opts["max_ongoing_requests"] == 64
@@ -20,7 +20,7 @@ def test_fixed_replicas_and_resources():
 def test_autoscaling_replaces_num_replicas():
     src = RewardSourceConfig(name="rm", kind="model", model_path="/ckpt",
                              autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16})
-    opts = _source_options(src)
+    opts = _source_options(src, RewardConfig())
     assert "num_replicas" not in opts
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0}
 
@@ -56,5 +56,5 @@ def test_function_file_text_is_bound_at_build_time(tmp_path):
 
 def test_code_source_options():
     src = RewardSourceConfig(name="c", kind="code", num_cpus=4, concurrency=4, max_batch_size=8)
-    opts = _source_options(src)
+    opts = _source_options(src, RewardConfig())
     assert opts["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 0.0} and opts["num_replicas"] == 1

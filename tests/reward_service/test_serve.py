@@ -290,3 +290,27 @@ def test_replica_death_is_retried(client):
     # Serve's router re-sends the call, no retry is needed (measured: 0 retries in some loaded full runs).
     # What must hold is above: no call failed, and every result is right.
     print(f"client retries during the kills: {client.retries}")
+
+
+def test_stuck_replica_is_replaced_and_calls_go_on(cluster):
+    """A source replica that is alive but answers nothing (SIGSTOP) fails Serve's health check and is replaced;
+    the client's call times out on it and its retry is served by the replacement."""
+    c = _rule_app("reward-stuck", timeout_s=5, max_retries=6, health_check_period_s=1, health_check_timeout_s=3)
+    batch = [RewardRequest(f"{i}+{i}=", str(2 * i), {"answer": str(2 * i)}) for i in range(8)]
+    (victim,) = c.source_stats()["length"]
+    try:
+        os.kill(victim["pid"], signal.SIGSTOP)
+        started = time.monotonic()
+        results = c.score(batch)
+        took = time.monotonic() - started
+        assert all(r.error is None and r.components["exact_match"] == 1.0 for r in results)
+        assert c.retries >= 1  # the first attempt hit the stuck replica
+        _wait_for(lambda: [st for st in c.source_stats()["length"] if st["pid"] != victim["pid"]], 60,
+                  "a replacement for the stuck replica")
+        print(f"\nstuck reward replica: the call returned after {took:.1f} s ({c.retries} retries)")
+    finally:
+        try:
+            os.kill(victim["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        c.shutdown()
