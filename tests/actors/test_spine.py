@@ -130,12 +130,15 @@ def test_run_survives_a_crashed_generation_actor(driver):
     pid = ray.get(victim.health.remote(), timeout=30)["pid"]
     ray.kill(victim, no_restart=False)  # the process dies; Ray restarts it (max_restarts)
     _, prompts = driver.next_prompts()
+    started = time.monotonic()
     rollouts, _ = driver.fleet.generate(prompts)  # actor 0 samples the dead one's shard too
+    print(f"\nactor kill: the batch completed {time.monotonic() - started:.1f} s after it")
     assert len(rollouts) == len(prompts) * driver.cfg.generation.samples_per_prompt
     counts = driver.fleet.take_counts()
     assert counts["rollout/prompts_resampled_total{reason=died}"] == len(prompts) - len(prompts) // 2
     assert counts["system/fleet_size"] == 1.0
     assert settled(driver, 1) == "live" and driver.fleet.restarts == 1
+    print(f"actor kill: the actor was back {time.monotonic() - started:.1f} s after it")
     health = ray.get(victim.health.remote(), timeout=30)
     assert health["pid"] != pid and health["policy_version"] == driver.store.latest_version
     assert_close(vllm_logprobs(victim), learner_logprobs(driver))
@@ -159,6 +162,7 @@ def test_stuck_actor_is_killed_restarted_and_caught_up(driver):
                                                      for p in prompts}
     assert any("generation actor 1 stuck" in line for line in lines), lines
     assert 15.0 <= took < 60.0  # the deadline, then actor 0 samples the shard; the restart runs meanwhile
+    print(f"\nstuck actor (15 s deadline): the batch completed {took:.1f} s after the call")
     assert settled(driver, 1) == "live"
     health = ray.get(victim.health.remote(), timeout=30)
     assert health["pid"] != pid and health["policy_version"] == driver.store.latest_version
