@@ -152,7 +152,7 @@ def run_stage(cfg: RelayConfig, stage: str, force: bool = False, log: Callable[[
     start = time.time()
     log(f"pipeline: stage {stage} -> {out}" + (" (continuing from its last checkpoint)" if resume else ""))
     if stage == "rl":
-        metrics = _rl_stage(cfg, out, log, resume=resume)
+        metrics = STAGE_FNS[stage](cfg, out, log, resume=True) if resume else STAGE_FNS[stage](cfg, out, log)
         path = metrics["checkpoint"]
     else:
         out.parent.mkdir(parents=True, exist_ok=True)

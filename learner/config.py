@@ -15,8 +15,12 @@ from core.section import Section
 
 
 class AlgorithmConfig(Section):
-    name: Literal["grpo", "drgrpo", "rloo", "reinforce", "ppo"] = Field(
-        "grpo", description="grpo | drgrpo | rloo | reinforce | ppo (ppo adds a critic and uses GAE)")
+    name: Literal["grpo", "drgrpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline", "ppo"] = Field(
+        "grpo", description="advantage estimator: grpo (Shao et al. 2024) | drgrpo (Dr.GRPO, Liu et al. 2025) | rloo "
+                            "(Ahmadian et al. 2024) | reinforce (batch-whitened, per-position baseline) | reinforce_pp "
+                            "(REINFORCE++, Hu et al. 2025: returns-to-go of the per-token rewards, whitened over the "
+                            "whole batch; reads gamma, kl_in=reward) | reinforce_pp_baseline (REINFORCE++ with the "
+                            "group-mean baseline, then whitened over the batch) | ppo (adds a critic and uses GAE)")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator (Schulman's note)")
     kl_in: Literal["none", "reward", "loss"] = Field(
         "none", description="none | reward (subtracted per token from the reward) | loss (added with kl_coef)")
@@ -25,15 +29,41 @@ class AlgorithmConfig(Section):
     kl_horizon: int = Field(10000, ge=1, description="adaptive KL controller horizon, in samples")
     gamma: float = Field(1.0, ge=0, le=1, description="discount over response tokens")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo)")
-    clip_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip below 1")
-    clip_high: float = Field(0.2, gt=0, description="PPO ratio clip above 1 (clip-higher when > clip_low)")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="ratio clip below 1 (ppo and gspo: the surrogate's; cispo: "
+                            "the IS weight's)")
+    clip_high: float = Field(0.2, gt=0, description="ratio clip above 1 (clip-higher, DAPO, when > clip_low)")
     dual_clip: float | None = Field(None, gt=1, description="dual-clip bound for negative advantages; null = off")
-    tis_cap: float | None = Field(2.0, gt=0, description="truncated importance weight cap for the "
-                                  "sampler/learner mismatch; null = off")
+    policy_loss: Literal["ppo", "gspo", "gspo_token", "cispo"] = Field(
+        "ppo", description="ppo: clipped token surrogate (Schulman et al. 2017; reads clip_low, clip_high, "
+                           "dual_clip) | gspo: one length-normalised ratio per sequence, clipped per sequence (GSPO, "
+                           "Zheng et al. 2025; the paper uses clip_low 3e-4, clip_high 4e-4 and loss_agg "
+                           "seq-mean-token-mean) | gspo_token: GSPO-token, the same ratio with per-token advantages | "
+                           "cispo: REINFORCE with the IS ratio clipped to [1-clip_low, 1+clip_high] and detached, so "
+                           "no token loses its gradient (CISPO, MiniMax-M1 2025; token-mean)")
+    rollout_correction: Literal["none", "tis", "seq_tis", "masked_is"] = Field(
+        "tis", description="correction for the sampler/learner mismatch, ratio = pi_old / pi_sampler: none | tis: "
+                           "token weight min(ratio, tis_cap) (TIS, Yao et al. 2025) | seq_tis: one weight per "
+                           "sequence, min(product of ratios, tis_cap) | masked_is: tokens whose ratio is outside "
+                           "[is_low, is_high] leave the loss, the others keep the ratio as weight (IcePop, Ling Team "
+                           "2025)")
+    tis_cap: float | None = Field(2.0, gt=0, description="cap on the importance weight of rollout_correction tis and "
+                                  "seq_tis; null only with rollout_correction none or masked_is")
+    is_low: float = Field(0.5, gt=0, lt=1, description="masked_is: lower end of the accepted ratio band (below 1, "
+                          "so the band always holds ratio 1)")
+    is_high: float = Field(2.0, gt=1, description="masked_is: upper end of the accepted ratio band (IcePop used 5)")
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description="how per-token losses become one number")
+        "token-mean", description="how per-token losses become one number: token-mean (DAPO, CISPO) | "
+                                  "seq-mean-token-mean (GRPO, GSPO) | seq-mean-token-sum | seq-mean-token-sum-norm "
+                                  "(Dr.GRPO: token sum / max_tokens)")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
     drop_uniform_groups: bool = Field(True, description="drop groups whose samples all scored the same")
+    dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling (Yu et al. 2025): groups whose rewards "
+                                   "are all equal are not admitted and the step keeps drawing prompts until it has "
+                                   "train.prompts_per_step informative groups (needs drop_uniform_groups)")
+    max_extra_prompts_per_step: int = Field(64, ge=0, description="dynamic_sampling: most prompts drawn beyond "
+                                            "train.prompts_per_step in one step; the step trains on what it has then")
+    mask_truncated: bool = Field(False, description="DAPO overlong filtering (Yu et al. 2025): samples cut at "
+                                 "max_tokens are masked out of the loss")
     max_staleness: int = Field(0, ge=0, description="0 = on-policy; s = actors may sample up to s versions ahead")
 
     @model_validator(mode="after")
@@ -41,6 +71,19 @@ class AlgorithmConfig(Section):
         if self.kl_target is not None and self.kl_in == "none":
             raise ValueError(f"algorithm.kl_target ({self.kl_target}) steers a KL penalty, but algorithm.kl_in is "
                              "none (no penalty); set kl_in to reward or loss, or kl_target to null")
+        return self
+
+    @model_validator(mode="after")
+    def _objective(self) -> AlgorithmConfig:
+        if self.dual_clip is not None and self.policy_loss != "ppo":
+            raise ValueError(f"algorithm.dual_clip ({self.dual_clip}) applies to policy_loss ppo only, not "
+                             f"{self.policy_loss}; set dual_clip to null")
+        if self.tis_cap is None and self.rollout_correction in ("tis", "seq_tis"):
+            raise ValueError(f"algorithm.rollout_correction {self.rollout_correction} needs algorithm.tis_cap (a "
+                             "number > 0); to turn the correction off set rollout_correction: none")
+        if self.dynamic_sampling and not self.drop_uniform_groups:
+            raise ValueError("algorithm.dynamic_sampling admits only groups whose rewards differ, but "
+                             "algorithm.drop_uniform_groups is false (keep them); set one of the two")
         return self
 
 

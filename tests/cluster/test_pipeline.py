@@ -127,3 +127,24 @@ def test_full_pipeline_with_ppo(tmp_path):
     assert "learner/value_loss" in rows[1] and "eval/win_rate_vs_reference" in rows[-1]
     assert rows[0]["eval/win_rate_vs_reference"] == 0.5  # step 0: the policy is the reference
     assert rows[0]["eval/kl_to_reference"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_rl_cut_off_mid_run_continues_from_its_checkpoint(tmp_path, fake_stages, monkeypatch):
+    """An RL stage with a complete checkpoint and no marker (the job died inside RL) is resumed, not redone."""
+    cfg = _cfg(tmp_path)
+    run_pipeline(cfg, stages=("sft", "rm"), log=lambda _: None)
+    ckpt = tmp_path / "run" / "rl" / "checkpoints" / "step_8"
+    ckpt.mkdir(parents=True)
+    (ckpt / "driver_state.json").write_text(json.dumps({"step": 8}))
+    resumed = []
+
+    def rl(cfg, out, log, resume=False):
+        resumed.append(resume)
+        assert (out / "checkpoints" / "step_8").is_dir() == resume  # kept to resume from; wiped when forced
+        return {"checkpoint": str(out)}
+
+    monkeypatch.setitem(pipeline.STAGE_FNS, "rl", rl)
+    run_pipeline(cfg, log=lambda _: None)
+    assert resumed == [True]
+    run_pipeline(cfg, force_stages=("rl",), log=lambda _: None)  # forced: starts clean
+    assert resumed == [True, False]

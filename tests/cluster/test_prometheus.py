@@ -300,8 +300,9 @@ def workload(ray_metrics_port, training_run):
                     if key == "system/heartbeat_timestamp_seconds":
                         continue
                     if "actor_id" in spec.tag_keys:
+                        extra = {"reason": "died"} if "reason" in spec.tag_keys else {}
                         for actor_id in ACTOR_IDS:
-                            emit(sinks["generation"], key, values[key], {"actor_id": actor_id})
+                            emit(sinks["generation"], key, values[key], {"actor_id": actor_id, **extra})
                     elif "phase" in spec.tag_keys:
                         for phase in ("logprobs", "advantages", "update", "total"):
                             emit(sinks["learner"], key, values[key], {"phase": phase})
