@@ -188,15 +188,16 @@ class Driver:
         return learner
 
     # ---- the loop pieces -------------------------------------------------------------------------
-    def next_prompts(self) -> tuple[list[int], list[Prompt]]:
-        """The next step's training prompt indices, and the prompts with group ids = position in the batch."""
-        n = self.cfg.train.prompts_per_step
+    def next_prompts(self, n: int | None = None, first_group: int = 0) -> tuple[list[int], list[Prompt]]:
+        """The next ``n`` (default ``train.prompts_per_step``) training prompt indices, and the prompts with group
+        ids = ``first_group`` + position in the batch."""
+        n = n or self.cfg.train.prompts_per_step
         if len(self.order) < n:
             fresh = list(range(len(self.train_prompts)))
             self.rng.shuffle(fresh)
             self.order.extend(fresh)
         picked, self.order = self.order[:n], self.order[n:]
-        return picked, [Prompt(j, self.train_prompts[i].text, self.train_prompts[i].token_ids,
+        return picked, [Prompt(first_group + j, self.train_prompts[i].text, self.train_prompts[i].token_ids,
                                self.train_prompts[i].metadata) for j, i in enumerate(picked)]
 
     def launch(self, step: int) -> tuple[list[int], Launch]:
@@ -360,6 +361,8 @@ class Driver:
             self.inflight.append(self.launch(self.step + 1 + len(self.inflight)))
         scored, reward_stats = self.score(rollouts)
         metrics.update(reward_stats)
+        if self.cfg.algorithm.dynamic_sampling:
+            scored, metrics["rollout/extra_prompts"] = self._dynamic_sampling(scored, self.step + 1)
         metrics.update(self._learner_call("train_step", scored))
         self.inflight.popleft()  # trained: from here on it is never redone
         self.step += 1
@@ -368,6 +371,30 @@ class Driver:
         self.fleet.grow()
         metrics["system/step_seconds"] = time.perf_counter() - t0
         return metrics
+
+    def _dynamic_sampling(self, scored: list[ScoredRollout], step: int) -> tuple[list[ScoredRollout], float]:
+        """DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476, sec. 3.2): groups whose rewards are all
+        equal give no gradient under a group baseline, so draw more prompts, a batch at a time, until
+        ``train.prompts_per_step`` groups differ or ``algorithm.max_extra_prompts_per_step`` extra prompts were
+        drawn; train on the first ``prompts_per_step`` informative groups. Returns them and the extra count."""
+        want, cap = self.cfg.train.prompts_per_step, self.cfg.algorithm.max_extra_prompts_per_step
+        groups: dict[int, list[ScoredRollout]] = {}
+        for s in scored:
+            groups.setdefault(s.rollout.group_id, []).append(s)
+        informative = {g: ss for g, ss in groups.items() if len({s.reward for s in ss}) > 1}
+        extra, next_group = 0, max(groups, default=-1) + 1
+        while len(informative) < want and extra < cap:
+            _, prompts = self.next_prompts(min(want, cap - extra), first_group=next_group)
+            seeds = [sampling_seed(self.cfg.train.seed, step, p.index) for p in prompts] \
+                if self.cfg.train.deterministic else None
+            more, _ = self.score(self.fleet.generate(prompts, seeds=seeds)[0])
+            extra, next_group = extra + len(prompts), next_group + len(prompts)
+            for s in more:
+                groups.setdefault(s.rollout.group_id, []).append(s)
+            informative.update({g: groups[g] for g in {s.rollout.group_id for s in more}
+                                if len({s.reward for s in groups[g]}) > 1})
+        kept = sorted(informative)[:want]
+        return [s for g in kept for s in informative[g]], float(extra)
 
     def _guarded_step(self) -> dict[str, float] | None:
         """``_step``, restoring the learner from the last checkpoint if it died (None then)."""

@@ -123,7 +123,15 @@ _SPECS = [
     _g("learner/return_mean", "mean return over response tokens"),
     _g("learner/lr", "learning rate"),
     _g("learner/kept_fraction", "fraction of rollouts kept for the update (uniform-reward groups dropped)"),
-    _g("learner/tis_weight_mean", "mean truncated importance weight pi_old/pi_sampler over response tokens"),
+    _g("learner/tis_weight_mean", "mean importance weight pi_old/pi_sampler over the response tokens in the loss "
+       "(algorithm.rollout_correction)"),
+    _g("learner/logprob_gap_mean", "mean |log pi_old - log pi_sampler| over response tokens (learner vs vLLM)"),
+    _g("learner/logprob_gap_max", "largest |log pi_old - log pi_sampler| of a response token (per micro-batch, "
+       "averaged)"),
+    _g("learner/corrected_fraction", "fraction of response tokens whose importance weight was truncated or masked"),
+    _g("learner/truncated_masked_fraction", "fraction of samples cut at max_tokens and masked out of the loss "
+       "(algorithm.mask_truncated)"),
+    _g("rollout/extra_prompts", "prompts drawn beyond train.prompts_per_step this step (algorithm.dynamic_sampling)"),
     _g("learner/value_clip_fraction", "fraction of value predictions clipped (0 without a critic)"),
     _c("learner/tokens_trained_total", "response tokens the learner updated on"),
     _c("learner/steps_total", "learner steps completed"),

@@ -23,6 +23,7 @@ class RolloutBatch:
     rewards: torch.Tensor  # (B,) scalar reward per sequence
     group_ids: torch.Tensor  # (B,) long; samples of one prompt share it
     versions: torch.Tensor  # (B,) long; policy_version that sampled each rollout
+    truncated: torch.Tensor  # (B,) bool; the response was cut at max_tokens
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -58,4 +59,5 @@ def collate(scored: list[ScoredRollout], pad_id: int) -> RolloutBatch:
         rewards=torch.tensor([s.reward for s in scored], dtype=torch.float32),
         group_ids=torch.tensor([s.rollout.group_id for s in scored], dtype=torch.long),
         versions=torch.tensor([s.rollout.policy_version for s in scored], dtype=torch.long),
+        truncated=torch.tensor([s.rollout.finish_reason == "length" for s in scored], dtype=torch.bool),
     )

@@ -144,6 +144,8 @@ class Learner:
             return stats
         batch = batch.select(keep.nonzero().squeeze(1))
         mask = batch.response_mask.to(self.device)
+        if self.alg.mask_truncated:  # DAPO's overlong filtering: cut responses leave the loss (not the advantages)
+            stats["learner/truncated_masked_fraction"] = batch.truncated.float().mean().item()
 
         # One no-grad pass of the policy before the update gives whatever needs it: the "old" logprobs
         # (several updates per batch), the logprobs the KL is measured at, and the shared head's values.
@@ -195,10 +197,11 @@ class Learner:
             token_rewards = algos.token_rewards_with_kl(seq_rewards, kl, mask, self.kl_ctl.value)
         else:
             token_rewards = algos.place_reward_on_last_token(seq_rewards, mask)
+        extra = {"outcome_rewards": seq_rewards} if self.alg.name == "reinforce_pp_baseline" else {}
         with torch.no_grad():
             advantages, returns = self.estimator(
                 token_rewards=token_rewards, mask=mask, group_ids=batch.group_ids.to(self.device),
-                values=values, gamma=self.alg.gamma, lam=self.alg.lam,
+                values=values, gamma=self.alg.gamma, lam=self.alg.lam, **extra,
             )
             if self.alg.name == "ppo":
                 advantages = algos.masked_whiten(advantages, mask)
@@ -254,12 +257,14 @@ class Learner:
         shared = self.value_head is not None
         logprobs, entropy, values = self._token_logprobs(self.policy, micro, with_entropy=True, with_values=shared)
         old = logprobs.detach() if old_logprobs is None else old_logprobs
-        behaviour = micro.behaviour_logprobs.to(self.device) if self.alg.tis_cap is not None else None
-        loss, pstats = algos.policy_loss(
-            logprobs, old, advantages, mask, clip_low=self.alg.clip_low, clip_high=self.alg.clip_high,
-            dual_clip=self.alg.dual_clip, agg_mode=self.alg.loss_agg,
-            loss_norm_constant=self.max_tokens,
-            behaviour_logprobs=behaviour, tis_cap=self.alg.tis_cap,
+        loss_mask = mask * ~micro.truncated.to(self.device).unsqueeze(1) if self.alg.mask_truncated else mask
+        is_weights, keep, correction = algos.rollout_correction(
+            old, micro.behaviour_logprobs.to(self.device), loss_mask, self.alg.rollout_correction,
+            cap=self.alg.tis_cap, low=self.alg.is_low, high=self.alg.is_high)
+        loss, pstats = algos.get_policy_loss(self.alg.policy_loss)(
+            logprobs, old, advantages, keep.to(mask.dtype), clip_low=self.alg.clip_low, clip_high=self.alg.clip_high,
+            dual_clip=self.alg.dual_clip, agg_mode=self.alg.loss_agg, loss_norm_constant=self.max_tokens,
+            is_weights=is_weights,
         )
         stats = {"learner/policy_loss": loss.item() * weight}
         entropy_mean = algos.aggregate_loss(entropy, mask, "token-mean")
@@ -280,6 +285,9 @@ class Learner:
             "learner/clip_fraction": pstats.clip_fraction.item() * weight,
             "learner/approx_kl": pstats.approx_kl.item() * weight,
             "learner/tis_weight_mean": pstats.tis_weight_mean.item() * weight,
+            "learner/logprob_gap_mean": correction.logprob_gap_mean.item() * weight,
+            "learner/logprob_gap_max": correction.logprob_gap_max.item() * weight,
+            "learner/corrected_fraction": correction.corrected_fraction.item() * weight,
         })
         return stats
 

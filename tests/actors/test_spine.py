@@ -216,3 +216,24 @@ def test_actors_run_one_version_ahead_with_max_staleness_1(driver):
         driver.fleet.collect(driver.inflight.popleft()[1])
     finally:
         driver.cfg.algorithm.max_staleness = 0
+
+
+def test_dynamic_sampling_draws_prompts_until_groups_differ(driver):
+    """DAPO dynamic sampling: a batch whose groups all scored alike is topped up with fresh prompts (at most
+    max_extra_prompts_per_step); only groups whose rewards differ are trained on, prompts_per_step at most."""
+    _, prompts = driver.next_prompts()
+    rollouts, _ = driver.fleet.generate(prompts)
+    scored, _ = driver.score(rollouts)
+    uniform = [s.__class__(s.rollout, 0.0, s.components) for s in scored]  # no group has a signal
+    alg = driver.cfg.algorithm
+    alg.max_extra_prompts_per_step = 24
+    try:
+        kept, extra = driver._dynamic_sampling(uniform, step=1)
+    finally:
+        alg.max_extra_prompts_per_step = 64
+    assert 0 < extra <= 24
+    groups = Counter(s.rollout.group_id for s in kept)
+    assert len(groups) <= driver.cfg.train.prompts_per_step
+    assert all(g >= len(prompts) for g in groups)  # the uniform first batch contributed nothing
+    for g in groups:
+        assert len({s.reward for s in kept if s.rollout.group_id == g}) > 1

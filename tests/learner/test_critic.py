@@ -107,14 +107,15 @@ def test_critic_init_with_another_tokenizer_is_refused(policy_dir):
         load_config(None, ["learner.critic_init=/no/such/dir"])
 
 
-@pytest.mark.parametrize("name", ["ppo", "grpo", "drgrpo", "rloo", "reinforce"])
+@pytest.mark.parametrize("name", ["ppo", "grpo", "drgrpo", "rloo", "reinforce", "reinforce_pp",
+                                  "reinforce_pp_baseline"])
 def test_algorithm_switch_runs_a_learner_step(policy_dir, name):
     from learner.learner import Learner
 
     torch.manual_seed(0)
     overrides = [f"algorithm.name={name}", "learner.warmup_steps=0", "learner.lr=1e-3",
                  "learner.minibatch_size=8", "learner.micro_batch_size=4"]
-    if name == "ppo":
+    if name in ("ppo", "reinforce_pp", "reinforce_pp_baseline"):  # REINFORCE++ puts the KL in the reward too
         overrides += ["algorithm.kl_in=reward", "algorithm.kl_target=0.01", "algorithm.kl_coef=0.1",
                       "algorithm.kl_horizon=16"]
     learner = Learner.from_config(load_config(None, overrides), policy_dir)
@@ -158,3 +159,27 @@ def test_shared_critic_learns_values_on_the_policy_backbone(policy_dir, tmp_path
     assert (tmp_path / "ck" / "value_head.pt").is_file() and not (tmp_path / "ck" / "critic").exists()
     with pytest.raises(Exception, match="critic_init applies to a separate critic"):
         load_config(None, ["learner.critic_backbone=shared", f"learner.critic_init={tmp_path}"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algorithm.policy_loss=gspo", "algorithm.clip_low=0.0003", "algorithm.clip_high=0.0004",
+     "algorithm.loss_agg=seq-mean-token-mean"],
+    ["algorithm.policy_loss=gspo_token"],
+    ["algorithm.policy_loss=cispo", "algorithm.clip_high=4.0"],
+    ["algorithm.rollout_correction=seq_tis"],
+    ["algorithm.rollout_correction=masked_is"],
+    ["algorithm.rollout_correction=none", "algorithm.tis_cap=null"],
+    ["algorithm.mask_truncated=true", "algorithm.clip_high=0.28"],
+], ids=lambda o: " ".join(x.split(".")[1] for x in o))
+def test_objectives_run_a_learner_step(policy_dir, overrides):
+    """Each policy loss and rollout correction, chosen by name in the config, updates the policy."""
+    from learner.learner import Learner
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["learner.warmup_steps=0", "learner.lr=1e-3", *overrides])
+    learner = Learner.from_config(cfg, policy_dir)
+    before = [p.detach().clone() for p in learner.policy.parameters()]
+    stats = learner.train_step(_scored())
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    assert 0.0 <= stats["learner/corrected_fraction"] <= 1.0 and stats["learner/logprob_gap_mean"] >= 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.policy.parameters(), strict=True))
