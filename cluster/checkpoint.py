@@ -139,7 +139,10 @@ class RunDirLock:
         f = self.path.open("a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):
+                f.close()
+                raise
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()

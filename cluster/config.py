@@ -314,7 +314,7 @@ def reference_table() -> str:
 # Keys a resumed run may change: budgets, placement, timeouts and logging. Any other change (the model, the
 # data, the algorithm, the batch) would continue a different run, so --resume refuses it and names the key.
 RESUMABLE = (
-    "train.steps", "train.time_limit_s", "train.eval_every", "train.eval_prompts", "train.run_dir",
+    "train.steps", "train.time_limit_s", "train.eval_every", "train.run_dir",
     "checkpoint.", "metrics.", "cluster.", "pipeline.",
     "generation.num_actors", "generation.max_num_actors", "generation.num_cpus", "generation.num_gpus",
     "generation.timeout_s", "generation.start_timeout_s", "generation.max_restarts", "generation.torch_threads",
@@ -345,6 +345,12 @@ def resume_config(run_dir: str | Path, path: str | Path | None, overrides: list[
                           "or start one without --resume")
     saved = load_config(saved_path)
     cfg = load_config(path or saved_path, [*overrides, f"train.run_dir={run_dir}"])
+    check_resumable(saved, cfg, run_dir)
+    return cfg
+
+
+def check_resumable(saved: RelayConfig, cfg: RelayConfig, run_dir: str | Path) -> None:
+    """Refuse to continue the run saved with ``saved`` under ``cfg`` if a key outside ``RESUMABLE`` changed."""
     before, after = _flatten(saved.model_dump()), _flatten(cfg.model_dump())
     changed = [k for k in sorted(set(before) | set(after))
                if before.get(k) != after.get(k) and not k.startswith(RESUMABLE)]
@@ -354,4 +360,3 @@ def resume_config(run_dir: str | Path, path: str | Path | None, overrides: list[
                           "would train something else. Undo the change, or start a new train.run_dir. Budgets, "
                           "placement, timeouts and logging may change (train.steps, train.time_limit_s, "
                           "generation.num_actors, ...)")
-    return cfg

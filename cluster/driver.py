@@ -324,10 +324,12 @@ class Driver:
         if progress:
             progress.close()
         if self._stop:
+            self.log(f"{self._stop}: the step in flight finished; writing a checkpoint (Ctrl-C again to stop at once)")
             path = self.checkpoint(f"step_{self.step}", elapsed=rl_seconds)
             self.log(f"stopped by {self._stop} after step {self.step}; checkpoint {path}. Continue with: "
                      f"relay train --resume {self.run_dir}")
-            self.logger.close()
+            if self.logger:
+                self.logger.close()
             return self._summary(rl_seconds, str(path), interrupted=self._stop)
         if self.evals[-1][0] != self.step:
             final = self.evaluate()
@@ -338,7 +340,8 @@ class Driver:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if progress:
             self.log(progress.summary({k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in summary.items()}))
-        self.logger.close()
+        if self.logger:
+            self.logger.close()
         return summary
 
     def _step(self) -> dict[str, float]:
@@ -346,7 +349,7 @@ class Driver:
         learner trains, with the weights the actors hold; every rollout carries its policy_version and
         the sampler's logprobs feed the importance correction (TIS)."""
         t0 = time.perf_counter()
-        s, version = self.cfg.algorithm.max_staleness, self.store.latest_version
+        s, version = self.cfg.algorithm.max_staleness, max(self.store.latest_version, self.fleet.start_version)
         if not self.inflight:
             self.inflight.append(self.launch(self.step + 1))
         _, launched = self.inflight[0]
@@ -433,11 +436,15 @@ class Driver:
         self.learner_restores += 1
         self.log(f"the learner died at step {self.step + 1} ({error}); restoring it from {where}")
         ray.kill(self.learner, no_restart=True)
-        self.learner = self._start_learner(str(where), with_state=True)
-        ahead = max(self.store.latest_version, max(self.fleet.versions.values(), default=0))
-        ray.get(self.learner.set_version.remote(ahead), timeout=self.cfg.learner.timeout_s)  # versions only go up
-        self._restore(checkpoint.read_state(where))
-        self.sync()  # every actor gets the checkpoint's weights, as a new version
+        try:
+            self.learner = self._start_learner(str(where), with_state=True)
+            ahead = max(self.store.latest_version, max(self.fleet.versions.values(), default=0))
+            ray.get(self.learner.set_version.remote(ahead), timeout=self.cfg.learner.timeout_s)  # versions only go up
+            self._restore(checkpoint.read_state(where), resume=False)
+            self.sync()  # every actor gets the checkpoint's weights, as a new version
+        except (ray.exceptions.RayError, LearnerDied) as e:
+            raise RunError(f"the learner died again while being restored from {where} ({_first_line(e)}). Fix the "
+                           f"cause, then continue with: relay train --resume {self.run_dir}") from None
         if self.sink:
             self.sink.log({"system/learner_restores_total": 1.0})
         self.log(f"learner restored in {time.perf_counter() - started:.1f} s; continuing from step {self.step}")
@@ -460,6 +467,10 @@ class Driver:
                 if isinstance(e.cause, OSError):
                     raise e.cause from None
                 raise
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                raise RunError(f"the learner died while writing checkpoint {name} ({_first_line(e)}); the previous "
+                               f"checkpoint ({self.last_checkpoint or 'none yet'}) is intact. Continue with: relay "
+                               f"train --resume {self.run_dir}") from None
 
         path = checkpoint.write(self.run_dir, name, save, self._state(elapsed), previous=self.last_checkpoint)
         self.last_checkpoint, self.last_checkpoint_time = path, time.time()
@@ -483,14 +494,19 @@ class Driver:
             "evaluator": self.evaluator.state() if self.evaluator else self._evaluator_state,
             "service_counts": self._service_counts,
             "restarts": self.fleet.restarts,
+            "learner_restores": self.learner_restores,
             "reference": self.policy_path,
         }
 
-    def _restore(self, state: dict) -> None:
-        """Continue from a checkpoint's driver state (a resume, or a restored learner)."""
+    def _restore(self, state: dict, resume: bool = True) -> None:
+        """Continue from a checkpoint's driver state: a resume (``resume``), or a restored learner, whose run
+        keeps its clock and counters."""
         self.step, self.order, self.evals = state["step"], list(state["order"]), [tuple(e) for e in state["evals"]]
         self.rng.setstate(_rng_from_json(state["rng"]))
-        self.elapsed_before = state["elapsed_s"]
+        if resume:
+            self.elapsed_before = state["elapsed_s"]
+            self.fleet.restarts = state["restarts"]
+            self.learner_restores = state.get("learner_restores", 0)
         self.inflight.clear()
         self._service_counts = state["service_counts"]
         self._evaluator_state = state["evaluator"]
@@ -553,6 +569,10 @@ class Driver:
                 pass
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 class LearnerDied(RuntimeError):
     """The learner actor died or missed its deadline."""
 
@@ -581,12 +601,10 @@ class _graceful_stop:
     def __init__(self, driver: Driver):
         self.driver, self.saved = driver, {}
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame):  # only sets a flag: printing here could re-enter a print in progress
         if self.driver._stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.driver._stop = signal.Signals(signum).name
-        self.driver.log(f"{self.driver._stop}: finishing step {self.driver.step + 1}, then writing a checkpoint "
-                        "(Ctrl-C again to stop at once)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -628,7 +646,8 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
                 f"relay train --resume {moved})")
             checkpoint.check_writable(run_dir)
             lock.acquire()
-        if resume_from is not None and checkpoint.read_state(resume_from)["step"] >= cfg.train.steps:
+        if resume_from is not None and resume_from.name == "final" \
+                and checkpoint.read_state(resume_from)["step"] >= cfg.train.steps:
             log(f"the run in {run_dir} already finished train.steps={cfg.train.steps}; raise it to train further")
             return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
         return _train(cfg, data, resume_from, log)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from actors.config import GenerationConfig
 from core.records import Prompt, Rollout
@@ -57,6 +57,7 @@ class Launch:
     kind: str  # "generate" (sampled rollouts) or "greedy" (texts)
     shards: list[list[Prompt]]
     slots: list[int]
+    incarnations: list[int]  # each member's restart count at launch: a later failure of an older process
     refs: list
     n: int | None
     seeds: list[list[int]] | None
@@ -88,7 +89,12 @@ class Fleet:
         """Start ``num_actors`` engines and wait until all are up (~20 s each on CPU)."""
         for _ in range(self.cfg.num_actors):
             self._spawn()
-        ray.get([m.ready for m in self.members], timeout=self.cfg.start_timeout_s)
+        try:
+            ray.get([m.ready for m in self.members], timeout=self.cfg.start_timeout_s)
+        except GetTimeoutError:
+            raise FleetError(f"the generation engines did not start within generation.start_timeout_s="
+                             f"{self.cfg.start_timeout_s:g} s; raise it (large models load slowly) or check the "
+                             "actors' logs") from None
         for m in self.members:
             m.state, m.ready = "live", None
 
@@ -168,6 +174,10 @@ class Fleet:
         """Start ``kind`` (generate: ``n`` samples per prompt, one seed per prompt if given; greedy) of
         ``prompts`` over the live actors, one contiguous shard each."""
         members = self.live
+        joining = [m for m in self.members if m.state == "joining"]
+        while not members and joining:  # every actor is restarting: wait for the first back
+            self._settle(joining.pop(0), wait=True)
+            members = self.live
         if not members:
             raise FleetError("no generation actor is left: every one has failed and used up its restarts "
                              "(generation.max_restarts). The last checkpoint is intact; continue with "
@@ -176,7 +186,7 @@ class Fleet:
         seed_shards = contiguous_shards(seeds, len(members)) if seeds else None
         refs = [self._submit(m, kind, s, n, seed_shards[i] if seed_shards else None)
                 for i, (m, s) in enumerate(zip(members, shards, strict=True))]
-        return Launch(kind, shards, [m.slot for m in members], refs, n, seed_shards)
+        return Launch(kind, shards, [m.slot for m in members], [m.restarts for m in members], refs, n, seed_shards)
 
     def collect(self, launch: Launch) -> tuple[list, float]:
         """Wait for a launch: rollouts (generate) or texts (greedy) in prompt order, and the seconds since
@@ -188,8 +198,10 @@ class Fleet:
             try:
                 result = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
                 out.extend(result[0] if launch.kind == "generate" else result)
-            except (RayActorError, GetTimeoutError) as e:
-                reason = self._fail(self.members[launch.slots[i]], e)
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                member = self.members[launch.slots[i]]
+                # a shard of the member's previous process: it has been handled (and restarted) already
+                reason = self._fail(member, e) if member.restarts == launch.incarnations[i] else _reason(e)
                 self.resampled[reason] = self.resampled.get(reason, 0) + len(launch.shards[i])
                 out.extend(self._redo(launch.kind, launch.shards[i], launch.n, seeds))
         return out, time.perf_counter() - launch.started
@@ -208,12 +220,7 @@ class Fleet:
 
     def _redo(self, kind: str, shard: list[Prompt], n: int | None, seeds: list[int] | None) -> list:
         """Sample a failed actor's shard on the live actors; with none live, wait for a joining one."""
-        while not self.live:
-            joining = [m for m in self.members if m.state == "joining"]
-            if not joining:
-                break  # launch() raises FleetError
-            self._settle(joining[0], wait=True)
-        return self.collect(self.launch(shard, n, seeds, kind))[0]
+        return self.collect(self.launch(shard, n, seeds, kind))[0]  # launch waits for a restarting one if need be
 
     # ---- weights --------------------------------------------------------------------------------
     def load(self, version: int, ref) -> dict[str, float]:
@@ -227,7 +234,7 @@ class Fleet:
                 stats = ray.get(r, timeout=self.cfg.timeout_s)
                 slowest = max(slowest, stats["sync/load_seconds"] + stats["sync/fetch_seconds"])
                 m.version = version
-            except (RayActorError, GetTimeoutError) as e:  # it catches up when it rejoins
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:  # it catches up when it rejoins
                 self._fail(m, e)
         return {"sync/load_seconds": slowest}
 
@@ -241,14 +248,14 @@ class Fleet:
     def _fail(self, member: Member, error: Exception) -> str:
         """A live actor's call failed: kill it if stuck, and let it restart in the background (``_settle``).
         Returns why it failed: died or stuck."""
-        reason = "stuck" if isinstance(error, GetTimeoutError) else "died"
+        reason = _reason(error)
         if member.state != "live":
             return reason
         self.log(f"generation actor {member.slot} {reason} ({_first_line(error)}); the others take its work while "
                  "it restarts")
         self._count("system/actor_failures_total", actor_id=str(member.slot), reason=reason)
-        if reason == "stuck":
-            ray.kill(member.handle, no_restart=False)  # Ray restarts it if it has restarts left
+        if reason in ("stuck", "error"):  # alive but not serving (or its engine raised): Ray restarts it
+            ray.kill(member.handle, no_restart=False)
         member.state, member.ready = "joining", member.handle.health.remote()
         member.deadline = time.monotonic() + self.cfg.start_timeout_s
         member.version, member.restarts = self.start_version, member.restarts + 1  # it restarts from policy_path
@@ -275,6 +282,13 @@ class Fleet:
 
     def health(self) -> list[dict]:
         return ray.get([m.handle.health.remote() for m in self.live], timeout=self.cfg.timeout_s)
+
+
+def _reason(error: Exception) -> str:
+    """died (the process is gone), stuck (missed its deadline) or error (a call raised: a wedged engine)."""
+    if isinstance(error, GetTimeoutError):
+        return "stuck"
+    return "error" if isinstance(error, RayTaskError) else "died"
 
 
 def _first_line(error: Exception) -> str:

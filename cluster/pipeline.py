@@ -123,9 +123,17 @@ def rl_config(cfg: RelayConfig) -> RelayConfig:
 
 
 def _rl_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object], resume: bool = False) -> dict:
+    from cluster.config import check_resumable, load_config
     from cluster.driver import train
 
-    return train(rl_config(cfg), log=log, resume=resume)  # the summary, with the final checkpoint's path
+    rl = rl_config(cfg)
+    if resume:  # the cut-off run must be continued with what it was started with
+        check_resumable(load_config(out / "config.json"), rl, out)
+    summary = train(rl, log=log, resume=resume)  # the summary, with the final checkpoint's path
+    if "interrupted" in summary:
+        raise RunError(f"the RL stage was stopped by {summary['interrupted']} at step {summary['steps']} (checkpoint "
+                       f"{summary['checkpoint']}); run relay pipeline again to continue it")
+    return summary
 
 
 STAGE_FNS: dict[str, Callable[[RelayConfig, Path, Callable[[str], object]], dict]] = {
@@ -176,9 +184,14 @@ def run_pipeline(cfg: RelayConfig, stages: tuple[str, ...] | None = None, force:
     if unknown:
         raise RunError(f"unknown pipeline stage(s) {unknown}; valid: {', '.join(STAGES)}")
     results, redone = {}, set()
-    for stage in (s for s in STAGES if s in stages):
-        again = force or stage in force_stages or any(s in redone for s in needs(cfg, stage))
-        if again or read_marker(cfg, stage) is None:
-            redone.add(stage)
-        results[stage] = run_stage(cfg, stage, force=again, log=log)
+    lock = checkpoint.RunDirLock(cfg.train.run_dir)
+    lock.acquire()  # a second pipeline on this run_dir would delete this one's stages
+    try:
+        for stage in (s for s in STAGES if s in stages):
+            again = force or stage in force_stages or any(s in redone for s in needs(cfg, stage))
+            if again or read_marker(cfg, stage) is None:
+                redone.add(stage)
+            results[stage] = run_stage(cfg, stage, force=again, log=log)
+    finally:
+        lock.release()
     return results

@@ -93,7 +93,7 @@ _SPECS = [
     _g("rollout/queue_depth", "scored rollouts waiting for the learner"),
     _c("rollout/samples_total", "rollouts produced"),
     _c("rollout/prompts_resampled_total", "prompts sampled again on another actor or after a restart, by why their "
-       "first actor failed (died, stuck, retired)", ("reason",)),
+       "first actor failed (died, stuck, error)", ("reason",)),
     _c("rollout/dropped_total", "rollouts sampled but not trained on, by reason (stale)", ("reason",)),
     # reward/: the reward service
     _h("reward/latency_seconds", "wall time of one reward batch", SECONDS_BUCKETS),
@@ -164,7 +164,8 @@ _SPECS = [
     _g("system/heartbeat_timestamp_seconds", "unix time of the component's last heartbeat"),
     _g("system/step_seconds", "wall time of one whole RL step (generate, score, update, sync)"),
     _c("system/actor_restarts_total", "actor restarts observed by the driver", ("actor_id",)),
-    _c("system/actor_failures_total", "generation actor failures, by kind: died (crashed), stuck (missed its "
+    _c("system/actor_failures_total", "generation actor failures, by kind: died (crashed), error (a call raised, "
+       "e.g. a dead engine; killed and restarted), stuck (missed its "
        "deadline and was killed), retired (out of restarts, or its node is gone)", ("actor_id", "reason")),
     _g("system/fleet_size", "generation actors taking work"),
     _c("system/actors_added_total", "generation actors that joined a running job (generation.max_num_actors)"),

@@ -267,11 +267,12 @@ class Learner:
             is_weights=is_weights,
         )
         stats = {"learner/policy_loss": loss.item() * weight}
-        entropy_mean = algos.aggregate_loss(entropy, mask, "token-mean")
+        in_loss = keep.to(mask.dtype)  # the policy's tokens: without truncated samples or masked_is rejects
+        entropy_mean = algos.aggregate_loss(entropy, in_loss, "token-mean")
         if self.alg.entropy_coef > 0:
             loss = loss - self.alg.entropy_coef * entropy_mean
         if self.alg.kl_in == "loss":
-            kl = algos.kl_loss(logprobs, ref_logprobs, mask, self.alg.kl_kind, self.alg.loss_agg,
+            kl = algos.kl_loss(logprobs, ref_logprobs, in_loss, self.alg.kl_kind, self.alg.loss_agg,
                                loss_norm_constant=self.max_tokens)
             loss = loss + self.kl_ctl.value * kl
         if shared:
@@ -329,7 +330,7 @@ class Learner:
 
     def load_state(self, path: str) -> int:
         """Continue from a ``save``d checkpoint whose policy this learner was built from; returns its version."""
-        state = torch.load(Path(path) / STATE_FILE, weights_only=False)
+        state = torch.load(Path(path) / STATE_FILE, weights_only=False, map_location="cpu")  # any device -> this one
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.value = state["kl_coef"]

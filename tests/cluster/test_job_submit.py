@@ -144,8 +144,8 @@ def job_logs(address: str, job_id: str) -> str:
 
 
 def test_stopped_job_continues_when_resubmitted_with_resume(head, tmp_path):
-    """The way a preempted or stopped job goes on: `ray job stop` (SIGTERM: the driver finishes its step and
-    checkpoints), then the same submission with `relay train --resume`."""
+    """The way a preempted or stopped job goes on: `ray job stop` (SIGTERM, then SIGKILL after Ray's 3 s grace;
+    either way the periodic step-4 checkpoint is there), then the same submission with `relay train --resume`."""
     run, steps = tmp_path / "run", ("train.steps=24", "checkpoint.every=4", "checkpoint.every_s=null")
     first = submit(head, run, *steps)
     deadline = time.monotonic() + JOB_TIMEOUT_S

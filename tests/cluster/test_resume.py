@@ -126,5 +126,5 @@ def test_each_step_trained_and_logged_once(runs):
 
 def test_sigterm_checkpoints_the_step_in_flight(runs):
     _, cut, out = runs
-    assert "SIGTERM: finishing step" in out
+    assert "SIGTERM: the step in flight finished; writing a checkpoint" in out
     assert "stopped by SIGTERM after step" in out
