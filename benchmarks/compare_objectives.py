@@ -91,7 +91,11 @@ def table(results: dict[str, dict[int, dict]], minutes: float) -> str:
         rows.append(f"| {name} | {OBJECTIVES[name][1]} | {steps} "
                     f"| {by_seed[min(by_seed)]['start']:.3f} | {', '.join(f'{g:+.1f}' for g in gains)} "
                     f"| {sum(gains) / len(gains):+.1f} |")
-    seeded = {n: r for n, r in spread.items() if r[0] != r[1]}
+    seeded = {n: r for n, r in spread.items() if len(results[n]) > 1}
+    if not seeded:
+        rows.append("")
+        rows.append("One seed per objective so far: the seed spread is not measured yet, so this is not a ranking "
+                    "(the second seeds of grpo, dapo, gspo and cispo are still to run).")
     if seeded:
         widest = max(hi - lo for lo, hi in seeded.values())
         rows.append("")
