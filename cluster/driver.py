@@ -319,13 +319,16 @@ class Driver:
                 if progress:
                     progress.update(self.step, metrics)
                 if self._checkpoint_due():
-                    self.checkpoint(f"step_{self.step}", elapsed=self.elapsed_before + time.time() - start)
+                    try:
+                        self.checkpoint(f"step_{self.step}", elapsed=self.elapsed_before + time.time() - start)
+                    except LearnerDied as e:  # the previous checkpoint is intact: restore from it
+                        self._restore_learner(e)
         rl_seconds = self.elapsed_before + time.time() - start
         if progress:
             progress.close()
         if self._stop:
             self.log(f"{self._stop}: the step in flight finished; writing a checkpoint (Ctrl-C again to stop at once)")
-            path = self.checkpoint(f"step_{self.step}", elapsed=rl_seconds)
+            path = self._last_checkpoint(f"step_{self.step}", rl_seconds)
             self.log(f"stopped by {self._stop} after step {self.step}; checkpoint {path}. Continue with: "
                      f"relay train --resume {self.run_dir}")
             if self.logger:
@@ -335,7 +338,7 @@ class Driver:
             final = self.evaluate()
             self.evals.append((self.step, final["eval/task_score"]))
             self._emit(self.step, final)
-        path = self.checkpoint("final", elapsed=rl_seconds)
+        path = self._last_checkpoint("final", rl_seconds)
         summary = self._summary(rl_seconds, str(path))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if progress:
@@ -450,6 +453,13 @@ class Driver:
         self.log(f"learner restored in {time.perf_counter() - started:.1f} s; continuing from step {self.step}")
 
     # ---- checkpoints ------------------------------------------------------------------------------
+    def _last_checkpoint(self, name: str, elapsed: float) -> Path:
+        try:
+            return self.checkpoint(name, elapsed=elapsed)
+        except LearnerDied as e:
+            raise RunError(f"the learner died ({e}); the previous checkpoint ({self.last_checkpoint or 'none yet'}) "
+                           f"is intact. Continue with: relay train --resume {self.run_dir}") from None
+
     def _checkpoint_due(self) -> bool:
         c = self.cfg.checkpoint
         return bool((c.every and self.step % c.every == 0)
@@ -457,7 +467,7 @@ class Driver:
 
     def checkpoint(self, name: str, elapsed: float = 0.0) -> Path:
         """A full checkpoint: the learner's state and the driver's, committed atomically (cluster/checkpoint.py).
-        A failed write leaves the previous checkpoint as it was and says why."""
+        A failed write leaves the previous checkpoint as it was and says why (LearnerDied if the learner died)."""
         started = time.perf_counter()
 
         def save(staging: Path) -> None:
@@ -468,9 +478,7 @@ class Driver:
                     raise e.cause from None
                 raise
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                raise RunError(f"the learner died while writing checkpoint {name} ({_first_line(e)}); the previous "
-                               f"checkpoint ({self.last_checkpoint or 'none yet'}) is intact. Continue with: relay "
-                               f"train --resume {self.run_dir}") from None
+                raise LearnerDied(f"while writing checkpoint {name}: {_first_line(e)}") from None
 
         path = checkpoint.write(self.run_dir, name, save, self._state(elapsed), previous=self.last_checkpoint)
         self.last_checkpoint, self.last_checkpoint_time = path, time.time()
@@ -561,7 +569,7 @@ class Driver:
         return out
 
     def shutdown(self) -> None:
-        for client in (self.eval_reward, self.reward):
+        for client in (self.eval_reward, getattr(self, "reward", None)):  # start() may have stopped before either
             try:
                 if client is not None:
                     client.shutdown()

@@ -28,7 +28,8 @@ def init_ray(cfg: ClusterConfig, log=print) -> bool:
     # Generation and learning alternate on-policy, so logical CPUs may exceed physical cores.
     num_cpus = cfg.local_num_cpus or max(4, os.cpu_count() or 1)
     kwargs = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    # address="local": always a new Ray here, never one another process left in /tmp/ray/ray_current_cluster
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     log(f"started a local Ray with {num_cpus} logical CPUs")
     return True
 

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 def cfg(tmp_path_factory):
     return load_config(overrides=[
         "sft.steps=30", "generation.num_actors=1", "generation.max_num_actors=2", "generation.num_cpus=1",
-        "generation.torch_threads=1", "learner.torch_threads=1", "generation.start_timeout_s=20",
+        "generation.torch_threads=1", "learner.torch_threads=1",
         "train.steps=100000", "train.time_limit_s=null", "train.eval_every=100000", "train.eval_prompts=20",
         "train.prompts_per_step=16", "generation.samples_per_prompt=4", "checkpoint.every=4",
         "checkpoint.every_s=null", "reward.sources=[{name: length, kind: rule, rule: length_penalty}]",
@@ -66,6 +66,7 @@ def test_run_survives_node_loss_growth_and_learner_loss(cfg):
     driver = Driver(cfg, policy, log=log.append)
     try:
         driver.start()
+        driver.cfg.generation.start_timeout_s = 40  # after the first start: a lost actor is retired sooner
 
         def after_next_step(name: str, since: float, step: int) -> None:
             wait_until(lambda: driver.step > step, 120, f"a step after {name}")
@@ -106,9 +107,11 @@ def test_run_survives_node_loss_growth_and_learner_loss(cfg):
             thread.join(timeout=120)
         summary = result.get("summary")
     finally:
-        driver.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
+        try:
+            driver.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()  # always: a leaked head would be found by later tests' ray.init
     print("\n" + "\n".join(f"recovery after {k}: {v:.1f} s" for k, v in recovery.items()))
     assert not errors, f"{errors[0]!r}\n" + "\n".join(log[-30:])
     assert summary["learner_restores"] == 1 and summary["fleet_size"] == 2
@@ -118,7 +121,10 @@ def test_run_survives_node_loss_growth_and_learner_loss(cfg):
     records = [json.loads(line) for line in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
     trained = [r["step"] for r in records if "reward/mean" in r]
     assert trained == list(range(1, summary["steps"] + 1))  # each step logged once, in order, none lost
+    # The lost actor's failure is seen in a generate (its shard is sampled again, counted) or in a weight load
+    # (nothing to resample), depending on when the node goes.
     died = sum(r.get("rollout/prompts_resampled_total{reason=died}", 0.0) for r in records)
-    assert died > 0  # the lost node's shard was sampled again, and counted
+    assert any("generation actor 1 died" in line for line in log), log
+    print(f"prompts sampled again after the node loss: {died:.0f}")
     sizes = [r["system/fleet_size"] for r in records if "system/fleet_size" in r]
     assert 1.0 in sizes and sizes[-1] == 2.0
