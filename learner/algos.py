@@ -43,6 +43,18 @@ def _names(table: dict) -> str:
     return ", ".join(sorted(table))
 
 
+def _registrar(table: dict, name: str, what: str) -> Callable:
+    """A decorator that puts its function into ``table`` under ``name`` (once)."""
+
+    def register(fn):
+        if name in table:
+            raise ValueError(f"{what} {name!r} registered twice")
+        table[name] = fn
+        return fn
+
+    return register
+
+
 def _lookup(table: dict, name: str, what: str):
     if name not in table:
         raise ValueError(f"unknown {what} {name!r}; valid: {_names(table)}")
@@ -202,13 +214,7 @@ def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
     and returns (advantages (B, T), returns (B, T)), both zero on padding.
     """
 
-    def register(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} registered twice")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return register
+    return _registrar(ADVANTAGE_ESTIMATORS, name, "advantage estimator")
 
 
 def get_advantage_estimator(name: str) -> AdvantageFn:
@@ -608,13 +614,7 @@ def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
     tis_cap, is_weights (B, T), and returns (loss scalar, PolicyLossStats).
     """
 
-    def register(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} registered twice")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return register
+    return _registrar(POLICY_LOSSES, name, "policy loss")
 
 
 def get_policy_loss(name: str) -> PolicyLossFn:

@@ -7,17 +7,16 @@ rollouts are built by hand so the tests need neither vLLM nor the reward service
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
 from cluster.config import load_config
-from core.records import Rollout, ScoredRollout
 from learner import algos
 from learner.batch import collate
 from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
 from learner.critic import Critic
+from tests.learner.rollouts import scored_rollouts
 
 
 @pytest.fixture(scope="module")
@@ -32,30 +31,13 @@ def policy_dir(tmp_path_factory):
     return str(path)
 
 
-def _scored(n_prompts: int = 4, samples: int = 4, seed: int = 0) -> list[ScoredRollout]:
-    """Hand-made rollouts: ``a+b=`` prompts, digit responses, reward 1 for the right sum."""
-    tokenizer = build_tokenizer()
-    rng = random.Random(seed)
-    out = []
-    for g in range(n_prompts):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        prompt = f"{a}+{b}="
-        for _ in range(samples):
-            answer = str(a + b) if rng.random() < 0.5 else str(rng.randint(20, 198))
-            ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-            rollout = Rollout(group_id=g, prompt_ids=tokenizer.encode(prompt, add_special_tokens=False),
-                              response_ids=ids, sampling_logprobs=[-math.log(258)] * len(ids), policy_version=0,
-                              finish_reason="stop", prompt_text=prompt, response_text=answer,
-                              metadata={"answer": str(a + b)})
-            out.append(ScoredRollout(rollout, float(answer == str(a + b))))
-    return out
 
 
 def test_critic_value_loss_falls_on_a_fixed_batch(policy_dir):
     torch.manual_seed(0)
     cfg = load_config(None, ["learner.critic_lr=1e-3", "learner.micro_batch_size=8", "learner.minibatch_size=16"])
     critic = Critic.build(_fake_policy(), policy_dir, cfg.learner, torch.float32)
-    batch = collate(_scored(), pad_id=0)
+    batch = collate(scored_rollouts(), pad_id=0)
     mask = batch.response_mask
     returns = algos.place_reward_on_last_token(batch.rewards, mask)
     returns = algos.discounted_returns(returns, mask, gamma=1.0)  # (B, T) the reward at every response position
@@ -88,7 +70,7 @@ def test_critic_from_a_reward_model_starts_at_its_scores(policy_dir, tmp_path):
     rm.save_pretrained(tmp_path / "rm")
     cfg = load_config(None, [f"learner.critic_init={tmp_path / 'rm'}"])
     critic = Critic.build(_fake_policy(), policy_dir, cfg.learner, torch.float32)
-    scored = _scored(n_prompts=2, samples=3)
+    scored = scored_rollouts(n_prompts=2, samples=3)
     values = critic.values(collate(scored, pad_id=0), "cpu", 8)  # (B, T)
     expected, _ = rm.eval().score([s.rollout.prompt_text + s.rollout.response_text for s in scored])
     for i, s in enumerate(scored):
@@ -119,7 +101,7 @@ def test_algorithm_switch_runs_a_learner_step(policy_dir, name):
         overrides += ["algorithm.kl_in=reward", "algorithm.kl_target=0.01", "algorithm.kl_coef=0.1",
                       "algorithm.kl_horizon=16"]
     learner = Learner.from_config(load_config(None, overrides), policy_dir)
-    scored = _scored()
+    scored = scored_rollouts()
     before = [p.detach().clone() for p in learner.policy.parameters()]
     first = learner.train_step(scored)
     second = learner.train_step(scored)
@@ -147,7 +129,7 @@ def test_shared_critic_learns_values_on_the_policy_backbone(policy_dir, tmp_path
                              "learner.warmup_steps=0", "learner.micro_batch_size=8", "learner.minibatch_size=16"])
     learner = Learner.from_config(cfg, policy_dir)
     assert learner.critic is None and learner.value_head is not None
-    scored = _scored()
+    scored = scored_rollouts()
     before = [p.detach().clone() for p in learner.policy.parameters()]
     stats = [learner.train_step(scored) for _ in range(12)]
     losses = [s["learner/value_loss"] for s in stats]
@@ -179,7 +161,7 @@ def test_objectives_run_a_learner_step(policy_dir, overrides):
     cfg = load_config(None, ["learner.warmup_steps=0", "learner.lr=1e-3", *overrides])
     learner = Learner.from_config(cfg, policy_dir)
     before = [p.detach().clone() for p in learner.policy.parameters()]
-    stats = learner.train_step(_scored())
+    stats = learner.train_step(scored_rollouts())
     assert all(math.isfinite(v) for v in stats.values()), stats
     assert 0.0 <= stats["learner/corrected_fraction"] <= 1.0 and stats["learner/logprob_gap_mean"] >= 0.0
     assert any(not torch.equal(a, b) for a, b in zip(before, learner.policy.parameters(), strict=True))

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 
 import pytest
 import torch
 
 from cluster.config import load_config
-from core.records import Rollout, ScoredRollout
+from core.records import ScoredRollout
 from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
 from learner.learner import Learner, NonFiniteError
+from tests.learner.rollouts import scored_rollouts
 
 # Several minibatches per step and two epochs, so the minibatch order (torch's RNG) changes the result; warmup
 # longer than the test, so the LR schedule's position matters; a large LR, so Adam's moments do.
@@ -40,26 +40,9 @@ def policy_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def _scored(seed: int, n_prompts: int = 4, samples: int = 4) -> list[ScoredRollout]:
-    """Hand-made rollouts: ``a+b=`` prompts, digit responses, reward 1 for the right sum (test_critic.py's)."""
-    tokenizer = build_tokenizer()
-    rng = random.Random(seed)
-    out = []
-    for g in range(n_prompts):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        prompt = f"{a}+{b}="
-        for _ in range(samples):
-            answer = str(a + b) if rng.random() < 0.5 else str(rng.randint(20, 198))
-            ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-            rollout = Rollout(group_id=g, prompt_ids=tokenizer.encode(prompt, add_special_tokens=False),
-                              response_ids=ids, sampling_logprobs=[-math.log(258)] * len(ids), policy_version=0,
-                              finish_reason="stop", prompt_text=prompt, response_text=answer,
-                              metadata={"answer": str(a + b)})
-            out.append(ScoredRollout(rollout, float(answer == str(a + b))))
-    return out
 
 
-BATCHES = [_scored(seed) for seed in range(3)]
+BATCHES = [scored_rollouts(seed=seed) for seed in range(3)]
 
 
 def _learner(overrides: list[str], path: str, reference: str | None = None, seed: int = 0) -> Learner:

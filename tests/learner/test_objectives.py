@@ -15,14 +15,7 @@ from hypothesis import strategies as st
 from learner import algos
 from learner.config import AlgorithmConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    """float64 for exact comparisons against hand/loop results; restored for other modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # the whole module (tests/learner/conftest.py)
 
 
 GARBAGE = 1e4  # what padded positions hold in the "padding is ignored" tests (large, NaN-free)
