@@ -174,17 +174,19 @@ class Driver:
             self._restore(state)
 
     def _start_learner(self, path: str, with_state: bool):
-        """A learner actor on the policy at ``path`` (the reference stays ``policy_path``), continuing from the
-        checkpoint at ``path`` if ``with_state``."""
-        from learner.learner import Learner
+        """The learner group (``learner.num_workers`` ranks) on the policy at ``path`` (the reference stays
+        ``policy_path``), continuing from the checkpoint at ``path`` if ``with_state``."""
+        from learner.group import LearnerGroup, RankFailed
 
         lc, g = self.cfg.learner, self.cfg.generation
-        cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(Learner)
-        learner = cls.options(runtime_env=self.runtime_env).remote(
-            path, self.cfg.algorithm, lc, self.cfg.model.dtype, g.temperature, g.max_tokens,
-            reference_path=self.policy_path, seed=self.cfg.train.seed)
-        if with_state:
-            ray.get(learner.load_state.remote(path), timeout=lc.timeout_s)
+        try:
+            args = (path, self.cfg.algorithm, lc, self.cfg.model.dtype, g.temperature, g.max_tokens)
+            learner = LearnerGroup(lc, args, {"reference_path": self.policy_path, "seed": self.cfg.train.seed},
+                                   self.runtime_env, start_timeout_s=g.start_timeout_s)
+            if with_state:
+                learner.load_state(path)
+        except RankFailed as e:
+            raise LearnerDied(str(e)) from None
         return learner
 
     # ---- the loop pieces -------------------------------------------------------------------------
@@ -413,13 +415,13 @@ class Driver:
     # ---- the learner ------------------------------------------------------------------------------
     def _learner_call(self, method: str, *args):
         """One learner call with its deadline; a dead learner raises LearnerDied, a non-finite run RunError."""
+        from learner.group import RankFailed
         from learner.learner import NonFiniteError
 
-        call = self.learner.train_step.remote(*args) if method == "train_step" else self.learner.publish.remote()
         try:
-            return ray.get(call, timeout=self.cfg.learner.timeout_s)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-            raise LearnerDied(str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__) from e
+            return self.learner.train_step(*args) if method == "train_step" else self.learner.publish()
+        except RankFailed as e:
+            raise LearnerDied(str(e)) from e
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, NonFiniteError):
                 last = self.last_checkpoint or "not written yet"
@@ -438,11 +440,11 @@ class Driver:
         started = time.perf_counter()
         self.learner_restores += 1
         self.log(f"the learner died at step {self.step + 1} ({error}); restoring it from {where}")
-        ray.kill(self.learner, no_restart=True)
+        self.learner.kill()
         try:
             self.learner = self._start_learner(str(where), with_state=True)
             ahead = max(self.store.latest_version, max(self.fleet.versions.values(), default=0))
-            ray.get(self.learner.set_version.remote(ahead), timeout=self.cfg.learner.timeout_s)  # versions only go up
+            self.learner.set_version(ahead)  # versions only go up
             self._restore(checkpoint.read_state(where), resume=False)
             self.sync()  # every actor gets the checkpoint's weights, as a new version
         except (ray.exceptions.RayError, LearnerDied) as e:
@@ -471,14 +473,16 @@ class Driver:
         started = time.perf_counter()
 
         def save(staging: Path) -> None:
+            from learner.group import RankFailed
+
             try:
-                ray.get(self.learner.save.remote(str(staging.resolve())), timeout=self.cfg.learner.timeout_s)
+                self.learner.save(str(staging.resolve()))
             except ray.exceptions.RayTaskError as e:  # the learner's OSError (disk full, permissions) as itself
                 if isinstance(e.cause, OSError):
                     raise e.cause from None
                 raise
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                raise LearnerDied(f"while writing checkpoint {name}: {_first_line(e)}") from None
+            except RankFailed as e:
+                raise LearnerDied(f"while writing checkpoint {name}: {e}") from None
 
         path = checkpoint.write(self.run_dir, name, save, self._state(elapsed), previous=self.last_checkpoint)
         self.last_checkpoint, self.last_checkpoint_time = path, time.time()

@@ -38,8 +38,9 @@ def requested(cfg: RelayConfig) -> dict[str, float]:
     """Total CPUs/GPUs the learner, generation actors and reward replicas (the eval reward's too) ask for."""
     g, lc = cfg.generation, cfg.learner
     eval_sources = cfg.train.eval_reward or []
-    cpus = lc.num_cpus + g.num_actors * g.num_cpus + cfg.reward.ingress_num_cpus * (1 + bool(eval_sources))
-    gpus = lc.num_gpus + g.num_actors * g.num_gpus
+    cpus = (lc.num_cpus * lc.num_workers + g.num_actors * g.num_cpus
+            + cfg.reward.ingress_num_cpus * (1 + bool(eval_sources)))
+    gpus = lc.num_gpus * lc.num_workers + g.num_actors * g.num_gpus
     for s in [*cfg.reward.sources, *eval_sources]:
         replicas = s.autoscaling.min_replicas if s.autoscaling else (s.num_replicas or 1)
         cpus += replicas * s.num_cpus
@@ -56,9 +57,10 @@ def check_resources(cfg: RelayConfig) -> None:
         asked = ", ".join(f"{k}={v:g}" for k, v in want.items())
         exists = ", ".join(f"{k}={have.get(k, 0.0):g}" for k in want)
         raise ResourceError(
-            f"the configuration asks for {asked} (learner + {cfg.generation.num_actors} generation actors + reward "
+            f"the configuration asks for {asked} ({cfg.learner.num_workers} learner ranks + "
+            f"{cfg.generation.num_actors} generation actors + reward "
             f"replicas) but the cluster has {exists}. Lower generation.num_actors / num_cpus / num_gpus, "
-            "learner.num_cpus / num_gpus or reward replica resources, or add nodes")
+            "learner.num_workers / num_cpus / num_gpus or reward replica resources, or add nodes")
 
 
 def oversubscription_warning(cfg: RelayConfig, cores: int | None = None) -> str | None:

@@ -73,34 +73,44 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return kept.sum() if dim is None else kept.sum(dim)
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+AllSum = Callable[[Tensor], Tensor]
+"""Sums a tensor over the ranks of a learner group (``learner/distributed.py``); None = one process."""
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, all_sum: AllSum | None = None) -> Tensor:
     """Mean of `x` over masked positions; 0 where there are none.
 
-    x: (B, T); mask: (B, T). dim=None -> scalar; dim=-1 -> (B,).
+    x: (B, T); mask: (B, T). dim=None -> scalar; dim=-1 -> (B,); dim=0 -> (T,). With `all_sum` the sum and
+    the count are summed over the ranks first (dim None or 0 only: the mean of the whole, split, batch).
     """
-    count = masked_sum(torch.ones_like(x), mask, dim)
-    return masked_sum(x, mask, dim) / count.clamp_min(1.0)
+    count, total = masked_sum(torch.ones_like(x), mask, dim), masked_sum(x, mask, dim)
+    if all_sum is not None:
+        count, total = all_sum(count), all_sum(total)
+    return total / count.clamp_min(1.0)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of `x` over all masked positions (scalar); unbiased uses n-1 (n >= 2).
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, all_sum: AllSum | None = None) -> Tensor:
+    """Variance of `x` over all masked positions (scalar); unbiased uses n-1 (n >= 2). Two passes (mean, then
+    squared deviations), also across ranks with `all_sum`.
 
     x: (B, T); mask: (B, T).
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    mean = masked_mean(x, mask, all_sum=all_sum)
+    var = masked_mean((x - mean) ** 2, mask, all_sum=all_sum)
     if unbiased:
         n = masked_sum(torch.ones_like(x), mask)
+        n = n if all_sum is None else all_sum(n)
         var = var * n / (n - 1).clamp_min(1.0)
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over masked positions of the whole batch; padding set to 0.
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_sum: AllSum | None = None) -> Tensor:
+    """(x - mean) / std over masked positions of the whole batch (all ranks' with `all_sum`); padding set to 0.
 
     x: (B, T); mask: (B, T) -> (B, T). shift_mean=False adds the mean back (scale only).
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, all_sum=all_sum), masked_var(x, mask, all_sum=all_sum)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -204,6 +214,8 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Ten
 
 AdvantageFn = Callable[..., tuple[Tensor, Tensor]]
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
+BATCH_WIDE = ("reinforce", "reinforce_pp", "reinforce_pp_baseline")
+"""estimators whose statistics span the whole batch (they take `all_sum`); the others are per group"""
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
@@ -308,7 +320,7 @@ def rloo_advantages(
 @register_advantage("reinforce")
 def reinforce_advantages(
     *, token_rewards: Tensor, mask: Tensor, group_ids: Tensor | None = None, values: Tensor | None = None,
-    gamma: float = 1.0, lam: float = 1.0, normalize: bool = True,
+    gamma: float = 1.0, lam: float = 1.0, normalize: bool = True, all_sum: AllSum | None = None,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE with baseline (Williams 1992): A_t = G_t - b_t, whitened across the whole batch.
 
@@ -319,19 +331,19 @@ def reinforce_advantages(
     """
     returns = discounted_returns(token_rewards, mask, gamma)
     if values is None:
-        baseline = masked_mean(returns, mask, dim=0).unsqueeze(0)  # (1, T): mean over sequences present at t
+        baseline = masked_mean(returns, mask, dim=0, all_sum=all_sum).unsqueeze(0)  # (1, T): mean over sequences at t
     else:
         baseline = values
     adv = torch.where(mask.bool(), returns - baseline, 0.0)
     if normalize:
-        adv = masked_whiten(adv, mask)
+        adv = masked_whiten(adv, mask, all_sum=all_sum)
     return adv, returns
 
 
 @register_advantage("reinforce_pp")
 def reinforce_pp_advantages(
     *, token_rewards: Tensor, mask: Tensor, group_ids: Tensor | None = None, values: Tensor | None = None,
-    gamma: float = 1.0, lam: float = 1.0,
+    gamma: float = 1.0, lam: float = 1.0, all_sum: AllSum | None = None,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (Hu et al. 2025, arXiv:2501.03262; OpenRLHF's "reinforce" estimator).
 
@@ -343,13 +355,13 @@ def reinforce_pp_advantages(
     std is the unbiased one of `masked_whiten` (OpenRLHF divides by n, not n - 1). group_ids, values, lam ignored.
     """
     returns = discounted_returns(token_rewards, mask, gamma)
-    return masked_whiten(returns, mask), returns
+    return masked_whiten(returns, mask, all_sum=all_sum), returns
 
 
 @register_advantage("reinforce_pp_baseline")
 def reinforce_pp_baseline_advantages(
     *, token_rewards: Tensor, mask: Tensor, group_ids: Tensor, values: Tensor | None = None,
-    gamma: float = 1.0, lam: float = 1.0, outcome_rewards: Tensor | None = None,
+    gamma: float = 1.0, lam: float = 1.0, outcome_rewards: Tensor | None = None, all_sum: AllSum | None = None,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++ with baseline (Hu et al. 2025, arXiv:2501.03262; OpenRLHF's "reinforce_baseline").
 
@@ -368,7 +380,7 @@ def reinforce_pp_baseline_advantages(
     scored = sequence_rewards(token_rewards, mask) if outcome_rewards is None else outcome_rewards.to(returns.dtype)
     baseline, _, _ = group_stats(scored, group_ids)
     adv = torch.where(mask.bool(), returns - baseline.unsqueeze(-1), 0.0)
-    return masked_whiten(adv, mask), returns
+    return masked_whiten(adv, mask, all_sum=all_sum), returns
 
 
 # ---------------------------------------------------------------------------- KL
@@ -829,13 +841,13 @@ def entropy_bonus(logits: Tensor, mask: Tensor, agg_mode: str = "token-mean") ->
     return aggregate_loss(entropy_from_logits(logits), mask, agg_mode)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, all_sum: AllSum | None = None) -> Tensor:
     """1 - Var[R - V] / Var[R] over response tokens (1 = perfect critic, <= 0 = useless).
 
     values, returns, mask: (B, T) -> detached scalar.
     """
-    var_r = masked_var(returns, mask)
-    return (1.0 - masked_var(returns - values, mask) / (var_r + 1e-8)).detach()
+    var_r = masked_var(returns, mask, all_sum=all_sum)
+    return (1.0 - masked_var(returns - values, mask, all_sum=all_sum) / (var_r + 1e-8)).detach()
 
 
 # ---------------------------------------------------------------------------- offline objectives

@@ -1,17 +1,24 @@
-"""The learner-internal padded batch, built from scored rollouts.
+"""The learner's batch record, built from scored rollouts, and its token-budget micro-batches.
 
 Positions are the model's next-token predictions: column t of every ``(B, T)`` tensor here
 is about token ``input_ids[:, t + 1]``, so a response mask marks the positions whose
 *target* is a response token. Sequences are right-padded.
+
+The record carries what the learner computes during a step beside what the sampler sent
+(old and reference logprobs, values, advantages, returns, the loss mask), so slicing a
+micro-batch slices all of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from core.records import ScoredRollout
+
+_PER_POSITION = ("response_mask", "behaviour_logprobs", "loss_mask", "old_logprobs", "ref_logprobs", "values",
+                 "advantages", "returns")
 
 
 @dataclass
@@ -24,19 +31,46 @@ class RolloutBatch:
     group_ids: torch.Tensor  # (B,) long; samples of one prompt share it
     versions: torch.Tensor  # (B,) long; policy_version that sampled each rollout
     truncated: torch.Tensor  # (B,) bool; the response was cut at max_tokens
+    # Filled by the learner during a step, (B, T) each:
+    loss_mask: torch.Tensor | None = None  # the tokens the policy loss sees (response, less masked-out samples)
+    old_logprobs: torch.Tensor | None = None  # the policy before this step's update (None: from the same pass)
+    ref_logprobs: torch.Tensor | None = None  # the frozen reference's
+    values: torch.Tensor | None = None  # the value function's V(s_t) before the update
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, idx: torch.Tensor) -> RolloutBatch:
-        return RolloutBatch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+    def select(self, idx: torch.Tensor, trim: bool = True) -> RolloutBatch:
+        """Rows ``idx`` of every field, trimmed to the longest of them (less padding per micro-batch) unless
+        ``trim`` is False (ranks of a group keep one width, so per-position statistics line up)."""
+        rows = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx] for f in fields(self)}
+        if not trim:
+            return RolloutBatch(**rows)
+        width = int(rows["attention_mask"].sum(1).max().item()) if len(idx) else 1
+        width = max(width, 2)
+        rows["input_ids"], rows["attention_mask"] = rows["input_ids"][:, :width], rows["attention_mask"][:, :width]
+        for name in _PER_POSITION:
+            if rows[name] is not None:
+                rows[name] = rows[name][:, : width - 1]
+        return RolloutBatch(**rows)
+
+    def with_fields(self, **tensors: torch.Tensor | None) -> RolloutBatch:
+        return replace(self, **tensors)
+
+    def lengths(self) -> torch.Tensor:
+        """(B,) real tokens (prompt + response) per row."""
+        return self.attention_mask.sum(1)
 
 
-def collate(scored: list[ScoredRollout], pad_id: int) -> RolloutBatch:
-    """Right-pad prompt+response ids and align the sampler's logprobs to prediction positions."""
-    if not scored:
+def collate(scored: list[ScoredRollout], pad_id: int, width: int | None = None) -> RolloutBatch:
+    """Right-pad prompt+response ids to ``width`` (default: the longest) and align the sampler's logprobs to
+    prediction positions. Ranks of a learner group pad to one width, so per-position statistics line up;
+    a rank with no rollouts gets a batch of zero rows at that width."""
+    if not scored and width is None:
         raise ValueError("cannot build a batch from zero rollouts")
-    width = max(len(s.rollout.prompt_ids) + len(s.rollout.response_ids) for s in scored)
+    width = max([width or 2, *(len(s.rollout.prompt_ids) + len(s.rollout.response_ids) for s in scored)])
     b = len(scored)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     attention = torch.zeros((b, width), dtype=torch.long)
@@ -61,3 +95,27 @@ def collate(scored: list[ScoredRollout], pad_id: int) -> RolloutBatch:
         versions=torch.tensor([s.rollout.policy_version for s in scored], dtype=torch.long),
         truncated=torch.tensor([s.rollout.finish_reason == "length" for s in scored], dtype=torch.bool),
     )
+
+
+def token_budget_split(lengths: torch.Tensor, rows: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Cut ``rows`` (indices into ``lengths``) into micro-batches whose padded size, rows x longest row, stays
+    within ``budget`` tokens. Rows are sorted by length first, so long and short responses do not share a
+    micro-batch and padding is small; a row longer than the budget is a micro-batch of its own."""
+    if len(rows) == 0:
+        return []
+    ordered = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    out, start = [], 0
+    longest = int(lengths[ordered[0]])
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or (i - start + 1) * longest > budget:
+            out.append(ordered[start:i])
+            if i < len(ordered):
+                start, longest = i, int(lengths[ordered[i]])
+    return out
+
+
+def padded_tokens(lengths: torch.Tensor, micro: list[torch.Tensor]) -> tuple[float, float]:
+    """(real, padded) tokens the forward passes of the micro-batches ``micro`` see: 1 - real / padded is the
+    padding fraction."""
+    real = float(sum(int(lengths[m].sum()) for m in micro if len(m)))
+    return real, float(sum(len(m) * int(lengths[m].max()) for m in micro if len(m)))

@@ -87,14 +87,40 @@ class AlgorithmConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """LoRA adapters (Hu et al. 2021) on the policy, trained with ``peft``."""
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scale numerator: the update is (alpha / r) B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] | str = Field("all-linear", description="module names to adapt, e.g. [q_proj, "
+                                            "v_proj], or all-linear")
+
+
 class LearnerConfig(Section):
     lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate of the policy")
     warmup_steps: int = Field(50, ge=0, description="linear warmup steps, then constant")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
-    minibatch_size: int = Field(512, ge=1, description="sequences per optimizer step")
-    micro_batch_size: int = Field(512, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    minibatch_size: int = Field(512, ge=1, description="sequences per optimizer step, over all ranks")
+    micro_batch_tokens: int = Field(32768, ge=2, description="padded tokens (rows x longest row) per forward/backward; "
+                                    "rows are sorted by length and packed up to it (gradient accumulation)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
+                                         "memory, about a third more compute)")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters (peft) instead of every weight; the "
+                                    "actors get the merged weights. null = full fine-tuning")
+    num_workers: int = Field(1, ge=1, description="learner ranks: actors in one placement group that form a "
+                             "torch.distributed group (gloo on CPU, NCCL on GPU)")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="with num_workers > 1: ddp = every rank holds the "
+                                             "model, gradients summed over ranks | fsdp = parameters, gradients and "
+                                             "Adam state sharded over ranks (FSDP2 fully_shard)")
+    placement: Literal["pack", "spread"] = Field("pack", description="placement group strategy of the ranks: "
+                                                 "pack = as few nodes as possible | spread = one per node if it can")
+    fsdp_offload: bool = Field(False, description="fsdp: keep parameters, gradients and optimizer state in CPU "
+                               "memory between uses (FSDP2 CPUOffloadPolicy)")
+    collective_timeout_s: float = Field(300.0, gt=0, description="timeout of one collective between ranks: a dead "
+                                        "rank fails the step after it instead of hanging the group")
     critic_backbone: Literal["separate", "shared"] = Field(
         "separate", description="ppo critic: separate = its own model (critic_init, critic_lr); shared = a value "
                                 "head on the policy's last hidden state, trained with loss + value_coef * value loss "
@@ -118,11 +144,20 @@ class LearnerConfig(Section):
     max_bad_steps: int = Field(3, ge=1, description="steps in a row whose loss or gradient is not finite (each is "
                                "skipped and counted) before the run stops; the last checkpoint stays intact")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "micro_batch_size" in data:
+            raise ValueError("learner.micro_batch_size was replaced by learner.micro_batch_tokens, a budget of "
+                             "padded tokens (rows x longest row) per forward/backward; e.g. micro_batch_size 8 "
+                             "with 512-token rows is micro_batch_tokens 4096")
+        return data
+
     @model_validator(mode="after")
     def _batches(self) -> LearnerConfig:
-        if self.minibatch_size % self.micro_batch_size:
-            raise ValueError(f"learner.minibatch_size ({self.minibatch_size}) must be a multiple of "
-                             f"learner.micro_batch_size ({self.micro_batch_size})")
+        if self.lora is not None and self.strategy == "fsdp" and self.num_workers > 1:
+            raise ValueError("learner.lora with learner.strategy fsdp is not supported; LoRA's adapters are small, "
+                             "so use strategy ddp (the frozen base is replicated) or full fine-tuning with fsdp")
         if self.critic_init is not None and self.critic_backbone == "shared":
             raise ValueError("learner.critic_init applies to a separate critic; with learner.critic_backbone=shared "
                              "the value head sits on the policy. Set critic_init to null or critic_backbone=separate")

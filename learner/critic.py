@@ -19,6 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 from learner import algos
 from learner.batch import RolloutBatch
 from learner.config import AlgorithmConfig, LearnerConfig
+from learner.distributed import is_sharded
 from reward_service.models import HEAD_FILE
 
 
@@ -40,10 +41,9 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
         self.lc = lc
-        self.optimizer = torch.optim.AdamW([
-            {"params": self.backbone.parameters(), "lr": lc.critic_lr},
-            {"params": self.head.parameters(), "lr": lc.critic_head_lr},
-        ], weight_decay=lc.weight_decay)
+        self.optimizer: torch.optim.Optimizer | None = None
+        if lc.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @classmethod
     def build(cls, policy, policy_path: str, lc: LearnerConfig, dtype: torch.dtype) -> Critic:
@@ -55,7 +55,15 @@ class Critic(torch.nn.Module):
         head_file = Path(source) / HEAD_FILE
         if head_file.is_file():  # a reward-model checkpoint: start from its scalar head too
             critic.head.load_state_dict(load_file(str(head_file)))
+        critic.device = policy.device  # where it computes (its parameters may be offloaded to CPU memory)
         return critic.to(policy.device)
+
+    def make_optimizer(self) -> None:
+        """After sharding (a sharded critic's optimizer holds shards)."""
+        self.optimizer = torch.optim.AdamW([
+            {"params": self.backbone.parameters(), "lr": self.lc.critic_lr},
+            {"params": self.head.parameters(), "lr": self.lc.critic_head_lr},
+        ], weight_decay=self.lc.weight_decay)
 
     def forward(self, batch: RolloutBatch, device) -> torch.Tensor:
         """Values ``(B, T)`` at prediction positions: V(s_t) for the state ending at token t."""
@@ -64,35 +72,46 @@ class Critic(torch.nn.Module):
         return self.head(hidden[:, :-1].float()).squeeze(-1)
 
     @torch.no_grad()
-    def values(self, batch: RolloutBatch, device, micro_batch_size: int) -> torch.Tensor:
-        idx = torch.arange(len(batch)).split(micro_batch_size)
-        return torch.cat([self(batch.select(i), device) for i in idx])
+    def values(self, batch: RolloutBatch, device, plan=None, dummy=None) -> torch.Tensor:
+        """V ``(B, T)`` of every row, over the learner's micro-batch ``plan`` (default: one pass over all rows;
+        ``dummy`` fills a rank's empty ones)."""
+        out = torch.zeros(batch.response_mask.shape, device=device)
+        for idx in plan(batch, torch.arange(len(batch))) if plan else [torch.arange(len(batch))]:
+            v = self(batch.select(idx) if len(idx) else dummy(), device)
+            if len(idx):
+                out[idx, : v.shape[1]] = v
+        return out
 
-    def update(self, batch: RolloutBatch, mask, old_values, returns, alg: AlgorithmConfig) -> dict[str, float]:
-        """One clipped value-loss step on a minibatch (accumulated over ``micro_batch_size`` slices).
-
-        mask, old_values, returns: ``(B, T)``; old_values are the values the advantages were computed
-        with (the clipping anchor). Returns value loss, clip fraction and the explained variance of
-        ``old_values``.
-        """
+    def update(self, batch: RolloutBatch, micro: list[torch.Tensor], norm: dict[str, float], alg: AlgorithmConfig,
+               dist, dummy) -> dict[str, float]:
+        """One clipped value-loss step on a minibatch, accumulated over the learner's micro-batches ``micro``
+        (rows of ``batch``, whose ``values`` are the clipping anchor and ``returns`` the targets). The loss is the
+        token mean over the minibatch on all ranks (``norm``, from the learner), gradients summed over ranks
+        (``dist``) unless sharded. Returns this rank's share of the value loss and clip fraction."""
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, clipped_sum = 0.0, 0.0
-        for idx in torch.arange(len(batch)).split(self.lc.micro_batch_size):
-            weight = len(idx) / len(batch)
-            values = self(batch.select(idx), mask.device)
-            loss, clipped = algos.value_loss(values, old_values[idx], returns[idx], mask[idx], clip=self.lc.value_clip)
-            (loss * weight).backward()
+        device = self.device
+        for idx in micro:
+            part = batch.select(idx) if len(idx) else dummy()
+            mask = part.response_mask.to(device)
+            weight = float(mask.sum()) / norm["value_tokens"]
+            values = self(part, device)
+            loss, clipped = algos.value_loss(values, part.values.to(device), part.returns.to(device), mask,
+                                             clip=self.lc.value_clip)
+            (loss * weight * norm.get("scale", 1.0)).backward()
             loss_sum += loss.item() * weight
-            clipped_sum += float(clipped) * weight
-        torch.nn.utils.clip_grad_norm_(self.parameters(), self.lc.max_grad_norm)
+            clipped_sum += float(clipped) * len(idx) / norm["rows"]
+        params = list(self.parameters())
+        if not is_sharded(self):
+            dist.sum_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, self.lc.max_grad_norm)
         self.optimizer.step()
-        return {
-            "learner/value_loss": loss_sum,
-            "learner/value_clip_fraction": clipped_sum,
-            "learner/explained_variance": algos.explained_variance(old_values, returns, mask).item(),
-        }
+        return {"learner/value_loss": loss_sum, "learner/value_clip_fraction": clipped_sum}
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, state: dict[str, torch.Tensor]) -> None:
+        """``state``: the whole critic's (``learner.distributed.full_state``); the backbone in Hugging Face format."""
         Path(path).mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path, safe_serialization=True)
-        torch.save(self.head.state_dict(), Path(path) / "value_head.pt")
+        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(path, state_dict=backbone, safe_serialization=True)
+        torch.save({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")},
+                   Path(path) / "value_head.pt")

@@ -43,7 +43,7 @@ def vllm_logprobs(actor):
 
 
 def learner_logprobs(d):
-    return ray.get(d.learner.sequence_logprobs.remote(*PROBE), timeout=60)
+    return d.learner.sequence_logprobs(*PROBE)
 
 
 def assert_close(a, b, tol=1e-4):
@@ -56,7 +56,7 @@ def one_training_step(d):
     scored, _ = d.score(rollouts)
     # Guarantee a non-uniform group so the update really changes the weights.
     scored = [s.__class__(s.rollout, float(i % 2), s.components) for i, s in enumerate(scored)]
-    return ray.get(d.learner.train_step.remote(scored), timeout=300)
+    return d.learner.train_step(scored)
 
 
 def handle(d, slot):
@@ -114,7 +114,7 @@ def test_actor_that_missed_versions_catches_up_from_latest_ref(driver):
     version_before = ray.get(lagging.handle.health.remote(), timeout=30)["policy_version"]
     for _ in range(2):  # two versions published, only actor 0 loads them
         one_training_step(driver)
-        version, ref, _ = ray.get(driver.learner.publish.remote(), timeout=60)
+        version, ref, _ = driver.learner.publish()
         driver.store.add(version, ref[0])
         ray.get(handle(driver, 0).update_weights.remote(version, ref), timeout=60)
     assert ray.get(lagging.handle.health.remote(), timeout=30)["policy_version"] == version_before

@@ -70,8 +70,10 @@ def test_overrides_parse_yaml_values():
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="exceeds data.addition.n_eval"):
         load_config(overrides=["data.addition.n_eval=10", "train.eval_prompts=20"])
-    with pytest.raises(ConfigError, match="multiple of"):
-        load_config(overrides=["learner.minibatch_size=100", "learner.micro_batch_size=64"])
+    with pytest.raises(ConfigError, match="replaced by learner.micro_batch_tokens"):
+        load_config(overrides=["learner.micro_batch_size=64"])
+    with pytest.raises(ConfigError, match="lora with learner.strategy fsdp"):
+        load_config(overrides=["learner.lora.r=4", "learner.num_workers=2", "learner.strategy=fsdp"])
 
 
 def test_readme_config_reference_matches_the_schema():

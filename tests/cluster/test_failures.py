@@ -97,7 +97,7 @@ def test_run_survives_node_loss_growth_and_learner_loss(cfg):
             wait_until(lambda: len(driver.fleet.live) == 2, 120, "the fleet to grow back")
             wait_until(lambda: driver.last_checkpoint is not None, 120, "a checkpoint")
             step = driver.step
-            ray.kill(driver.learner, no_restart=True)
+            ray.kill(driver.learner.actors[0], no_restart=True)
             after_next_step("learner kill", time.monotonic(), step)
             wait_until(lambda: driver.learner_restores == 1 and driver.step >= step + 2, 120, "steps after")
         except Exception as e:  # noqa: BLE001 - reported below, after the run is stopped

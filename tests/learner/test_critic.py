@@ -16,6 +16,7 @@ from learner import algos
 from learner.batch import collate
 from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
 from learner.critic import Critic
+from learner.distributed import Collective
 from tests.learner.rollouts import scored_rollouts
 
 
@@ -35,18 +36,22 @@ def policy_dir(tmp_path_factory):
 
 def test_critic_value_loss_falls_on_a_fixed_batch(policy_dir):
     torch.manual_seed(0)
-    cfg = load_config(None, ["learner.critic_lr=1e-3", "learner.micro_batch_size=8", "learner.minibatch_size=16"])
+    cfg = load_config(None, ["learner.critic_lr=1e-3", "learner.micro_batch_tokens=512", "learner.minibatch_size=16"])
     critic = Critic.build(_fake_policy(), policy_dir, cfg.learner, torch.float32)
+    critic.make_optimizer()
     batch = collate(scored_rollouts(), pad_id=0)
     mask = batch.response_mask
     returns = algos.place_reward_on_last_token(batch.rewards, mask)
     returns = algos.discounted_returns(returns, mask, gamma=1.0)  # (B, T) the reward at every response position
+    norm = {"value_tokens": float(mask.sum()), "rows": float(len(batch))}
+    halves = list(torch.arange(len(batch)).chunk(2))  # two micro-batches: the loss is still the token mean of all
     losses, variances = [], []
     for _ in range(15):
-        old = critic.values(batch, "cpu", 8).detach()  # re-anchored each step, as each train_step does
-        stats = critic.update(batch, mask, old, returns, cfg.algorithm)
+        old = critic.values(batch, "cpu").detach()  # re-anchored each step, as each train_step does
+        stats = critic.update(batch.with_fields(values=old, returns=returns), halves, norm, cfg.algorithm,
+                              Collective(), None)
         losses.append(stats["learner/value_loss"])
-        variances.append(stats["learner/explained_variance"])
+        variances.append(algos.explained_variance(old, returns, mask).item())
     assert losses[-1] < 0.5 * losses[0], losses
     assert variances[-1] > variances[0]
     assert all(math.isfinite(x) for x in losses)
@@ -71,7 +76,7 @@ def test_critic_from_a_reward_model_starts_at_its_scores(policy_dir, tmp_path):
     cfg = load_config(None, [f"learner.critic_init={tmp_path / 'rm'}"])
     critic = Critic.build(_fake_policy(), policy_dir, cfg.learner, torch.float32)
     scored = scored_rollouts(n_prompts=2, samples=3)
-    values = critic.values(collate(scored, pad_id=0), "cpu", 8)  # (B, T)
+    values = critic.values(collate(scored, pad_id=0), "cpu")  # (B, T)
     expected, _ = rm.eval().score([s.rollout.prompt_text + s.rollout.response_text for s in scored])
     for i, s in enumerate(scored):
         last_answer_token = len(s.rollout.prompt_ids) + len(s.rollout.response_ids) - 2  # before the EOS
@@ -96,7 +101,7 @@ def test_algorithm_switch_runs_a_learner_step(policy_dir, name):
 
     torch.manual_seed(0)
     overrides = [f"algorithm.name={name}", "learner.warmup_steps=0", "learner.lr=1e-3",
-                 "learner.minibatch_size=8", "learner.micro_batch_size=4"]
+                 "learner.minibatch_size=8", "learner.micro_batch_tokens=256"]
     if name in ("ppo", "reinforce_pp", "reinforce_pp_baseline"):  # REINFORCE++ puts the KL in the reward too
         overrides += ["algorithm.kl_in=reward", "algorithm.kl_target=0.01", "algorithm.kl_coef=0.1",
                       "algorithm.kl_horizon=16"]
@@ -126,7 +131,7 @@ def test_shared_critic_learns_values_on_the_policy_backbone(policy_dir, tmp_path
 
     torch.manual_seed(0)
     cfg = load_config(None, ["algorithm.name=ppo", "learner.critic_backbone=shared", "learner.critic_head_lr=1e-2",
-                             "learner.warmup_steps=0", "learner.micro_batch_size=8", "learner.minibatch_size=16"])
+                             "learner.warmup_steps=0", "learner.micro_batch_tokens=512", "learner.minibatch_size=16"])
     learner = Learner.from_config(cfg, policy_dir)
     assert learner.critic is None and learner.value_head is not None
     scored = scored_rollouts()

@@ -22,7 +22,7 @@ from tests.learner.rollouts import scored_rollouts
 # Several minibatches per step and two epochs, so the minibatch order (torch's RNG) changes the result; warmup
 # longer than the test, so the LR schedule's position matters; a large LR, so Adam's moments do.
 BASE = ["learner.lr=1e-2", "learner.warmup_steps=20", "learner.torch_threads=1", "learner.epochs=2",
-        "learner.minibatch_size=8", "learner.micro_batch_size=4"]
+        "learner.minibatch_size=8", "learner.micro_batch_tokens=256"]
 GRPO = ["algorithm.name=grpo", "algorithm.kl_in=loss", "algorithm.kl_coef=0.1"]  # the reference counts too
 PPO = ["algorithm.name=ppo", "learner.critic_backbone=separate", "learner.critic_lr=1e-2", "algorithm.kl_in=reward",
        "algorithm.kl_target=0.001", "algorithm.kl_coef=0.1", "algorithm.kl_horizon=16"]  # the KL coefficient moves
@@ -135,7 +135,7 @@ def _with_nan_reward(batch: list[ScoredRollout]) -> list[ScoredRollout]:
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(policy_dir):
     """One sequence per minibatch: most minibatches miss the group with the NaN reward, and the step must not
     apply those either."""
-    learner = _learner([*GRPO, "learner.max_bad_steps=2", "learner.minibatch_size=1", "learner.micro_batch_size=1"],
+    learner = _learner([*GRPO, "learner.max_bad_steps=2", "learner.minibatch_size=1", "learner.micro_batch_tokens=64"],
                        policy_dir)
     good, bad = BATCHES[0], _with_nan_reward(BATCHES[1])
 

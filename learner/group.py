@@ -1,0 +1,129 @@
+"""A learner group: M learner actors in one Ray placement group, addressed as one learner.
+
+The driver holds a ``LearnerGroup`` whatever M is. With M > 1 the ranks form a torch.distributed group
+(``learner/distributed.py``) whose rendezvous is rank 0's node address and a free port found there
+through Ray, never a fixed one. A step's scored rollouts are split over the ranks by whole groups
+(balanced by tokens), padded to one width; every rank trains on its share and the collectives make
+it one update. Weights leave from rank 0, one ``ray.put`` per version, as from a single learner.
+
+Every call has a deadline. A rank that dies or misses it fails the call with ``RankFailed`` naming it;
+the driver then kills the whole group and restores it from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from core.records import ScoredRollout
+from learner.config import LearnerConfig
+
+
+class RankFailed(RuntimeError):
+    """A learner rank died, or did not answer within ``learner.timeout_s``."""
+
+
+class LearnerGroup:
+    def __init__(self, lc: LearnerConfig, args: tuple, kwargs: dict, runtime_env: dict | None = None,
+                 start_timeout_s: float = 600.0):
+        """``args``/``kwargs``: ``Learner``'s, without the rank arguments, which the group adds."""
+        from learner.distributed import free_port
+        from learner.learner import Learner
+
+        self.lc, self.timeout_s = lc, lc.timeout_s
+        m = lc.num_workers
+        cls = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(Learner)
+        self.pg = None
+        if m == 1:
+            self.actors = [cls.options(runtime_env=runtime_env).remote(*args, **kwargs)]
+            return
+        bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
+        self.pg = placement_group([bundle] * m, strategy="PACK" if lc.placement == "pack" else "SPREAD")
+        try:
+            ray.get(self.pg.ready(), timeout=start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RankFailed(f"the cluster has no room for {m} learner ranks of {bundle} within {start_timeout_s:g} s "
+                             f"(learner.num_workers, num_cpus, num_gpus); lower them or add nodes") from None
+        on = [PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i) for i in range(m)]
+        host, port = ray.get(ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on[0]).remote(),
+                             timeout=start_timeout_s)
+        self.actors = [cls.options(runtime_env=runtime_env, scheduling_strategy=on[r]).remote(
+            *args, **kwargs, rank=r, world_size=m, address=f"{host}:{port}") for r in range(m)]
+        self._all("state", timeout_s=start_timeout_s)  # constructors done: the process group is up
+
+    # ---- calls -----------------------------------------------------------------------------------------
+    def _all(self, method: str, *args, per_rank: list[tuple] | None = None, timeout_s: float | None = None) -> list:
+        """``method`` on every rank (``per_rank[r]`` as rank r's arguments, else ``args``); their results in rank
+        order. The first rank to die or miss the deadline fails the call, named."""
+        refs = [getattr(a, method).remote(*(per_rank[r] if per_rank else args)) for r, a in enumerate(self.actors)]
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        results: dict[int, object] = {}
+        pending, timeout = list(refs), timeout_s or self.timeout_s
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not done:
+                late = sorted(rank_of[p] for p in pending)
+                raise RankFailed(f"learner rank(s) {late} did not answer {method} within {timeout:g} s "
+                                 f"(learner.timeout_s)")
+            r = rank_of[done[0]]
+            try:
+                results[r] = ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                raise RankFailed(f"learner rank {r} of {len(self.actors)} died during {method}: "
+                                 f"{_first_line(e)}") from e
+        return [results[r] for r in range(len(refs))]
+
+    def train_step(self, scored: list[ScoredRollout]) -> dict[str, float]:
+        shares = split_by_group(scored, len(self.actors))
+        width = max((len(s.rollout.prompt_ids) + len(s.rollout.response_ids) for s in scored), default=2)
+        return self._all("train_step", per_rank=[(share, width) for share in shares])[0]
+
+    def publish(self):
+        return self._all("publish")[0]
+
+    def save(self, path: str) -> str:
+        return self._all("save", path)[0]
+
+    def load_state(self, path: str) -> int:
+        return self._all("load_state", path)[0]
+
+    def set_version(self, version: int) -> None:
+        self._all("set_version", version)
+
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        return self._all("sequence_logprobs", prompt_ids, response_ids)[0]
+
+    def memory(self) -> list[dict[str, float]]:
+        return self._all("memory")
+
+    def kill(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+def split_by_group(scored: list[ScoredRollout], ranks: int) -> list[list[ScoredRollout]]:
+    """``scored`` cut into ``ranks`` shares of whole groups (a group's statistics stay on one rank), the
+    largest groups first onto the share with the fewest tokens so far; order within a share is kept."""
+    if ranks == 1:
+        return [list(scored)]
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(scored):
+        groups.setdefault(s.rollout.group_id, []).append(i)
+    tokens = {g: sum(len(scored[i].rollout.prompt_ids) + len(scored[i].rollout.response_ids) for i in idx)
+              for g, idx in groups.items()}
+    load, owner = [0] * ranks, {}
+    for g in sorted(groups, key=lambda g: (-tokens[g], g)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[g] = r
+        load[r] += tokens[g]
+    return [[s for s in scored if owner[s.rollout.group_id] == r] for r in range(ranks)]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
