@@ -117,6 +117,7 @@ _SPECS = [
     _g("learner/clip_fraction", "fraction of tokens whose ratio was clipped"),
     _g("learner/approx_kl", "mean approximate KL(old || new) over the update"),
     _g("learner/grad_norm", "gradient norm before clipping"),
+    _g("learner/padding_fraction", "share of the tokens in the learner's micro-batches that are padding"),
     _g("learner/explained_variance", "explained variance of the value head (0 without a critic)"),
     _g("learner/advantage_mean", "mean advantage over response tokens"),
     _g("learner/advantage_std", "standard deviation of advantages over response tokens"),
@@ -141,6 +142,7 @@ _SPECS = [
     _g("sync/bytes", "bytes published per weight version"),
     _g("sync/policy_version", "policy version loaded by an actor", ("actor_id",)),
     _g("sync/publish_seconds", "learner time to pack and ray.put one weight version"),
+    _g("sync/gather_seconds", "part of publish_seconds spent gathering sharded weights (fsdp) or merging LoRA"),
     _g("sync/load_seconds", "slowest actor's time to fetch and load one weight version"),
     _g("sync/fetch_seconds", "slowest actor's ray.get of the published version (zero-copy from the object store)"),
     # eval/: held-out greedy evaluation
