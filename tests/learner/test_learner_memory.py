@@ -109,7 +109,8 @@ def test_lora_trains_adapters_publishes_merged_weights_and_resumes(policy_dir, t
     from transformers import AutoModelForCausalLM
 
     saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").named_parameters())  # the merged model
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy_dir), tmp_path / "ckpt" / ADAPTER_DIR)
+    adapters = tmp_path / "ckpt" / ADAPTER_DIR
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy_dir), adapters)
     for n, p in reloaded.merge_and_unload().named_parameters():
         torch.testing.assert_close(p, published[n], atol=1e-6, rtol=0, msg=n)
         torch.testing.assert_close(saved[n], published[n], atol=1e-6, rtol=0, msg=n)
