@@ -61,6 +61,24 @@ def check_resources(cfg: RelayConfig) -> None:
             f"{cfg.generation.num_actors} generation actors + reward "
             f"replicas) but the cluster has {exists}. Lower generation.num_actors / num_cpus / num_gpus, "
             "learner.num_workers / num_cpus / num_gpus or reward replica resources, or add nodes")
+    lc = cfg.learner
+    if lc.num_workers > 1:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        fits = learner_bundles_that_fit(nodes, lc.num_cpus, lc.num_gpus)
+        if fits < lc.num_workers:
+            raise ResourceError(
+                f"the learner group needs {lc.num_workers} ranks of CPU={lc.num_cpus:g}, GPU={lc.num_gpus:g}, each on "
+                f"one node, but the nodes hold only {fits} such (a placement group bundle cannot span nodes). Lower "
+                "learner.num_workers or the per-rank learner.num_cpus / num_gpus, or add nodes")
+
+
+def learner_bundles_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: float) -> int:
+    """How many learner ranks of ``cpus``/``gpus`` the nodes (their total resources) can hold, each on one node."""
+    total = 0
+    for have in nodes:
+        per = [have.get(k, 0.0) / v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0]
+        total += int(min(per) + 1e-9) if per else 1 << 20
+    return total
 
 
 def oversubscription_warning(cfg: RelayConfig, cores: int | None = None) -> str | None:

@@ -19,7 +19,17 @@ def test_default_loads_and_matches_local_yaml():
 
 def test_gpu_example_is_valid():
     cfg = load_config("cluster/gpu.yaml")
-    assert cfg.generation.num_gpus == 1 and cfg.model.dtype == "bfloat16"
+    assert cfg.generation.tensor_parallel_size == cfg.generation.num_gpus == 2 and cfg.model.dtype == "bfloat16"
+    assert cfg.learner.num_workers == 4 and cfg.learner.strategy == "fsdp" and cfg.learner.num_gpus == 1
+
+
+def test_learner_ranks_must_each_fit_on_one_node():
+    from cluster.resources import learner_bundles_that_fit
+
+    nodes = [{"CPU": 16.0, "GPU": 2.0}, {"CPU": 16.0, "GPU": 8.0}]
+    assert learner_bundles_that_fit(nodes, cpus=4, gpus=1) == 2 + 4  # CPUs bound the second node: 16 / 4
+    assert learner_bundles_that_fit(nodes, cpus=1, gpus=0) == 32
+    assert learner_bundles_that_fit([{"CPU": 3.0}], cpus=2, gpus=0) == 1
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
