@@ -38,6 +38,22 @@ def _train(args) -> int:
     return 0
 
 
+def _dpo(args) -> int:
+    from cluster.config import resume_config
+    from cluster.offline import train_dpo
+
+    if args.resume is None:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        run_dir = args.resume or load_config(args.config, args.overrides).train.run_dir
+        cfg = resume_config(run_dir, args.config, args.overrides)
+    s = train_dpo(cfg, resume=args.resume is not None)
+    print(f"{s['algorithm']}: held-out score {s['eval_start']:.3f} at the start -> {s['eval_last3_mean']:.3f} (mean "
+          f"of the last three evaluations), {s['eval_gain_points']:+.1f} points in {s['train_seconds']:.0f} s of "
+          f"training ({s['steps']} steps, {s['pairs']} pairs)")
+    return 0
+
+
 def _report(args) -> int:
     from cluster.report import report_command
 
@@ -123,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in RUN_DIR (default: train.run_dir) from its latest complete checkpoint, "
                         "with its own config unless --config is given; --set may change budgets and placement")
     p.set_defaults(fn=_train)
+    p = sub.add_parser("dpo", help="offline preference optimisation (dpo.loss: dpo | ipo | cdpo) on the learner, from "
+                                    "dpo.preferences_path or pairs built from the policy's own samples")
+    _config_args(p)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (default: train.run_dir) from its latest checkpoint")
+    p.set_defaults(fn=_dpo)
     p = sub.add_parser("train-rm", help="train a reward model on preference pairs (from model.path, or the "
                                          "embedded SFT policy, by default)")
     _config_args(p)

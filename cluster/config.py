@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from actors.config import GenerationConfig
 from core.data import DataConfig
 from core.section import Section
-from learner.config import AlgorithmConfig, LearnerConfig, SFTConfig, TinyModelConfig
+from learner.config import AlgorithmConfig, DPOConfig, LearnerConfig, SFTConfig, TinyModelConfig
 from reward_service.config import RewardConfig, RewardModelTrainConfig, RewardSourceConfig
 
 
@@ -126,6 +126,7 @@ class RelayConfig(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:
@@ -320,7 +321,8 @@ RESUMABLE = (
     "generation.timeout_s", "generation.start_timeout_s", "generation.max_restarts", "generation.torch_threads",
     "generation.kv_cache_gb", "generation.gpu_memory_utilization", "generation.enforce_eager",
     "learner.num_cpus", "learner.num_gpus", "learner.timeout_s", "learner.torch_threads", "learner.max_bad_steps",
-    "learner.max_restores", "reward.timeout_s", "reward.max_retries", "reward.deploy_timeout_s",
+    "learner.max_restores", "learner.num_workers", "learner.placement", "learner.collective_timeout_s",
+    "dpo.steps", "dpo.time_limit_s", "dpo.eval_every", "reward.timeout_s", "reward.max_retries", "reward.deploy_timeout_s",
     "reward.http_enabled", "reward.http_port", "reward.http_host",
 )
 

@@ -41,6 +41,13 @@ FIGURES = (
     Figure("throughput.png", "Generation throughput", (
         ("tokens/s", (("rollout/tokens_per_second", "tokens/s"),)),
     )),
+    Figure("preference.png", "Preference optimisation (relay dpo)", (
+        ("loss", (("offline/loss", "train"), ("eval/loss_heldout", "held-out"))),
+        ("implicit reward", (("offline/chosen_reward", "chosen"), ("offline/rejected_reward", "rejected"),
+                             ("eval/margin_heldout", "held-out margin"))),
+        ("accuracy", (("offline/accuracy", "train pairs"), ("eval/accuracy_heldout", "held-out pairs"))),
+        ("held-out score", (("eval/task_score", "greedy task score"),)),
+    )),
     Figure("sync.png", "Weight sync", (
         ("seconds", (("sync/seconds", "sync"), ("sync/publish_seconds", "publish"),
                      ("sync/load_seconds", "load"), (STEP_TOTAL, "learner step"))),

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 Kind = Literal["gauge", "counter", "histogram"]
 COMPONENTS = ("driver", "learner", "generation", "reward")
-NAMESPACES = ("rollout", "reward", "learner", "sync", "eval", "system")
+NAMESPACES = ("rollout", "reward", "learner", "sync", "eval", "system", "offline")
 PHASES = ("logprobs", "advantages", "update", "total")
 
 # Bucket boundaries. Seconds span a reward call (ms) to a slow generation batch (minutes).
@@ -145,6 +145,20 @@ _SPECS = [
     _g("sync/gather_seconds", "part of publish_seconds spent gathering sharded weights (fsdp) or merging LoRA"),
     _g("sync/load_seconds", "slowest actor's time to fetch and load one weight version"),
     _g("sync/fetch_seconds", "slowest actor's ray.get of the published version (zero-copy from the object store)"),
+    # offline/: preference optimisation (relay dpo), per step; eval/*_heldout: the same on held-out pairs
+    _g("offline/loss", "preference loss (dpo.loss) of the step's pairs"),
+    _g("offline/chosen_reward", "implicit reward beta * (log pi - log ref) of the chosen responses"),
+    _g("offline/rejected_reward", "implicit reward of the rejected responses"),
+    _g("offline/margin", "chosen minus rejected implicit reward"),
+    _g("offline/accuracy", "share of pairs whose chosen implicit reward is above the rejected one's"),
+    _g("offline/grad_norm", "gradient norm before clipping"),
+    _g("offline/lr", "learning rate"),
+    _g("offline/step_seconds", "seconds of one preference step"),
+    _g("eval/loss_heldout", "preference loss on held-out pairs"),
+    _g("eval/chosen_reward_heldout", "implicit reward of the chosen responses of held-out pairs"),
+    _g("eval/rejected_reward_heldout", "implicit reward of the rejected responses of held-out pairs"),
+    _g("eval/margin_heldout", "implicit reward margin on held-out pairs"),
+    _g("eval/accuracy_heldout", "preference accuracy on held-out pairs"),
     # eval/: held-out greedy evaluation
     _g("eval/task_score", "held-out score: mean eval reward (train.eval_reward, else the training reward) of "
        "greedy responses on the main eval set"),

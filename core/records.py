@@ -43,3 +43,14 @@ class ScoredRollout:
     reward: float
     components: dict[str, float] = field(default_factory=dict)
     """named parts of the reward before weighting, e.g. {"exact_match": 1.0, "length": -0.1}"""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A preference, tokenised: the same prompt with a chosen and a rejected response (each ending in EOS)."""
+
+    prompt_ids: list[int]  # (P,)
+    chosen_ids: list[int]  # (C,)
+    rejected_ids: list[int]  # (R,)
+    index: int = 0
+    """position in its dataset, so a cached reference log-prob and an error message can name it"""

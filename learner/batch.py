@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from core.records import ScoredRollout
+from core.records import PreferencePair, ScoredRollout
 
 _PER_POSITION = ("response_mask", "behaviour_logprobs", "loss_mask", "old_logprobs", "ref_logprobs", "values",
                  "advantages", "returns")
@@ -119,3 +119,21 @@ def padded_tokens(lengths: torch.Tensor, micro: list[torch.Tensor]) -> tuple[flo
     padding fraction."""
     real = float(sum(int(lengths[m].sum()) for m in micro if len(m)))
     return real, float(sum(len(m) * int(lengths[m].max()) for m in micro if len(m)))
+
+
+def collate_pairs(pairs: list[PreferencePair], pad_id: int, width: int | None = None) -> RolloutBatch:
+    """Preference pairs as one batch of 2B rows: the B chosen sequences, then the B rejected ones (row i and
+    row B + i are one pair); ``group_ids`` holds the pair's index. Fields RL needs are zero."""
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max([width or 2, *(len(a) + len(b) for a, b in rows)])
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    response_mask = torch.zeros((n, width - 1))
+    for i, (prompt, response) in enumerate(rows):
+        input_ids[i, : len(prompt) + len(response)] = torch.tensor(prompt + response)
+        attention[i, : len(prompt) + len(response)] = 1
+        response_mask[i, len(prompt) - 1 : len(prompt) - 1 + len(response)] = 1
+    index = torch.tensor([p.index for p in pairs] * 2, dtype=torch.long)
+    return RolloutBatch(input_ids, attention, response_mask, torch.zeros((n, width - 1)), torch.zeros(n), index,
+                        torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool))

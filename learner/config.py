@@ -167,6 +167,45 @@ class LearnerConfig(Section):
         return self
 
 
+class DPOConfig(Section):
+    """Offline preference optimisation (``relay dpo``) on the learner group, from a frozen reference = the start."""
+
+    loss: Literal["dpo", "ipo", "cdpo"] = Field(
+        "dpo", description="dpo: -log sigmoid(beta h) (Rafailov et al. 2023) | ipo: (h - 1/(2 beta))^2, the IPO "
+                           "paper's form with tau = beta (Azar et al. 2023) | cdpo: conservative DPO, the labels "
+                           "flipped with probability label_smoothing (Mitchell 2023); h = the chosen log-ratio to the "
+                           "reference minus the rejected one")
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the reference (IPO: tau)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: probability that a label is flipped")
+    length_normalize: bool = Field(False, description="mean log-prob per response token instead of the sum (a named "
+                                   "variant, as SimPO/IPO implementations do); DPO sums")
+    batch_size: int = Field(64, ge=1, description="pairs per optimizer step, over all ranks")
+    steps: int | None = Field(None, ge=1, description="optimizer steps; null = until time_limit_s (epochs repeat)")
+    time_limit_s: float | None = Field(600.0, gt=0, description="wall-clock budget of training (pair building and "
+                                       "the reference pass not counted; they are timed apart)")
+    eval_every: int = Field(50, ge=1, description="held-out evaluation (pairs and greedy score) every this many steps")
+    eval_pairs: int = Field(256, ge=1, description="held-out pairs measured at each evaluation")
+    preferences_path: str | None = Field(None, description="JSONL/JSON/CSV/Parquet of {prompt, chosen, rejected} "
+                                         "(strings, or chat messages); null = pairs built from the start policy's "
+                                         "own samples on the training prompts, judged by the reward")
+    eval_preferences_path: str | None = Field(None, description="held-out pairs; null = a share of the pairs, split "
+                                              "by prompt")
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of prompts held out when eval_preferences_path "
+                                 "is null")
+    policy_samples: int = Field(4, ge=2, description="samples per training prompt when building pairs from the "
+                                "policy: a correct one is chosen over a wrong one")
+    seed: int = Field(0, description="seed of pair building and order")
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> DPOConfig:
+        if self.label_smoothing > 0 and self.loss != "cdpo":
+            raise ValueError(f"dpo.label_smoothing ({self.label_smoothing}) applies to loss cdpo only, not "
+                             f"{self.loss}; set loss: cdpo or label_smoothing: 0")
+        if self.loss == "cdpo" and self.label_smoothing == 0:
+            raise ValueError("dpo.loss cdpo needs dpo.label_smoothing > 0 (with 0 it is plain dpo)")
+        return self
+
+
 class SFTConfig(Section):
     """Supervised fine-tuning stage. The defaults give the embedded policy a low but non-zero start."""
 

@@ -95,6 +95,21 @@ class LearnerGroup:
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         return self._all("sequence_logprobs", prompt_ids, response_ids)[0]
 
+    def pair_logprobs(self, pairs: list, length_normalize: bool = False) -> list[tuple[float, float]]:
+        shares, width = _chunks(pairs, len(self.actors)), _pair_width(pairs)
+        results = self._all("pair_logprobs", per_rank=[(share, length_normalize, width) for share in shares])
+        return [x for part in results for x in part]
+
+    def preference_step(self, pairs: list, reference: list, cfg, train: bool = True) -> dict[str, float]:
+        """One DPO/IPO step (``train=False``: held-out measurement) over the ranks, pairs split in contiguous shares."""
+        m, width = len(self.actors), _pair_width(pairs)
+        shares, refs = _chunks(pairs, m), _chunks(reference, m)
+        return self._all("preference_step", per_rank=[(s, r, cfg, train, width) for s, r in zip(shares, refs,
+                                                                                                 strict=True)])[0]
+
+    def greedy_responses(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        return self._all("greedy_responses", prompts, max_new_tokens)[0]
+
     def memory(self) -> list[dict[str, float]]:
         return self._all("memory")
 
@@ -122,6 +137,21 @@ def split_by_group(scored: list[ScoredRollout], ranks: int) -> list[list[ScoredR
         owner[g] = r
         load[r] += tokens[g]
     return [[s for s in scored if owner[s.rollout.group_id] == r] for r in range(ranks)]
+
+
+def _chunks(items: list, ranks: int) -> list[list]:
+    """``items`` in ``ranks`` contiguous shares of near-equal size."""
+    size, extra = divmod(len(items), ranks)
+    out, start = [], 0
+    for r in range(ranks):
+        end = start + size + (r < extra)
+        out.append(list(items[start:end]))
+        start = end
+    return out
+
+
+def _pair_width(pairs: list) -> int:
+    return max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=2)
 
 
 def _first_line(e: BaseException) -> str:

@@ -34,10 +34,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.metrics import METRICS, MetricSink
-from core.records import ScoredRollout
+from core.records import PreferencePair, ScoredRollout
 from learner import algos
 from learner import distributed as D
-from learner.batch import RolloutBatch, collate, padded_tokens, token_budget_split
+from learner.batch import RolloutBatch, collate, collate_pairs, padded_tokens, token_budget_split
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.critic import Critic
 from learner.weights import PackedWeights, pack_weights
@@ -427,6 +427,103 @@ class Learner:
         zero = logprobs.sum() * 0.0
         (zero + values.sum() * 0.0 if shared else zero).backward()
         return {}
+
+    # ---- preference optimisation (DPO, IPO, cDPO) -------------------------------------------------
+    def _pair_plan(self, batch: RolloutBatch, n: int) -> list[torch.Tensor]:
+        """Token-budget micro-batches of pairs (a pair's chosen and rejected rows always together: the loss is
+        per pair); each entry lists the pairs' rows, chosen then rejected."""
+        lengths = batch.lengths()
+        longest = torch.maximum(lengths[:n], lengths[n:])
+        micro = token_budget_split(longest, torch.arange(n), max(self.lc.micro_batch_tokens // 2, 1))
+        if self.sharded:
+            micro += [torch.arange(0)] * (int(self.dist.all_max(len(micro))) - len(micro))
+        return [torch.cat([m, m + n]) for m in micro]
+
+    def _pair_logps(self, micro: RolloutBatch, length_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence log-probs (summed over response tokens, or their mean) of a micro-batch's chosen and rejected."""
+        logprobs, _, _ = self._token_logprobs(self.policy, micro)
+        seq = algos.sequence_logprobs(logprobs, micro.response_mask.to(self.device), length_normalize)
+        k = len(micro) // 2
+        return seq[:k], seq[k:]
+
+    @torch.no_grad()
+    def pair_logprobs(self, pairs: list[PreferencePair], length_normalize: bool = False,
+                      width: int | None = None) -> list[tuple[float, float]]:
+        """log pi(chosen | prompt), log pi(rejected | prompt) per pair under the policy as it is now: before
+        training, the frozen reference's, computed once and cached (TRL's ``precompute_ref_log_probs``)."""
+        out = [(0.0, 0.0)] * len(pairs)
+        batch = collate_pairs(pairs, self.pad_id, width) if pairs else collate_pairs([], self.pad_id, width or 2)
+        for rows in self._pair_plan(batch, len(pairs)):
+            if not len(rows):
+                self._token_logprobs(self.policy, self._dummy())
+                continue
+            chosen, rejected = self._pair_logps(batch.select(rows), length_normalize)
+            for j, i in enumerate(rows[: len(rows) // 2].tolist()):
+                out[i] = (chosen[j].item(), rejected[j].item())
+        return out
+
+    def preference_step(self, pairs: list[PreferencePair], reference: list[tuple[float, float]], cfg,
+                        train: bool = True, width: int | None = None) -> dict[str, float]:
+        """One optimizer step of ``cfg.loss`` (a ``DPOConfig``) on this rank's pairs, whose reference log-probs are
+        ``reference``; ``train=False`` only measures (held-out pairs). The loss is the mean over all ranks' pairs.
+        Returns ``offline/*``: loss, the implicit rewards beta * (log pi - log ref) of chosen and rejected, their
+        margin and the preference accuracy (chosen's implicit reward above rejected's)."""
+        loss_type = {"dpo": "sigmoid", "cdpo": "sigmoid", "ipo": "ipo"}[cfg.loss]
+        smoothing = cfg.label_smoothing if cfg.loss == "cdpo" else 0.0
+        n = len(pairs)
+        n_total = max(self.dist.sum_floats([float(n)])[0], 1.0)
+        batch = collate_pairs(pairs, self.pad_id, width) if pairs else collate_pairs([], self.pad_id, width or 2)
+        ref = torch.tensor(reference, dtype=torch.float32, device=self.device).reshape(-1, 2)
+        scale = float(self.dist.world_size) if self.sharded else 1.0
+        sums = dict.fromkeys(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"), 0.0)
+        if train:
+            self.optimizer.zero_grad(set_to_none=True)
+        for rows in self._pair_plan(batch, n):
+            if not len(rows):
+                if train:
+                    self._dummy_backward()
+                else:
+                    with torch.no_grad():
+                        self._token_logprobs(self.policy, self._dummy())
+                continue
+            idx = rows[: len(rows) // 2].to(self.device)
+            with torch.enable_grad() if train else torch.no_grad():
+                chosen, rejected = self._pair_logps(batch.select(rows), cfg.length_normalize)
+                loss, r_chosen, r_rejected = algos.dpo_loss(chosen, rejected, ref[idx, 0], ref[idx, 1], beta=cfg.beta,
+                                                            label_smoothing=smoothing, loss_type=loss_type)
+            w = len(idx) / n_total
+            if train:
+                (loss * w * scale).backward()
+            parts = {"loss": loss, "chosen_reward": r_chosen.mean(), "rejected_reward": r_rejected.mean(),
+                     "margin": (r_chosen - r_rejected).mean(), "accuracy": (r_chosen > r_rejected).float().mean()}
+            for key, value in parts.items():
+                sums[key] += value.item() * w
+        out = dict(zip(sums, self.dist.sum_floats(list(sums.values())), strict=True))
+        stats = {f"offline/{k}": v for k, v in out.items()}
+        if train:
+            if not self.sharded:
+                self.dist.sum_grads(self.trainable)
+            grad_norm = _total(torch.nn.utils.clip_grad_norm_(self.trainable, self.lc.max_grad_norm))
+            if math.isfinite(grad_norm) and math.isfinite(out["loss"]):
+                self.optimizer.step()
+                self.scheduler.step()
+                self.bad_steps = 0
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.bad_steps += 1
+                if self.bad_steps >= self.lc.max_bad_steps:
+                    raise NonFiniteError(f"the loss or gradient was not finite in {self.bad_steps} steps in a row "
+                                         f"(learner.max_bad_steps); lower learner.lr or dpo.beta")
+            stats.update({"offline/grad_norm": grad_norm, "offline/lr": self.scheduler.get_last_lr()[0]})
+        return stats
+
+    @torch.no_grad()
+    def greedy_responses(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy completions with Hugging Face ``generate`` (held-out evaluation of an offline run); every rank
+        calls it, so sharded ranks run the same forward passes."""
+        from learner.sft import greedy_responses
+
+        return greedy_responses(self.policy, self.tokenizer, prompts, max_new_tokens)
 
     # ---- weights out --------------------------------------------------------------------------
     def _named_weights(self) -> list[tuple[str, torch.Tensor]]:

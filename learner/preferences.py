@@ -1,0 +1,107 @@
+"""Preference pairs for offline optimisation (``relay dpo``): read from a file, or built from a policy's samples.
+
+A record is ``{prompt, chosen, rejected}``: strings, or chat messages (a list of ``{role, content}``; the
+prompt goes through the tokenizer's chat template with the generation prompt, a response is the content of
+its last message). Every pair is checked; a bad one follows ``data.on_invalid`` (counted and skipped, or an
+error) with a message naming the record: a missing field, an empty response, chosen equal to rejected, or a
+pair longer than the context.
+
+Built pairs (no file): the start policy samples ``dpo.policy_samples`` responses per training prompt, the
+reward (the task's rule, or a reward model) scores them, and for every prompt with a best and a worse sample
+the best is chosen over a worse one: correct against wrong on the embedded task, the policy's own mistakes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from core.data import DataError
+from core.records import PreferencePair
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _text(value, field: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        return str(value[-1]["content"])
+    raise ValueError(f"{where}: {field!r} must be a string or a list of chat messages {{role, content}}, "
+                     f"got {type(value).__name__}")
+
+
+def _prompt_text(value, tokenizer, where: str) -> str:
+    if isinstance(value, list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{where}: the prompt is chat messages but the tokenizer has no chat template; give "
+                             "the prompt as a string")
+        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    return _text(value, "prompt", where)
+
+
+def encode_pairs(rows: Sequence[dict], tokenizer, max_length: int, on_invalid: str = "error",
+                 skipped: dict[str, int] | None = None, where: str = "preferences",
+                 log: Callable[[str], object] = print) -> list[PreferencePair]:
+    """Check and tokenise ``rows`` (response tokens end with EOS). ``skipped`` counts the reasons of pairs
+    skipped under ``on_invalid: skip``; under ``error`` the first bad pair raises ``DataError`` naming it."""
+    skipped = {} if skipped is None else skipped
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out: list[PreferencePair] = []
+    for i, row in enumerate(rows):
+        name = f"{where} record {i + 1}"
+        try:
+            missing = [f for f in FIELDS if row.get(f) is None]
+            if missing:
+                raise ValueError(f"{name} has no {', '.join(map(repr, missing))} (a pair needs prompt, chosen and "
+                                 "rejected)")
+            prompt = _prompt_text(row["prompt"], tokenizer, name)
+            chosen, rejected = _text(row["chosen"], "chosen", name), _text(row["rejected"], "rejected", name)
+            if not chosen.strip() or not rejected.strip():
+                raise ValueError(f"{name}: the {'chosen' if not chosen.strip() else 'rejected'} response is empty")
+            if chosen == rejected:
+                raise ValueError(f"{name}: chosen and rejected are the same text ({chosen[:40]!r}); a pair must differ")
+            p = tokenizer.encode(prompt, add_special_tokens=False)
+            c = tokenizer.encode(chosen, add_special_tokens=False) + eos
+            r = tokenizer.encode(rejected, add_special_tokens=False) + eos
+            longest = len(p) + max(len(c), len(r))
+            if longest > max_length:
+                raise ValueError(f"{name} is {longest} tokens, longer than the context ({max_length}); shorten it "
+                                 "or raise the context (model.tiny.max_position_embeddings / the model's)")
+        except ValueError as e:
+            if on_invalid == "error":
+                raise DataError(f"{e}; fix the record, or set data.on_invalid: skip to count and skip such pairs") \
+                    from None
+            reason = str(e).split(": ", 1)[-1].split(" (")[0][:60]
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        out.append(PreferencePair(p, c, r, index=len(out)))
+    if skipped:
+        log(f"{where}: skipped {sum(skipped.values())} pairs ({', '.join(f'{k}: {v}' for k, v in skipped.items())})")
+    if not out:
+        raise DataError(f"{where}: no valid pair left ({sum(skipped.values())} skipped)")
+    return out
+
+
+def pairs_from_samples(prompts: Sequence[str], metadatas: Sequence[dict], samples: Sequence[Sequence[str]],
+                       scores: Sequence[Sequence[float]], seed: int = 0) -> list[dict]:
+    """For each prompt whose samples did not all score the same: a best-scored sample is chosen over a
+    lower-scored one (both at random among ties). ``samples[i]``/``scores[i]`` belong to ``prompts[i]``."""
+    rng = random.Random(seed)
+    pairs = []
+    for prompt, meta, responses, rewards in zip(prompts, metadatas, samples, scores, strict=True):
+        best = max(rewards)
+        top = [r for r, s in zip(responses, rewards, strict=True) if s == best]
+        worse = [r for r, s in zip(responses, rewards, strict=True) if s < best and r not in top]
+        if top and worse:
+            pairs.append({"prompt": prompt, "chosen": rng.choice(top), "rejected": rng.choice(worse),
+                          "metadata": meta})
+    return pairs
+
+
+def split_pairs_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): a ``fraction`` of the distinct prompts and all their pairs held out."""
+    prompts = sorted({str(r["prompt"]) for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, round(fraction * len(prompts)))])
+    return [r for r in rows if str(r["prompt"]) not in held], [r for r in rows if str(r["prompt"]) in held]
