@@ -322,7 +322,8 @@ RESUMABLE = (
     "generation.kv_cache_gb", "generation.gpu_memory_utilization", "generation.enforce_eager",
     "learner.num_cpus", "learner.num_gpus", "learner.timeout_s", "learner.torch_threads", "learner.max_bad_steps",
     "learner.max_restores", "learner.num_workers", "learner.placement", "learner.collective_timeout_s",
-    "dpo.steps", "dpo.time_limit_s", "dpo.eval_every", "reward.timeout_s", "reward.max_retries", "reward.deploy_timeout_s",
+    "dpo.steps", "dpo.time_limit_s", "dpo.eval_every", "reward.timeout_s", "reward.max_retries",
+    "reward.deploy_timeout_s",
     "reward.http_enabled", "reward.http_port", "reward.http_host",
 )
 
