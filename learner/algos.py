@@ -214,7 +214,7 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Ten
 
 AdvantageFn = Callable[..., tuple[Tensor, Tensor]]
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-BATCH_WIDE = ("reinforce", "reinforce_pp", "reinforce_pp_baseline")
+BATCH_WIDE = ("reinforce", "reinforce_pp", "reinforce_pp_baseline", "rwr")
 """estimators whose statistics span the whole batch (they take `all_sum`); the others are per group"""
 
 
@@ -381,6 +381,32 @@ def reinforce_pp_baseline_advantages(
     baseline, _, _ = group_stats(scored, group_ids)
     adv = torch.where(mask.bool(), returns - baseline.unsqueeze(-1), 0.0)
     return masked_whiten(adv, mask, all_sum=all_sum), returns
+
+
+@register_advantage("rwr")
+def rwr_advantages(
+    *, token_rewards: Tensor, mask: Tensor, group_ids: Tensor | None = None, values: Tensor | None = None,
+    gamma: float = 1.0, lam: float = 1.0, beta: float = 1.0, whiten: bool = True, all_sum: AllSum | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reward-weighted regression weights (Peters & Schaal 2007) as per-token "advantages" (B, T).
+
+    token_rewards: (B, T); mask: (B, T) -> (weights, returns = R broadcast), (B, T) each. R = the sequence
+    reward; z = R whitened over the whole batch (all ranks' with `all_sum`; whiten=False: z = R raw);
+    w = exp(z / beta) / mean over the batch of exp(z / beta): non-negative, mean 1. Paired with the "nll"
+    policy loss, the update is the weighted log-likelihood of the samples: no ratio, no clip, no baseline.
+    The exponent is capped at 50 so a raw reward / small beta cannot overflow. group_ids, values, lam ignored.
+    """
+    r = sequence_rewards(token_rewards, mask)  # (B,)
+    rows = mask.bool().any(-1).to(r.dtype)
+    if whiten:
+        mean = masked_mean(r, rows, all_sum=all_sum)
+        std = masked_var(r, rows, all_sum=all_sum).sqrt()
+        z = (r - mean) / (std + 1e-8)
+    else:
+        z = r
+    e = torch.exp((z / beta).clamp(max=50.0)) * rows
+    w = e / masked_mean(e, rows, all_sum=all_sum).clamp_min(1e-30)
+    return _broadcast(w, mask), _broadcast(r, mask)
 
 
 # ---------------------------------------------------------------------------- KL
@@ -809,6 +835,28 @@ def cispo_loss(
     loss_mat = -is_weight * advantages * torch.where(m, logprobs, 0.0) * weight
     outside = m & ((ratio < 1 - clip_low) | (ratio > 1 + clip_high))
     stats = _stats(masked_mean(outside.float(), m), logprobs, old_logprobs, mask, weight)
+    return aggregate_loss(loss_mat, mask, agg_mode, loss_norm_constant), stats
+
+
+@register_policy_loss("nll")
+def nll_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+    clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None, agg_mode: str = "token-mean",
+    loss_norm_constant: float | None = None, behaviour_logprobs: Tensor | None = None, tis_cap: float | None = None,
+    is_weights: Tensor | None = None,
+) -> tuple[Tensor, PolicyLossStats]:
+    """Weighted negative log-likelihood: loss per token -A_t * logprobs_t (times the rollout correction's
+    detached weight), no ratio and no clip; with the "rwr" estimator's weights this is reward-weighted
+    regression (Peters & Schaal 2007), with A = 1 plain SFT on the samples.
+
+    logprobs (grad), old_logprobs, advantages, mask, behaviour_logprobs, is_weights: (B, T) -> (scalar, stats).
+    clip_low, clip_high are not read; clip_fraction is 0.
+    """
+    _only_ppo_has_dual_clip("nll", dual_clip)
+    m = mask.bool()
+    weight = _loss_weights(old_logprobs, mask, behaviour_logprobs, tis_cap, is_weights)
+    loss_mat = -advantages * torch.where(m, logprobs, 0.0) * weight
+    stats = _stats(logprobs.new_zeros(()), logprobs, old_logprobs, mask, weight)
     return aggregate_loss(loss_mat, mask, agg_mode, loss_norm_constant), stats
 
 

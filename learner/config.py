@@ -15,12 +15,18 @@ from core.section import Section
 
 
 class AlgorithmConfig(Section):
-    name: Literal["grpo", "drgrpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline", "ppo"] = Field(
+    name: Literal["grpo", "drgrpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline", "ppo", "rwr"] = Field(
         "grpo", description="advantage estimator: grpo (Shao et al. 2024) | drgrpo (Dr.GRPO, Liu et al. 2025) | rloo "
                             "(Ahmadian et al. 2024) | reinforce (batch-whitened, per-position baseline) | reinforce_pp "
                             "(REINFORCE++, Hu et al. 2025: returns-to-go of the per-token rewards, whitened over the "
                             "whole batch; reads gamma, kl_in=reward) | reinforce_pp_baseline (REINFORCE++ with the "
-                            "group-mean baseline, then whitened over the batch) | ppo (adds a critic and uses GAE)")
+                            "group-mean baseline, then whitened over the batch) | ppo (adds a critic and uses GAE) | "
+                            "rwr (reward-weighted regression, Peters & Schaal 2007: weights exp(z / rwr_beta), z = "
+                            "reward whitened over the batch, normalised to mean 1; trained with policy_loss nll: no "
+                            "ratio, no clip)")
+    rwr_beta: float = Field(1.0, gt=0, description="rwr: temperature of the weights exp(z / rwr_beta)")
+    rwr_whiten: bool = Field(True, description="rwr: z = reward whitened over the batch; false = the raw reward "
+                             "(exp(r / rwr_beta), normalised)")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator (Schulman's note)")
     kl_in: Literal["none", "reward", "loss"] = Field(
         "none", description="none | reward (subtracted per token from the reward) | loss (added with kl_coef)")
@@ -33,9 +39,11 @@ class AlgorithmConfig(Section):
                             "the IS weight's)")
     clip_high: float = Field(0.2, gt=0, description="ratio clip above 1 (clip-higher, DAPO, when > clip_low)")
     dual_clip: float | None = Field(None, gt=1, description="dual-clip bound for negative advantages; null = off")
-    policy_loss: Literal["ppo", "gspo", "gspo_token", "cispo"] = Field(
-        "ppo", description="ppo: clipped token surrogate (Schulman et al. 2017; reads clip_low, clip_high, "
-                           "dual_clip) | gspo: one length-normalised ratio per sequence, clipped per sequence (GSPO, "
+    policy_loss: Literal["ppo", "gspo", "gspo_token", "cispo", "nll"] | None = Field(
+        None, description="null = ppo, or nll with name rwr | nll: weighted log-likelihood -A log pi, no ratio or "
+                           "clip (what rwr trains with) | ppo: clipped token surrogate (Schulman et al. 2017; reads "
+                           "clip_low, clip_high, dual_clip) | gspo: one length-normalised ratio per sequence, "
+                           "clipped per sequence (GSPO, "
                            "Zheng et al. 2025; the paper uses clip_low 3e-4, clip_high 4e-4 and loss_agg "
                            "seq-mean-token-mean) | gspo_token: GSPO-token, the same ratio with per-token advantages | "
                            "cispo: REINFORCE with the IS ratio clipped to [1-clip_low, 1+clip_high] and detached, so "
@@ -75,6 +83,8 @@ class AlgorithmConfig(Section):
 
     @model_validator(mode="after")
     def _objective(self) -> AlgorithmConfig:
+        if self.policy_loss is None:
+            self.policy_loss = "nll" if self.name == "rwr" else "ppo"
         if self.dual_clip is not None and self.policy_loss != "ppo":
             raise ValueError(f"algorithm.dual_clip ({self.dual_clip}) applies to policy_loss ppo only, not "
                              f"{self.policy_loss}; set dual_clip to null")

@@ -295,6 +295,8 @@ class Learner:
         extra = {"outcome_rewards": seq_rewards} if self.alg.name == "reinforce_pp_baseline" else {}
         if self.alg.name in algos.BATCH_WIDE:
             extra["all_sum"] = all_sum
+        if self.alg.name == "rwr":
+            extra.update(beta=self.alg.rwr_beta, whiten=self.alg.rwr_whiten)
         with torch.no_grad():
             advantages, returns = self.estimator(
                 token_rewards=token_rewards, mask=mask, group_ids=batch.group_ids.to(self.device),

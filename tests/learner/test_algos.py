@@ -308,7 +308,7 @@ def test_uniform_group_mask_hand_values():
 
 
 def test_get_advantage_estimator_unknown_name_lists_valid_ones():
-    assert sorted(algos.ADVANTAGE_ESTIMATORS) == sorted(ESTIMATORS + ["reinforce_pp", "reinforce_pp_baseline"])
+    assert sorted(algos.ADVANTAGE_ESTIMATORS) == sorted(ESTIMATORS + ["reinforce_pp", "reinforce_pp_baseline", "rwr"])
     with pytest.raises(ValueError, match="drgrpo, gae, grpo, reinforce, reinforce_pp, reinforce_pp_baseline, rloo"):
         algos.get_advantage_estimator("ppo")
 

@@ -146,3 +146,29 @@ def test_pairs_from_samples_and_split_by_prompt():
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("a", "1", "2"), ("c", "y", "x")]
     train, held = split_pairs_by_prompt(rows * 2, 0.5, seed=0)
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held}) and len(train) + len(held) == 4
+
+
+def test_rwr_weights_and_weighted_likelihood_by_hand():
+    """Online RWR: weights exp(z / beta) over the batch, mean 1; the nll loss is -sum w log pi / tokens."""
+    from learner import algos
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    token_rewards = algos.place_reward_on_last_token(rewards, mask)
+    w, _ = algos.get_advantage_estimator("rwr")(token_rewards=token_rewards, mask=mask, beta=0.5)
+    z = (rewards - 0.5) / rewards.std()  # whitened with the unbiased std, as masked_whiten
+    expected = torch.exp(z / 0.5) / torch.exp(z / 0.5).mean()
+    torch.testing.assert_close(w[:, 0], expected)
+    assert torch.equal(w * (1 - mask), torch.zeros_like(w))
+    raw, _ = algos.get_advantage_estimator("rwr")(token_rewards=token_rewards, mask=mask, beta=1.0, whiten=False)
+    torch.testing.assert_close(raw[:, 0], torch.exp(rewards) / torch.exp(rewards).mean())
+    torch.testing.assert_close(w[:, 0], algos.rwr_weights(rewards, beta=0.5))  # the offline helper agrees
+
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-3.0, -1.0], [-2.0, 0.0]], requires_grad=True)
+    loss, stats = algos.get_policy_loss("nll")(logprobs, logprobs.detach(), w, mask)
+    hand = -(w * logprobs * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, hand)
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, -w * mask / mask.sum())  # every token keeps its gradient
+    assert load_config(None, ["algorithm.name=rwr"]).algorithm.policy_loss == "nll"
+    assert load_config(None, []).algorithm.policy_loss == "ppo"

@@ -65,9 +65,9 @@ def run_loss(name, lp0, old, adv, mask, **kw):
 
 
 def test_policy_loss_registry_names_and_lookup():
-    assert sorted(algos.POLICY_LOSSES) == ["cispo", "gspo", "gspo_token", "ppo"]
+    assert sorted(algos.POLICY_LOSSES) == ["cispo", "gspo", "gspo_token", "nll", "ppo"]
     assert algos.get_policy_loss("ppo") is algos.policy_loss  # existing callers keep the same function
-    with pytest.raises(ValueError, match="cispo, gspo, gspo_token, ppo"):
+    with pytest.raises(ValueError, match="cispo, gspo, gspo_token, nll, ppo"):
         algos.get_policy_loss("grpo")
     with pytest.raises(ValueError, match="twice"):
         algos.register_policy_loss("ppo")(lambda *a, **kw: None)
@@ -77,7 +77,8 @@ def test_every_config_name_has_an_implementation():
     fields = AlgorithmConfig.model_fields
     for name in typing.get_args(fields["name"].annotation):
         algos.get_advantage_estimator("gae" if name == "ppo" else name)  # ppo = critic + GAE
-    assert set(typing.get_args(fields["policy_loss"].annotation)) == set(algos.POLICY_LOSSES)
+    literal, none = typing.get_args(fields["policy_loss"].annotation)  # null: chosen by algorithm.name
+    assert none is type(None) and set(typing.get_args(literal)) == set(algos.POLICY_LOSSES)
     assert set(typing.get_args(fields["rollout_correction"].annotation)) == set(algos.ROLLOUT_CORRECTIONS)
 
 
