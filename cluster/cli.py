@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="SFT -> reward model -> RL, each stage checkpointed under run_dir/<stage>/")
     _config_args(p)
     p.add_argument("--stage", action="append", default=[], metavar="NAME",
-                   help="run only this stage: sft, rm or rl (repeatable; default: pipeline.stages)")
+                   help="run only this stage: sft, rm, rl or dpo (repeatable; default: pipeline.stages)")
     p.add_argument("--force", action="store_true", help="redo stages that already finished")
     p.add_argument("--force-stage", action="append", default=[], metavar="NAME",
                    help="redo this stage (and the later ones run with it) even if it finished (repeatable)")

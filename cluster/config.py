@@ -99,13 +99,14 @@ class ClusterConfig(Section):
 
 
 class PipelineConfig(Section):
-    stages: list[Literal["sft", "rm", "rl"]] = Field(
-        ["sft", "rm", "rl"], description="stages of relay pipeline, in order: sft, rm, rl. Without rm, the rl stage "
-                                         "trains on reward.sources (your function or rule) instead of a learned RM")
+    stages: list[Literal["sft", "rm", "rl", "dpo"]] = Field(
+        ["sft", "rm", "rl"], description="stages of relay pipeline, in order: sft, rm, rl, dpo. Without rm, the rl "
+                                         "stage trains on reward.sources (your function or rule) instead of a learned "
+                                         "RM; [sft, dpo] = DPO on pairs judged by the reward (the RM with rm)")
 
     @model_validator(mode="after")
     def _ordered(self) -> PipelineConfig:
-        order = ["sft", "rm", "rl"]
+        order = ["sft", "rm", "rl", "dpo"]
         if not self.stages or self.stages != sorted(set(self.stages), key=order.index):
             raise ValueError(f"pipeline.stages {self.stages} must be a non-empty subset of {order}, in that order, "
                              "each once")

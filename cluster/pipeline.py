@@ -12,6 +12,9 @@ long as the stages it reads have finished.
 - ``rm``: ``learner/rm_trainer.py::train_reward_model(cfg.reward_model)``. By default the reward model
   starts from the SFT checkpoint and learns from the SFT policy's own samples (judged by the task's
   rule) beside synthetic pairs, so it reads the sft stage.
+- ``dpo`` (``pipeline.stages: [sft, dpo]``): ``relay dpo`` (``cluster/offline.py``) from the SFT checkpoint, on
+  pairs from ``dpo.preferences_path`` or built from the SFT policy's samples judged by the reward (the RM with
+  an rm stage). Its run directory is ``run_dir/dpo``.
 - ``rl``: the driver (``cluster/driver.py``) with the policy and the reference both starting from the
   SFT checkpoint, and the reward = one ``kind: model`` source serving the RM checkpoint (replacing
   ``reward.sources``; the other reward settings are kept). The held-out score stays ``reward.sources``
@@ -35,9 +38,9 @@ from cluster import checkpoint
 from cluster.config import RelayConfig
 from cluster.driver import RunError, resolve_policy
 
-STAGES = ("sft", "rm", "rl")
+STAGES = ("sft", "rm", "rl", "dpo")
 MARKER = "stage_done.json"
-NEEDS = {"sft": (), "rm": ("sft",), "rl": ("sft", "rm")}
+NEEDS = {"sft": (), "rm": ("sft",), "rl": ("sft", "rm"), "dpo": ("sft", "rm")}
 
 
 def needs(cfg: RelayConfig, stage: str) -> tuple[str, ...]:
@@ -136,8 +139,19 @@ def _rl_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object], resume:
     return summary
 
 
+def _dpo_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object], resume: bool = False) -> dict:
+    """``relay dpo`` from the SFT checkpoint: pairs from ``dpo.preferences_path``, or built from the SFT policy's
+    samples judged by the reward (the trained RM when the pipeline has an rm stage, else ``reward.sources``); the
+    held-out score stays the configured reward."""
+    from cluster.offline import train_dpo
+
+    tree = rl_config(cfg).model_dump()
+    tree["train"]["run_dir"] = str(out)
+    return train_dpo(RelayConfig.model_validate(tree), log=log, resume=resume)
+
+
 STAGE_FNS: dict[str, Callable[[RelayConfig, Path, Callable[[str], object]], dict]] = {
-    "sft": _sft_stage, "rm": _rm_stage, "rl": _rl_stage,
+    "sft": _sft_stage, "rm": _rm_stage, "rl": _rl_stage, "dpo": _dpo_stage,
 }
 
 
@@ -154,12 +168,12 @@ def run_stage(cfg: RelayConfig, stage: str, force: bool = False, log: Callable[[
         raise RunError(f"pipeline stage {stage!r} needs finished stage(s) {missing} under {cfg.train.run_dir}; "
                        f"run `relay pipeline` (all stages) or `relay pipeline --stage {missing[0]}` first")
     out = stage_dir(cfg, stage)
-    resume = stage == "rl" and not force and checkpoint.latest(out) is not None
+    resume = stage in ("rl", "dpo") and not force and checkpoint.latest(out) is not None
     if out.exists() and not resume:
         shutil.rmtree(out)  # a crashed attempt or a forced rerun starts clean; RL cut off mid-run continues
     start = time.time()
     log(f"pipeline: stage {stage} -> {out}" + (" (continuing from its last checkpoint)" if resume else ""))
-    if stage == "rl":
+    if stage in ("rl", "dpo"):
         metrics = STAGE_FNS[stage](cfg, out, log, resume=True) if resume else STAGE_FNS[stage](cfg, out, log)
         path = metrics["checkpoint"]
     else:

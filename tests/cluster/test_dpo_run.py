@@ -61,3 +61,16 @@ def test_report_draws_the_preference_panel(run):
     run_dir, _, _ = run
     make_report(run_dir)
     assert (run_dir / "report" / "preference.png").is_file()
+
+
+def test_pipeline_sft_then_dpo(tmp_path):
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", n=24)
+    args = ["pipeline", "--set", "pipeline.stages=[sft, dpo]", "--set", "sft.steps=30", "--set",
+            "model.cache_dir=.relay_cache", "--set", f"train.run_dir={tmp_path / 'run'}", "--set",
+            f"dpo.preferences_path={pairs}", "--set", "dpo.steps=2", "--set", "dpo.eval_every=2", "--set",
+            "train.eval_prompts=8", "--set", "data.on_invalid=skip", "--set", "metrics.prometheus=false"]
+    assert main(args) == 0
+    marker = json.loads((tmp_path / "run" / "dpo" / "stage_done.json").read_text())
+    assert marker["metrics"]["steps"] == 2 and marker["checkpoint"].endswith("checkpoints/final")
+    config = json.loads((tmp_path / "run" / "dpo" / "config.json").read_text())
+    assert config["model"]["path"] == str((tmp_path / "run" / "sft").resolve())  # DPO starts from the SFT stage

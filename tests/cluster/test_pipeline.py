@@ -40,7 +40,7 @@ def test_finished_stages_are_skipped(tmp_path, fake_stages):
     cfg = _cfg(tmp_path)
     first = run_pipeline(cfg, log=lambda _: None)
     assert fake_stages == ["sft", "rm", "rl"]
-    assert all((tmp_path / "run" / s / MARKER).is_file() for s in pipeline.STAGES)
+    assert all((tmp_path / "run" / s / MARKER).is_file() for s in cfg.pipeline.stages)
     assert read_marker(cfg, "rm")["metrics"]["value"] == 2.0
     again = run_pipeline(cfg, log=lambda _: None)
     assert fake_stages == ["sft", "rm", "rl"]  # nothing re-ran
