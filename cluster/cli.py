@@ -40,17 +40,17 @@ def _train(args) -> int:
 
 def _dpo(args) -> int:
     from cluster.config import resume_config
-    from cluster.offline import train_dpo
+    from cluster.offline import train_dpo, train_rwr
 
     if args.resume is None:
         cfg = load_config(args.config, args.overrides)
     else:
         run_dir = args.resume or load_config(args.config, args.overrides).train.run_dir
         cfg = resume_config(run_dir, args.config, args.overrides)
-    s = train_dpo(cfg, resume=args.resume is not None)
+    s = (train_rwr if args.command == "rwr" else train_dpo)(cfg, resume=args.resume is not None)
     print(f"{s['algorithm']}: held-out score {s['eval_start']:.3f} at the start -> {s['eval_last3_mean']:.3f} (mean "
           f"of the last three evaluations), {s['eval_gain_points']:+.1f} points in {s['train_seconds']:.0f} s of "
-          f"training ({s['steps']} steps, {s['pairs']} pairs)")
+          f"training ({s['steps']} steps, {s['pairs']} {'records' if args.command == 'rwr' else 'pairs'})")
     return 0
 
 
@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_train)
     p = sub.add_parser("dpo", help="offline preference optimisation (dpo.loss: dpo | ipo | cdpo) on the learner, from "
                                     "dpo.preferences_path or pairs built from the policy's own samples")
+    _config_args(p)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (default: train.run_dir) from its latest checkpoint")
+    p.set_defaults(fn=_dpo)
+    p = sub.add_parser("rwr", help="offline reward-weighted regression on the learner, from rwr.path records "
+                                    "{prompt, response, reward} or the start policy's own samples scored by the reward")
     _config_args(p)
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (default: train.run_dir) from its latest checkpoint")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from actors.config import GenerationConfig
 from core.data import DataConfig
 from core.section import Section
-from learner.config import AlgorithmConfig, DPOConfig, LearnerConfig, SFTConfig, TinyModelConfig
+from learner.config import AlgorithmConfig, DPOConfig, LearnerConfig, RWRConfig, SFTConfig, TinyModelConfig
 from reward_service.config import RewardConfig, RewardModelTrainConfig, RewardSourceConfig
 
 
@@ -128,6 +128,7 @@ class RelayConfig(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rwr: RWRConfig = Field(default_factory=RWRConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:
@@ -323,7 +324,8 @@ RESUMABLE = (
     "generation.kv_cache_gb", "generation.gpu_memory_utilization", "generation.enforce_eager",
     "learner.num_cpus", "learner.num_gpus", "learner.timeout_s", "learner.torch_threads", "learner.max_bad_steps",
     "learner.max_restores", "learner.num_workers", "learner.placement", "learner.collective_timeout_s",
-    "dpo.steps", "dpo.time_limit_s", "dpo.eval_every", "reward.timeout_s", "reward.max_retries",
+    "dpo.steps", "dpo.time_limit_s", "dpo.eval_every", "rwr.steps", "rwr.time_limit_s", "rwr.eval_every",
+    "reward.timeout_s", "reward.max_retries",
     "reward.deploy_timeout_s",
     "reward.http_enabled", "reward.http_port", "reward.http_host",
 )

@@ -1,4 +1,8 @@
-"""``relay dpo``: offline preference optimisation (DPO, IPO, conservative DPO) on the learner group.
+"""``relay dpo`` and ``relay rwr``: offline training on the learner group.
+
+``relay dpo`` is preference optimisation (DPO, IPO, conservative DPO); ``relay rwr`` is reward-weighted
+regression (Peters & Schaal 2007) from ``(prompt, response, reward)`` records, the same loop without a
+reference. For DPO:
 
 1. Pairs: ``dpo.preferences_path`` through the data layer, or built from the start policy's own samples on
    the training prompts, judged by the reward (``learner/preferences.py``; timed and logged apart). Held-out
@@ -36,6 +40,24 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def scored_samples(cfg: RelayConfig, policy: str, data, k: int, seed: int) -> tuple[list, list, list, list]:
+    """The start policy's ``k`` samples per training prompt (transformers, the generation temperature) and their
+    rewards from ``reward.sources`` scored in this process: (prompts, metadatas, samples[i][k], scores[i][k])."""
+    from transformers import AutoModelForCausalLM
+
+    from cluster.evaluation import local_score
+    from learner.sft import sample_responses
+
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    prompts = [p.text for p in data.train]
+    metadatas = [p.metadata for p in data.train]
+    samples = sample_responses(model, data.tokenizer, prompts, k, cfg.generation.max_tokens,
+                               cfg.generation.temperature, seed=seed)
+    flat = local_score(cfg.reward.sources)([p for p in prompts for _ in range(k)], [s for ss in samples for s in ss],
+                                           [m for m in metadatas for _ in range(k)])
+    return prompts, metadatas, samples, [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
 def build_pairs(cfg: RelayConfig, policy: str, data, log: Callable[[str], object]) -> tuple[list[dict], list[dict]]:
     """(train, held-out) preference records: from the files, or from the policy's samples on training prompts."""
     from core.data import SourceConfig, read_rows
@@ -47,21 +69,8 @@ def build_pairs(cfg: RelayConfig, policy: str, data, log: Callable[[str], object
         if d.eval_preferences_path:
             return rows, read_rows(SourceConfig(path=d.eval_preferences_path), cfg.data.on_invalid, log=log)
         return split_pairs_by_prompt(rows, d.eval_fraction, d.seed)
-    from transformers import AutoModelForCausalLM
-
-    from cluster.evaluation import local_score
-    from learner.sft import sample_responses
-
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(policy)
-    prompts = [p.text for p in data.train]
-    metadatas = [p.metadata for p in data.train]
-    samples = sample_responses(model, data.tokenizer, prompts, d.policy_samples, cfg.generation.max_tokens,
-                               cfg.generation.temperature, seed=d.seed)
-    score = local_score(cfg.reward.sources)
-    flat = score([p for p in prompts for _ in range(d.policy_samples)], [s for ss in samples for s in ss],
-                 [m for m in metadatas for _ in range(d.policy_samples)])
-    scores = [flat[i * d.policy_samples : (i + 1) * d.policy_samples] for i in range(len(prompts))]
+    prompts, metadatas, samples, scores = scored_samples(cfg, policy, data, d.policy_samples, d.seed)
     rows = pairs_from_samples(prompts, metadatas, samples, scores, d.seed)
     log(f"built {len(rows)} pairs from {d.policy_samples} samples x {len(prompts)} training prompts "
         f"in {time.perf_counter() - started:.1f} s")
@@ -72,7 +81,10 @@ def build_pairs(cfg: RelayConfig, policy: str, data, log: Callable[[str], object
 
 
 class DPORun:
-    """The loop of ``relay dpo`` around a learner group; ``run()`` returns the summary."""
+    """The loop of ``relay dpo`` around a learner group; ``run()`` returns the summary. ``RWRRun`` below changes
+    the records, the step and the evaluation."""
+
+    kind = "dpo"
 
     def __init__(self, cfg: RelayConfig, log: Callable[[str], object] = print, resume_from: Path | None = None):
         self.cfg, self.log, self.resume_from = cfg, log, resume_from
@@ -81,15 +93,24 @@ class DPORun:
         self.timings: dict[str, float] = {}
         self.last_checkpoint: Path | None = resume_from
 
+    @property
+    def section(self):
+        return self.cfg.dpo
+
     # ---- setup ---------------------------------------------------------------------------------
     def prepare(self) -> None:
         from core.data import load_splits
-        from learner.preferences import encode_pairs
 
         cfg = self.cfg
         self.policy = resolve_policy(cfg, log=self.log)
         splits = load_splits(cfg.data, cfg.model.cache_dir, log=self.log)
         self.data = encode_data(cfg, splits, log=self.log)
+        self._records()
+
+    def _records(self) -> None:
+        from learner.preferences import encode_pairs
+
+        cfg = self.cfg
         pairs_dir = self.run_dir / PAIRS_DIR
         started = time.perf_counter()
         if (pairs_dir / "train.jsonl").is_file() and (pairs_dir / "eval.jsonl").is_file():
@@ -116,9 +137,9 @@ class DPORun:
         start_path = str(self.resume_from) if state else self.policy
         # temperature 1: log-probs of the policy itself; no KL term, so no reference model is loaded
         args = (start_path, AlgorithmConfig(), lc, cfg.model.dtype, 1.0, cfg.generation.max_tokens)
-        self.learner = LearnerGroup(lc, args, {"reference_path": self.policy, "seed": cfg.dpo.seed},
+        self.learner = LearnerGroup(lc, args, {"reference_path": self.policy, "seed": self.section.seed},
                                     start_timeout_s=cfg.generation.start_timeout_s)
-        self.reference = self._reference()
+        self.reference = self._reference() if self.kind == "dpo" else None
         if state:
             self.learner.load_state(start_path)
             self.step, self.cursor, self.order = state["step"], state["cursor"], state["order"]
@@ -148,24 +169,33 @@ class DPORun:
 
     # ---- the loop ------------------------------------------------------------------------------
     def next_batch(self) -> list[int]:
-        n, want = len(self.pairs), min(self.cfg.dpo.batch_size, len(self.pairs))
+        n, want = len(self.pairs), min(self.section.batch_size, len(self.pairs))
         picked: list[int] = []
         while len(picked) < want:
             if self.cursor >= len(self.order):
                 self.order = list(range(n))
-                random.Random(self.cfg.dpo.seed + self.step).shuffle(self.order)
+                random.Random(self.section.seed + self.step).shuffle(self.order)
                 self.cursor = 0
             take = self.order[self.cursor : self.cursor + want - len(picked)]
             picked += take
             self.cursor += len(take)
         return picked
 
+    def train_step(self, picked: list[int]) -> dict[str, float]:
+        return self.learner.preference_step([self.pairs[i] for i in picked],
+                                            [self.reference["train"][i] for i in picked], self.cfg.dpo)
+
     def evaluate(self) -> dict[str, float]:
+        stats = self.learner.preference_step(self.eval_pairs, self.reference["eval"], self.cfg.dpo, train=False)
+        out = {f"eval/{k.split('/', 1)[1]}_heldout": v for k, v in stats.items()}
+        out.update(self.greedy_score())
+        return out
+
+    def greedy_score(self) -> dict[str, float]:
+        """The held-out score: greedy responses to the main eval set, scored by the configured reward."""
         from cluster.evaluation import local_score
 
-        ref = self.reference["eval"]
-        stats = self.learner.preference_step(self.eval_pairs, ref, self.cfg.dpo, train=False)
-        out = {f"eval/{k.split('/', 1)[1]}_heldout": v for k, v in stats.items()}
+        out = {}
         prompts = next(iter(self.data.eval_sets.values()))
         responses = self.learner.greedy_responses([p.text for p in prompts], self.cfg.generation.max_tokens)
         score = local_score(self.cfg.train.eval_reward or self.cfg.reward.sources)
@@ -176,7 +206,7 @@ class DPORun:
 
     def checkpoint(self, name: str, elapsed: float) -> Path:
         state = {"step": self.step, "cursor": self.cursor, "order": self.order, "evals": self.evals,
-                 "elapsed": elapsed, "kind": "dpo"}
+                 "elapsed": elapsed, "kind": self.kind}
         path = checkpoint.write(self.run_dir, name, lambda staging: self.learner.save(str(staging.resolve())),
                                 state, previous=self.last_checkpoint)
         self.last_checkpoint = path
@@ -186,7 +216,7 @@ class DPORun:
     def run(self) -> dict:
         from core.metrics import JsonlLogger, MetricSink
 
-        cfg, d = self.cfg, self.cfg.dpo
+        cfg, d = self.cfg, self.section
         sink = MetricSink("driver") if cfg.metrics.prometheus else None  # offline/* are the driver's here
         logger = JsonlLogger(self.run_dir / "metrics.jsonl")
         started, last_ckpt = time.time(), time.time()
@@ -194,8 +224,7 @@ class DPORun:
             if not self.evals:
                 start = self.evaluate()
                 logger.write(0, start)
-                self.log(f"step 0: held-out score {start['eval/task_score']:.3f}, held-out pair accuracy "
-                         f"{start['eval/accuracy_heldout']:.3f} (the start)")
+                self.log(f"step 0: held-out score {start['eval/task_score']:.3f} (the start)")
             while True:
                 elapsed = self.elapsed_before + time.time() - started
                 if (d.steps is not None and self.step >= d.steps) or \
@@ -203,15 +232,15 @@ class DPORun:
                     break
                 picked = self.next_batch()
                 t0 = time.perf_counter()
-                stats = self.learner.preference_step([self.pairs[i] for i in picked],
-                                                     [self.reference["train"][i] for i in picked], d)
+                stats = self.train_step(picked)
                 self.step += 1
                 stats["offline/step_seconds"] = time.perf_counter() - t0
                 if self.step % d.eval_every == 0:
                     stats.update(self.evaluate())
-                    self.log(f"step {self.step}: held-out score {stats['eval/task_score']:.3f}, pair accuracy "
-                             f"{stats['eval/accuracy_heldout']:.3f}, margin {stats['eval/margin_heldout']:.2f}, "
-                             f"loss {stats['offline/loss']:.3f}")
+                    extra = "".join(f", {k.split('/')[1].removesuffix('_heldout')} {stats[k]:.3f}" for k in
+                                    ("eval/accuracy_heldout", "eval/margin_heldout") if k in stats)
+                    self.log(f"step {self.step}: held-out score {stats['eval/task_score']:.3f}{extra}, loss "
+                             f"{stats['offline/loss']:.3f}")
                 logger.write(self.step, stats)
                 if sink:
                     sink.log({k: v for k, v in stats.items() if k.startswith("offline/")})
@@ -228,17 +257,83 @@ class DPORun:
             logger.close()
         scores = [s for _, s in self.evals]
         last3 = sum(scores[-3:]) / len(scores[-3:])
-        summary = {"algorithm": f"offline {d.loss}", "steps": self.step, "train_seconds": round(elapsed, 1),
-                   **{k: round(v, 1) for k, v in self.timings.items()},
-                   "pairs": len(self.pairs), "eval_pairs": len(self.eval_pairs), "eval_start": scores[0],
-                   "eval_final": scores[-1], "eval_last3_mean": last3, "eval_gain_points": 100 * (last3 - scores[0]),
+        summary = {"algorithm": f"offline {getattr(d, 'loss', self.kind)}", "steps": self.step,
+                   "train_seconds": round(elapsed, 1), **{k: round(v, 1) for k, v in self.timings.items()},
+                   "pairs": len(self.pairs), "eval_pairs": len(getattr(self, "eval_pairs", [])),
+                   "eval_start": scores[0], "eval_final": scores[-1], "eval_last3_mean": last3,
+                   "eval_gain_points": 100 * (last3 - scores[0]),
                    "eval_best": max(scores), "checkpoint": str(path)}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
 
+class RWRRun(DPORun):
+    """``relay rwr``: (prompt, response, reward) records, each step's weights ``algos.rwr_weights`` over its batch
+    (rewards whitened, then exp(z / beta) normalised to mean 1; ``rwr.whiten: false``: exp(r / beta) of the raw
+    rewards), the loss their weighted sequence log-likelihood. No reference; the evaluation is the greedy score.
+    ``self.pairs`` holds the records (the loop is DPO's)."""
+
+    kind = "rwr"
+
+    @property
+    def section(self):
+        return self.cfg.rwr
+
+    def _records(self) -> None:
+        from core.data import SourceConfig, read_rows
+        from learner.preferences import encode_rewarded
+
+        cfg, r = self.cfg, self.cfg.rwr
+        path = self.run_dir / PAIRS_DIR / "records.jsonl"
+        started = time.perf_counter()
+        if path.is_file():
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+        elif r.path:
+            rows = read_rows(SourceConfig(path=r.path), cfg.data.on_invalid, log=self.log)
+        else:
+            prompts, _, samples, scores = scored_samples(cfg, self.policy, self.data, r.policy_samples, r.seed)
+            rows = [{"prompt": p, "response": s, "reward": x}
+                    for p, ss, xs in zip(prompts, samples, scores, strict=True)
+                    for s, x in zip(ss, xs, strict=True) if s.strip()]
+            self.log(f"built {len(rows)} records from {r.policy_samples} samples x {len(prompts)} training "
+                     f"prompts in {time.perf_counter() - started:.1f} s")
+        _write_jsonl(path, rows)
+        self.timings["records_seconds"] = time.perf_counter() - started
+        self.pairs = encode_rewarded(rows, self.data.tokenizer, cfg.generation.max_model_len, cfg.data.on_invalid,
+                                     where="records", log=self.log)
+        self.log(f"{len(self.pairs)} records")
+
+    def train_step(self, picked: list[int]) -> dict[str, float]:
+        import torch
+
+        from learner.algos import rwr_weights
+
+        r = self.cfg.rwr
+        rewards = torch.tensor([self.pairs[i].reward for i in picked])
+        if r.whiten:
+            weights = rwr_weights(rewards, beta=r.beta)
+        else:
+            weights = torch.softmax(rewards / r.beta, dim=0) * len(picked)
+        stats = self.learner.weighted_nll_step([self.pairs[i] for i in picked], weights.tolist())
+        stats["offline/weight_max"] = float(weights.max())
+        return stats
+
+    def evaluate(self) -> dict[str, float]:
+        return self.greedy_score()
+
+
 def train_dpo(cfg: RelayConfig, log: Callable[[str], object] = print, resume: bool = False) -> dict:
     """``relay dpo``: pairs, reference log-probs, the loop; returns the summary (also in ``summary.json``)."""
+    return train_offline(DPORun, cfg, log, resume)
+
+
+def train_rwr(cfg: RelayConfig, log: Callable[[str], object] = print, resume: bool = False) -> dict:
+    """``relay rwr``: records, the loop; returns the summary (also in ``summary.json``)."""
+    return train_offline(RWRRun, cfg, log, resume)
+
+
+def train_offline(run_class: type[DPORun], cfg: RelayConfig, log: Callable[[str], object] = print,
+                  resume: bool = False) -> dict:
     from cluster.resources import check_resources, init_ray
 
     run_dir = Path(cfg.train.run_dir)
@@ -250,7 +345,7 @@ def train_dpo(cfg: RelayConfig, log: Callable[[str], object] = print, resume: bo
         if resume and resume_from is None:
             raise RunError(f"nothing to resume in {run_dir}: no complete checkpoint; start it without --resume")
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
-        run = DPORun(cfg, log, resume_from)
+        run = run_class(cfg, log, resume_from)
         run.prepare()
         connected = init_ray(cfg.cluster, log=log)
         try:

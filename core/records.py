@@ -54,3 +54,13 @@ class PreferencePair:
     rejected_ids: list[int]  # (R,)
     index: int = 0
     """position in its dataset, so a cached reference log-prob and an error message can name it"""
+
+
+@dataclass(frozen=True)
+class RewardedSequence:
+    """A tokenised (prompt, response, reward) record: what offline reward-weighted regression trains on."""
+
+    prompt_ids: list[int]  # (P,)
+    response_ids: list[int]  # (R,), ending in EOS
+    reward: float
+    index: int = 0

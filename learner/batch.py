@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from core.records import PreferencePair, ScoredRollout
+from core.records import PreferencePair, RewardedSequence, ScoredRollout
 
 _PER_POSITION = ("response_mask", "behaviour_logprobs", "loss_mask", "old_logprobs", "ref_logprobs", "values",
                  "advantages", "returns")
@@ -125,6 +125,18 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, width: int | None = 
     """Preference pairs as one batch of 2B rows: the B chosen sequences, then the B rejected ones (row i and
     row B + i are one pair); ``group_ids`` holds the pair's index. Fields RL needs are zero."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return _collate_sequences(rows, [p.index for p in pairs] * 2, pad_id, width)
+
+
+def collate_rewarded(samples: list[RewardedSequence], pad_id: int, width: int | None = None) -> RolloutBatch:
+    """(prompt, response, reward) records as a batch; ``rewards`` holds their rewards."""
+    batch = _collate_sequences([(s.prompt_ids, s.response_ids) for s in samples], [s.index for s in samples],
+                               pad_id, width)
+    return batch.with_fields(rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32))
+
+
+def _collate_sequences(rows: list[tuple[list[int], list[int]]], index: list[int], pad_id: int,
+                       width: int | None) -> RolloutBatch:
     width = max([width or 2, *(len(a) + len(b) for a, b in rows)])
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -134,6 +146,6 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, width: int | None = 
         input_ids[i, : len(prompt) + len(response)] = torch.tensor(prompt + response)
         attention[i, : len(prompt) + len(response)] = 1
         response_mask[i, len(prompt) - 1 : len(prompt) - 1 + len(response)] = 1
-    index = torch.tensor([p.index for p in pairs] * 2, dtype=torch.long)
-    return RolloutBatch(input_ids, attention, response_mask, torch.zeros((n, width - 1)), torch.zeros(n), index,
-                        torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+    return RolloutBatch(input_ids, attention, response_mask, torch.zeros((n, width - 1)), torch.zeros(n),
+                        torch.tensor(index, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                        torch.zeros(n, dtype=torch.bool))

@@ -216,6 +216,23 @@ class DPOConfig(Section):
         return self
 
 
+class RWRConfig(Section):
+    """Offline reward-weighted regression (``relay rwr``, Peters & Schaal 2007) on the learner group."""
+
+    beta: float = Field(1.0, gt=0, description="temperature of the weights exp(z / beta)")
+    whiten: bool = Field(True, description="z = the rewards whitened over each batch, then exp(z / beta) normalised to "
+                         "mean 1; false = exp(r / beta) of the raw reward, normalised")
+    path: str | None = Field(None, description="JSONL/JSON/CSV/Parquet of {prompt, response, reward}; null = the start "
+                             "policy's own samples on the training prompts, scored by the reward")
+    batch_size: int = Field(64, ge=1, description="records per optimizer step, over all ranks")
+    steps: int | None = Field(None, ge=1, description="optimizer steps; null = until time_limit_s")
+    time_limit_s: float | None = Field(600.0, gt=0, description="wall-clock budget of training (building the records "
+                                       "is timed apart)")
+    eval_every: int = Field(50, ge=1, description="held-out greedy evaluation every this many steps")
+    policy_samples: int = Field(4, ge=1, description="samples per training prompt when the records are built")
+    seed: int = Field(0, description="seed of sampling and order")
+
+
 class SFTConfig(Section):
     """Supervised fine-tuning stage. The defaults give the embedded policy a low but non-zero start."""
 

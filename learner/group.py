@@ -107,6 +107,14 @@ class LearnerGroup:
         return self._all("preference_step", per_rank=[(s, r, cfg, train, width) for s, r in zip(shares, refs,
                                                                                                  strict=True)])[0]
 
+    def weighted_nll_step(self, samples: list, weights: list[float], train: bool = True) -> dict[str, float]:
+        """One offline RWR step over the ranks, records split in contiguous shares with their weights."""
+        m = len(self.actors)
+        width = max((len(s.prompt_ids) + len(s.response_ids) for s in samples), default=2)
+        shares, ws = _chunks(samples, m), _chunks(weights, m)
+        return self._all("weighted_nll_step", per_rank=[(s, w, train, width) for s, w in zip(shares, ws,
+                                                                                               strict=True)])[0]
+
     def greedy_responses(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         return self._all("greedy_responses", prompts, max_new_tokens)[0]
 

@@ -34,10 +34,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.metrics import METRICS, MetricSink
-from core.records import PreferencePair, ScoredRollout
+from core.records import PreferencePair, RewardedSequence, ScoredRollout
 from learner import algos
 from learner import distributed as D
-from learner.batch import RolloutBatch, collate, collate_pairs, padded_tokens, token_budget_split
+from learner.batch import RolloutBatch, collate, collate_pairs, collate_rewarded, padded_tokens, token_budget_split
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.critic import Critic
 from learner.weights import PackedWeights, pack_weights
@@ -503,21 +503,62 @@ class Learner:
         out = dict(zip(sums, self.dist.sum_floats(list(sums.values())), strict=True))
         stats = {f"offline/{k}": v for k, v in out.items()}
         if train:
-            if not self.sharded:
-                self.dist.sum_grads(self.trainable)
-            grad_norm = _total(torch.nn.utils.clip_grad_norm_(self.trainable, self.lc.max_grad_norm))
-            if math.isfinite(grad_norm) and math.isfinite(out["loss"]):
-                self.optimizer.step()
-                self.scheduler.step()
-                self.bad_steps = 0
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.bad_steps += 1
-                if self.bad_steps >= self.lc.max_bad_steps:
-                    raise NonFiniteError(f"the loss or gradient was not finite in {self.bad_steps} steps in a row "
-                                         f"(learner.max_bad_steps); lower learner.lr or dpo.beta")
-            stats.update({"offline/grad_norm": grad_norm, "offline/lr": self.scheduler.get_last_lr()[0]})
+            stats.update(self._apply_step(out["loss"]))
         return stats
+
+    def weighted_nll_step(self, samples: list[RewardedSequence], weights: list[float], train: bool = True,
+                          width: int | None = None) -> dict[str, float]:
+        """Offline reward-weighted regression (Peters & Schaal 2007): one step on loss = -sum_i w_i log pi(y_i | x_i)
+        / N over all ranks' N samples, log pi summed over the response tokens; ``weights`` (this rank's) come from
+        ``algos.rwr_weights`` over the whole batch. ``train=False`` only measures. Returns ``offline/loss`` and
+        ``offline/nll`` (the unweighted mean negative log-likelihood)."""
+        n = len(samples)
+        n_total = max(self.dist.sum_floats([float(n)])[0], 1.0)
+        batch = collate_rewarded(samples, self.pad_id, width) if samples else collate_rewarded([], self.pad_id,
+                                                                                               width or 2)
+        w = torch.tensor(weights, dtype=torch.float32, device=self.device).reshape(-1)
+        scale = float(self.dist.world_size) if self.sharded else 1.0
+        sums = {"loss": 0.0, "nll": 0.0}
+        if train:
+            self.optimizer.zero_grad(set_to_none=True)
+        for idx in self._plan(batch, torch.arange(n)):
+            if not len(idx):
+                if train:
+                    self._dummy_backward()
+                else:
+                    with torch.no_grad():
+                        self._token_logprobs(self.policy, self._dummy())
+                continue
+            micro = batch.select(idx)
+            with torch.enable_grad() if train else torch.no_grad():
+                logprobs, _, _ = self._token_logprobs(self.policy, micro)
+                seq = algos.sequence_logprobs(logprobs, micro.response_mask.to(self.device))
+                loss = -(w[idx.to(self.device)] * seq).sum() / n_total
+            if train:
+                (loss * scale).backward()
+            sums["loss"] += loss.item()
+            sums["nll"] += -seq.sum().item() / n_total
+        stats = {f"offline/{k}": v for k, v in zip(sums, self.dist.sum_floats(list(sums.values())), strict=True)}
+        if train:
+            stats.update(self._apply_step(stats["offline/loss"]))
+        return stats
+
+    def _apply_step(self, loss: float) -> dict[str, float]:
+        """Sum the gradients over ranks (ddp), clip, and step unless the loss or gradient is not finite."""
+        if not self.sharded:
+            self.dist.sum_grads(self.trainable)
+        grad_norm = _total(torch.nn.utils.clip_grad_norm_(self.trainable, self.lc.max_grad_norm))
+        if math.isfinite(grad_norm) and math.isfinite(loss):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_steps = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            if self.bad_steps >= self.lc.max_bad_steps:
+                raise NonFiniteError(f"the loss or gradient was not finite in {self.bad_steps} steps in a row "
+                                     f"(learner.max_bad_steps); lower learner.lr (or dpo.beta)")
+        return {"offline/grad_norm": grad_norm, "offline/lr": self.scheduler.get_last_lr()[0]}
 
     @torch.no_grad()
     def greedy_responses(self, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -13,11 +13,12 @@ the best is chosen over a worse one: correct against wrong on the embedded task,
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 
 from core.data import DataError
-from core.records import PreferencePair
+from core.records import PreferencePair, RewardedSequence
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -105,3 +106,45 @@ def split_pairs_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple
     random.Random(seed).shuffle(prompts)
     held = set(prompts[: max(1, round(fraction * len(prompts)))])
     return [r for r in rows if str(r["prompt"]) not in held], [r for r in rows if str(r["prompt"]) in held]
+
+
+def encode_rewarded(rows: Sequence[dict], tokenizer, max_length: int, on_invalid: str = "error",
+                    skipped: dict[str, int] | None = None, where: str = "records",
+                    log: Callable[[str], object] = print) -> list[RewardedSequence]:
+    """Check and tokenise ``{prompt, response, reward}`` records for offline RWR, as ``encode_pairs`` does pairs:
+    a missing field, an empty response, a reward that is not a finite number, or a record longer than the
+    context follows ``on_invalid``, named."""
+    skipped = {} if skipped is None else skipped
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out: list[RewardedSequence] = []
+    for i, row in enumerate(rows):
+        name = f"{where} record {i + 1}"
+        try:
+            missing = [f for f in ("prompt", "response", "reward") if row.get(f) is None]
+            if missing:
+                raise ValueError(f"{name} has no {', '.join(map(repr, missing))} (a record needs prompt, response "
+                                 "and reward)")
+            prompt, response = _prompt_text(row["prompt"], tokenizer, name), _text(row["response"], "response", name)
+            if not response.strip():
+                raise ValueError(f"{name}: the response is empty")
+            reward = row["reward"]
+            if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
+                raise ValueError(f"{name}: reward {reward!r} is not a finite number")
+            p = tokenizer.encode(prompt, add_special_tokens=False)
+            r = tokenizer.encode(response, add_special_tokens=False) + eos
+            if len(p) + len(r) > max_length:
+                raise ValueError(f"{name} is {len(p) + len(r)} tokens, longer than the context ({max_length})")
+        except ValueError as e:
+            if on_invalid == "error":
+                raise DataError(f"{e}; fix the record, or set data.on_invalid: skip to count and skip such records") \
+                    from None
+            reason = str(e).split(": ", 1)[-1].split(" (")[0][:60]
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        out.append(RewardedSequence(p, r, float(reward), index=len(out)))
+    if skipped:
+        log(f"{where}: skipped {sum(skipped.values())} records "
+            f"({', '.join(f'{k}: {v}' for k, v in skipped.items())})")
+    if not out:
+        raise DataError(f"{where}: no valid record left ({sum(skipped.values())} skipped)")
+    return out

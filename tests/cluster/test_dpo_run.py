@@ -74,3 +74,24 @@ def test_pipeline_sft_then_dpo(tmp_path):
     assert marker["metrics"]["steps"] == 2 and marker["checkpoint"].endswith("checkpoints/final")
     config = json.loads((tmp_path / "run" / "dpo" / "config.json").read_text())
     assert config["model"]["path"] == str((tmp_path / "run" / "sft").resolve())  # DPO starts from the SFT stage
+
+
+def test_rwr_from_records(tmp_path):
+    rng = random.Random(1)
+    rows = []
+    for _ in range(30):
+        a, b = rng.randint(10, 49), rng.randint(10, 49)
+        right = rng.random() < 0.5
+        rows.append({"prompt": f"{a}+{b}=", "response": str(a + b if right else a + b + 1), "reward": float(right)})
+    rows.append({"prompt": "1+1=", "response": "2", "reward": "high"})  # not a number: skipped
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["rwr", "--set", "sft.steps=30", "--set", "model.cache_dir=.relay_cache", "--set",
+            f"train.run_dir={tmp_path / 'run'}", "--set", f"rwr.path={tmp_path / 'records.jsonl'}", "--set",
+            "rwr.steps=3", "--set", "rwr.eval_every=3", "--set", "rwr.batch_size=8", "--set", "train.eval_prompts=8",
+            "--set", "data.on_invalid=skip", "--set", "metrics.prometheus=false"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["pairs"] == 30 and summary["algorithm"] == "offline rwr"
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "offline/loss" in r]
+    assert len(steps) == 3 and all(r["offline/weight_max"] > 1.0 for r in steps)  # weights of mean 1, not all equal

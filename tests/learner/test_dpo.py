@@ -172,3 +172,30 @@ def test_rwr_weights_and_weighted_likelihood_by_hand():
     torch.testing.assert_close(logprobs.grad, -w * mask / mask.sum())  # every token keeps its gradient
     assert load_config(None, ["algorithm.name=rwr"]).algorithm.policy_loss == "nll"
     assert load_config(None, []).algorithm.policy_loss == "ppo"
+
+
+def test_offline_rwr_gradient_equals_a_plain_formulation(policy_dir):
+    from core.records import RewardedSequence
+    from learner import algos
+
+    tokenizer = build_tokenizer()
+    eos = [tokenizer.eos_token_id]
+    samples = [RewardedSequence(tokenizer.encode(r["prompt"], add_special_tokens=False),
+                                tokenizer.encode(text, add_special_tokens=False) + eos, reward, i)
+               for i, (r, text, reward) in enumerate([(ROWS[0], "42", 1.0), (ROWS[0], "41", 0.0), (ROWS[1], "56", 1.0),
+                                                      (ROWS[2], "99", 0.0), (ROWS[3], "66", 1.0)])]
+    weights = algos.rwr_weights(torch.tensor([s.reward for s in samples]), beta=0.5)
+    learner = _learner(policy_dir, ["learner.lr=1e-30", "learner.max_grad_norm=1e9", "learner.micro_batch_tokens=20"])
+    stats = learner.weighted_nll_step(samples, weights.tolist())
+
+    plain = copy.deepcopy(learner.policy)
+    plain.zero_grad()
+    total = 0.0
+    for s, w in zip(samples, weights, strict=True):
+        pair = type("P", (), {"prompt_ids": s.prompt_ids, "chosen_ids": s.response_ids, "rejected_ids": s.response_ids})
+        logp, _ = _plain_logps(plain, pair)
+        total = total - w * logp
+    (total / len(samples)).backward()
+    assert stats["offline/loss"] == pytest.approx(total.item() / len(samples), abs=1e-5)
+    for (name, ours), theirs in zip(learner.policy.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=0, msg=name)
