@@ -87,10 +87,15 @@ def encode_pairs(rows: Sequence[dict], tokenizer, max_length: int, on_invalid: s
 def pairs_from_samples(prompts: Sequence[str], metadatas: Sequence[dict], samples: Sequence[Sequence[str]],
                        scores: Sequence[Sequence[float]], seed: int = 0) -> list[dict]:
     """For each prompt whose samples did not all score the same: a best-scored sample is chosen over a
-    lower-scored one (both at random among ties). ``samples[i]``/``scores[i]`` belong to ``prompts[i]``."""
+    lower-scored one (both at random among ties). ``samples[i]``/``scores[i]`` belong to ``prompts[i]``. An
+    empty sample (the policy stopped at once) is left out: a pair needs two responses."""
     rng = random.Random(seed)
     pairs = []
-    for prompt, meta, responses, rewards in zip(prompts, metadatas, samples, scores, strict=True):
+    for prompt, meta, all_responses, all_rewards in zip(prompts, metadatas, samples, scores, strict=True):
+        kept = [(r, s) for r, s in zip(all_responses, all_rewards, strict=True) if r.strip()]
+        if not kept:
+            continue
+        responses, rewards = [r for r, _ in kept], [s for _, s in kept]
         best = max(rewards)
         top = [r for r, s in zip(responses, rewards, strict=True) if s == best]
         worse = [r for r, s in zip(responses, rewards, strict=True) if s < best and r not in top]

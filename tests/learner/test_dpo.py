@@ -141,8 +141,9 @@ def test_chat_message_records():
 
 
 def test_pairs_from_samples_and_split_by_prompt():
-    rows = pairs_from_samples(["a", "b", "c"], [{}, {}, {}], [["1", "2", "2"], ["3", "3"], ["x", "y"]],
-                              [[1.0, 0.0, 0.0], [0.0, 0.0], [0.0, 0.5]])
+    samples = [["1", "2", "2"], ["3", "3"], ["x", "y"], ["5", ""]]  # d: the empty sample is left out, no pair
+    rows = pairs_from_samples(["a", "b", "c", "d"], [{}] * 4, samples, [[1.0, 0.0, 0.0], [0.0, 0.0], [0.0, 0.5],
+                                                                         [1.0, 0.0]])
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("a", "1", "2"), ("c", "y", "x")]
     train, held = split_pairs_by_prompt(rows * 2, 0.5, seed=0)
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held}) and len(train) + len(held) == 4
