@@ -357,6 +357,12 @@ def resume_config(run_dir: str | Path, path: str | Path | None, overrides: list[
 
 def check_resumable(saved: RelayConfig, cfg: RelayConfig, run_dir: str | Path) -> None:
     """Refuse to continue the run saved with ``saved`` under ``cfg`` if a key outside ``RESUMABLE`` changed."""
+    sharded = [c.learner.strategy == "fsdp" and c.learner.num_workers > 1 for c in (saved, cfg)]
+    if sharded[0] != sharded[1]:
+        how = ["fsdp over learner.num_workers > 1" if x else "one learner or ddp" for x in sharded]
+        raise ConfigError(f"--resume: the run in {run_dir} was written by {how[0]} and would continue with {how[1]}; "
+                          "their optimizer states differ (sharded, gathered by name, against one per parameter). Keep "
+                          "learner.strategy and whether num_workers > 1 as they were; the number of ranks may change")
     before, after = _flatten(saved.model_dump()), _flatten(cfg.model_dump())
     changed = [k for k in sorted(set(before) | set(after))
                if before.get(k) != after.get(k) and not k.startswith(RESUMABLE)]

@@ -183,10 +183,16 @@ class Driver:
             args = (path, self.cfg.algorithm, lc, self.cfg.model.dtype, g.temperature, g.max_tokens)
             learner = LearnerGroup(lc, args, {"reference_path": self.policy_path, "seed": self.cfg.train.seed},
                                    self.runtime_env, start_timeout_s=g.start_timeout_s)
-            if with_state:
-                learner.load_state(path)
         except RankFailed as e:
             raise LearnerDied(str(e)) from None
+        if with_state:
+            try:
+                learner.load_state(path)
+            except BaseException as e:
+                learner.kill()
+                if isinstance(e, RankFailed):
+                    raise LearnerDied(str(e)) from None
+                raise
         return learner
 
     # ---- the loop pieces -------------------------------------------------------------------------

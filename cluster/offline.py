@@ -21,6 +21,7 @@ reference. For DPO:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -92,6 +93,8 @@ class DPORun:
         self.step, self.cursor, self.order, self.evals, self.elapsed_before = 0, 0, [], [], 0.0
         self.timings: dict[str, float] = {}
         self.last_checkpoint: Path | None = resume_from
+        self.logger = None  # the metrics log, open while run() runs
+        self.metrics_offset: int | None = None
 
     @property
     def section(self):
@@ -144,11 +147,14 @@ class DPORun:
             self.learner.load_state(start_path)
             self.step, self.cursor, self.order = state["step"], state["cursor"], state["order"]
             self.evals, self.elapsed_before = state["evals"], state["elapsed"]
+            self.metrics_offset = state.get("metrics_offset")
 
     def _reference(self) -> dict[str, list]:
         """Reference log-probs of every pair, from the cache or computed now by the untrained policy."""
         path = self.run_dir / REFERENCE_FILE
-        key = {"pairs": len(self.pairs), "eval_pairs": len(self.eval_pairs),
+        digest = hashlib.sha256(repr([(p.prompt_ids, p.chosen_ids, p.rejected_ids)
+                                      for p in [*self.pairs, *self.eval_pairs]]).encode()).hexdigest()[:16]
+        key = {"pairs": digest, "policy": str(Path(self.policy).resolve()),
                "length_normalize": self.cfg.dpo.length_normalize}
         if path.is_file():
             cached = json.loads(path.read_text())
@@ -206,7 +212,7 @@ class DPORun:
 
     def checkpoint(self, name: str, elapsed: float) -> Path:
         state = {"step": self.step, "cursor": self.cursor, "order": self.order, "evals": self.evals,
-                 "elapsed": elapsed, "kind": self.kind}
+                 "elapsed": elapsed, "kind": self.kind, "metrics_offset": self.logger.offset() if self.logger else 0}
         path = checkpoint.write(self.run_dir, name, lambda staging: self.learner.save(str(staging.resolve())),
                                 state, previous=self.last_checkpoint)
         self.last_checkpoint = path
@@ -218,7 +224,11 @@ class DPORun:
 
         cfg, d = self.cfg, self.section
         sink = MetricSink("driver") if cfg.metrics.prometheus else None  # offline/* are the driver's here
-        logger = JsonlLogger(self.run_dir / "metrics.jsonl")
+        log_path = self.run_dir / "metrics.jsonl"
+        if self.metrics_offset is not None and log_path.is_file():  # the steps after the checkpoint are redone
+            with log_path.open("r+b") as f:
+                f.truncate(self.metrics_offset)
+        logger = self.logger = JsonlLogger(log_path)
         started, last_ckpt = time.time(), time.time()
         try:
             if not self.evals:
@@ -344,6 +354,15 @@ def train_offline(run_class: type[DPORun], cfg: RelayConfig, log: Callable[[str]
         resume_from = checkpoint.latest(run_dir) if resume else None
         if resume and resume_from is None:
             raise RunError(f"nothing to resume in {run_dir}: no complete checkpoint; start it without --resume")
+        if not resume and (run_dir / "config.json").exists():  # never mix a new run with an earlier one's pairs
+            from cluster.driver import _move_aside
+
+            lock.release()
+            moved = _move_aside(run_dir)
+            log(f"train.run_dir {run_dir} held an earlier run; moved it to {moved}")
+            run_dir.mkdir(parents=True)
+            lock = checkpoint.RunDirLock(run_dir)
+            lock.acquire()
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         run = run_class(cfg, log, resume_from)
         run.prepare()

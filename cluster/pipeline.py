@@ -143,11 +143,15 @@ def _dpo_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object], resume
     """``relay dpo`` from the SFT checkpoint: pairs from ``dpo.preferences_path``, or built from the SFT policy's
     samples judged by the reward (the trained RM when the pipeline has an rm stage, else ``reward.sources``); the
     held-out score stays the configured reward."""
+    from cluster.config import check_resumable, load_config
     from cluster.offline import train_dpo
 
     tree = rl_config(cfg).model_dump()
     tree["train"]["run_dir"] = str(out)
-    return train_dpo(RelayConfig.model_validate(tree), log=log, resume=resume)
+    dpo = RelayConfig.model_validate(tree)
+    if resume:  # the cut-off run must be continued with what it was started with
+        check_resumable(load_config(out / "config.json"), dpo, out)
+    return train_dpo(dpo, log=log, resume=resume)
 
 
 STAGE_FNS: dict[str, Callable[[RelayConfig, Path, Callable[[str], object]], dict]] = {

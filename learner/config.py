@@ -165,6 +165,12 @@ class LearnerConfig(Section):
 
     @model_validator(mode="after")
     def _batches(self) -> LearnerConfig:
+        if self.fsdp_offload and self.strategy != "fsdp":
+            raise ValueError("learner.fsdp_offload applies to learner.strategy fsdp; set strategy: fsdp or "
+                             "fsdp_offload: false")
+        if self.critic_backbone == "shared" and self.strategy == "fsdp" and self.num_workers > 1:
+            raise ValueError("learner.critic_backbone shared (a value head on the sharded policy) is not supported "
+                             "with learner.strategy fsdp; use critic_backbone: separate (sharded the same way) or ddp")
         if self.lora is not None and self.strategy == "fsdp" and self.num_workers > 1:
             raise ValueError("learner.lora with learner.strategy fsdp is not supported; LoRA's adapters are small, "
                              "so use strategy ddp (the frozen base is replicated) or full fine-tuning with fsdp")

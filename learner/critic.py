@@ -89,6 +89,7 @@ class Critic(torch.nn.Module):
         token mean over the minibatch on all ranks (``norm``, from the learner), gradients summed over ranks
         (``dist``) unless sharded. Returns this rank's share of the value loss and clip fraction."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.train()  # gradient checkpointing acts in train mode only
         loss_sum, clipped_sum = 0.0, 0.0
         device = self.device
         for idx in micro:
@@ -104,6 +105,7 @@ class Critic(torch.nn.Module):
         params = list(self.parameters())
         if not is_sharded(self):
             dist.sum_grads(params)
+        self.eval()
         torch.nn.utils.clip_grad_norm_(params, self.lc.max_grad_norm)
         self.optimizer.step()
         return {"learner/value_loss": loss_sum, "learner/value_clip_fraction": clipped_sum}

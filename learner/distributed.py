@@ -45,7 +45,8 @@ class Collective:
         self.rank, self.world_size = rank, world_size
         self.device = device or torch.device("cpu")
         if world_size > 1:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            # NCCL for the GPU collectives, gloo beside it for CPU tensors (FSDP's CPU offload clips on CPU)
+            backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
 

@@ -12,6 +12,8 @@ the driver then kills the whole group and restores it from the last checkpoint.
 
 from __future__ import annotations
 
+import time
+
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -51,7 +53,11 @@ class LearnerGroup:
                              timeout=start_timeout_s)
         self.actors = [cls.options(runtime_env=runtime_env, scheduling_strategy=on[r]).remote(
             *args, **kwargs, rank=r, world_size=m, address=f"{host}:{port}") for r in range(m)]
-        self._all("state", timeout_s=start_timeout_s)  # constructors done: the process group is up
+        try:
+            self._all("state", timeout_s=start_timeout_s)  # constructors done: the process group is up
+        except BaseException:
+            self.kill()  # the ranks that did start and the placement group go back
+            raise
 
     # ---- calls -----------------------------------------------------------------------------------------
     def _all(self, method: str, *args, per_rank: list[tuple] | None = None, timeout_s: float | None = None) -> list:
@@ -61,8 +67,9 @@ class LearnerGroup:
         rank_of = {ref: r for r, ref in enumerate(refs)}
         results: dict[int, object] = {}
         pending, timeout = list(refs), timeout_s or self.timeout_s
+        deadline = time.monotonic() + timeout  # one deadline for the whole call, not one per rank
         while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 late = sorted(rank_of[p] for p in pending)
                 raise RankFailed(f"learner rank(s) {late} did not answer {method} within {timeout:g} s "

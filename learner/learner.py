@@ -79,7 +79,7 @@ class Learner:
         self.sharded = self.dist.active and self.lc.strategy == "fsdp"
         dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        self.policy = self._load_policy(policy_path, reference_path, dtype)
+        self.policy = self._load_policy(policy_path, reference_path, dtype).eval()  # train mode only in updates
         self.published = [n for n, _ in self._base().named_parameters() if "lora_" not in n]
         self.reference = None
         if self.alg.kl_in != "none" and self.lc.lora is None:
@@ -130,7 +130,10 @@ class Learner:
         has them, whose base is then the original model at ``reference_path``; fresh ones otherwise)."""
         lora = self.lc.lora
         adapter = Path(policy_path) / ADAPTER_DIR
-        base_path = reference_path or policy_path if lora is not None and adapter.is_dir() else policy_path
+        # A checkpoint's adapters are loaded only when continuing a run (policy = the checkpoint, reference = the
+        # base it trained from); a LoRA checkpoint given as a start is its merged model, plain.
+        resuming = lora is not None and adapter.is_dir() and reference_path not in (None, policy_path)
+        base_path = reference_path if resuming else policy_path
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(self.device)
         if self.lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -139,7 +142,7 @@ class Learner:
             return model
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        if adapter.is_dir():
+        if resuming:
             return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
         return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
@@ -317,6 +320,13 @@ class Learner:
                 "rows": max(n, 1.0), "scale": scale}
 
     def _update(self, batch: RolloutBatch, n_kept: float) -> dict[str, float]:
+        self._train_mode(True)
+        try:
+            return self._optimise(batch, n_kept)
+        finally:
+            self._train_mode(False)
+
+    def _optimise(self, batch: RolloutBatch, n_kept: float) -> dict[str, float]:
         n = len(batch)
         sums: dict[str, float] = {}
         # A non-finite reward makes its group's advantages non-finite. Skip the whole step, not only the minibatches
@@ -360,8 +370,8 @@ class Learner:
             raise NonFiniteError(f"the loss or gradient was not finite in {self.bad_steps} steps in a row "
                                  f"(learner.max_bad_steps={self.lc.max_bad_steps}); the run stopped before applying "
                                  "them. Look at the rewards (reward/mean, reward/std) and lower learner.lr")
-        keys = sorted(sums)
-        totals = dict(zip(keys, self.dist.sum_floats([sums[k] for k in keys]), strict=True))
+        keys = self._stat_keys()  # every rank reduces the same keys, also one that had no rows
+        totals = dict(zip(keys, self.dist.sum_floats([sums.get(k, 0.0) for k in keys]), strict=True))
         out = {k: v / max(updates, 1) for k, v in totals.items()}
         out["learner/bad_steps_total"] = float(bool(skipped))
         real, padded = self.dist.sum_floats([real, padded])
@@ -371,6 +381,21 @@ class Learner:
             out["learner/explained_variance"] = algos.explained_variance(
                 batch.values, batch.returns, batch.response_mask.to(self.device), all_sum=all_sum).item()
         return out
+
+    def _stat_keys(self) -> list[str]:
+        keys = ["learner/policy_loss", "learner/entropy", "learner/clip_fraction", "learner/approx_kl",
+                "learner/tis_weight_mean", "learner/logprob_gap_mean", "learner/logprob_gap_max",
+                "learner/corrected_fraction", "learner/grad_norm"]
+        if self.value_head is not None or self.critic is not None:
+            keys += ["learner/value_loss", "learner/value_clip_fraction"]
+        return keys
+
+    def _train_mode(self, on: bool) -> None:
+        """Train mode for the gradient passes (gradient checkpointing and dropout act only there), eval mode for
+        the no-grad ones."""
+        for model in (self.policy, self.value_head, self.critic):
+            if model is not None:
+                model.train(on)
 
     def _micro_loss(self, micro: RolloutBatch, norm: dict[str, float]) -> dict[str, float]:
         """Backward of this micro-batch's share of the minibatch loss; returns its share of the statistics."""
@@ -478,6 +503,7 @@ class Learner:
         ref = torch.tensor(reference, dtype=torch.float32, device=self.device).reshape(-1, 2)
         scale = float(self.dist.world_size) if self.sharded else 1.0
         sums = dict.fromkeys(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"), 0.0)
+        self._train_mode(train)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
         for rows in self._pair_plan(batch, n):
@@ -500,6 +526,7 @@ class Learner:
                      "margin": (r_chosen - r_rejected).mean(), "accuracy": (r_chosen > r_rejected).float().mean()}
             for key, value in parts.items():
                 sums[key] += value.item() * w
+        self._train_mode(False)
         out = dict(zip(sums, self.dist.sum_floats(list(sums.values())), strict=True))
         stats = {f"offline/{k}": v for k, v in out.items()}
         if train:
@@ -519,6 +546,7 @@ class Learner:
         w = torch.tensor(weights, dtype=torch.float32, device=self.device).reshape(-1)
         scale = float(self.dist.world_size) if self.sharded else 1.0
         sums = {"loss": 0.0, "nll": 0.0}
+        self._train_mode(train)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
         for idx in self._plan(batch, torch.arange(n)):
@@ -538,6 +566,7 @@ class Learner:
                 (loss * scale).backward()
             sums["loss"] += loss.item()
             sums["nll"] += -seq.sum().item() / n_total
+        self._train_mode(False)
         stats = {f"offline/{k}": v for k, v in zip(sums, self.dist.sum_floats(list(sums.values())), strict=True)}
         if train:
             stats.update(self._apply_step(stats["offline/loss"]))
@@ -569,6 +598,7 @@ class Learner:
         return greedy_responses(self.policy, self.tokenizer, prompts, max_new_tokens)
 
     # ---- weights out --------------------------------------------------------------------------
+    @torch.no_grad()
     def _named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The policy under its Hugging Face names, whole (gathered when sharded: every rank must call this;
         rank 0 gets them) and with LoRA merged: W + (alpha / r) B A."""

@@ -57,6 +57,8 @@ def encode_pairs(rows: Sequence[dict], tokenizer, max_length: int, on_invalid: s
                 raise ValueError(f"{name} has no {', '.join(map(repr, missing))} (a pair needs prompt, chosen and "
                                  "rejected)")
             prompt = _prompt_text(row["prompt"], tokenizer, name)
+            if not prompt:
+                raise ValueError(f"{name}: the prompt is empty")
             chosen, rejected = _text(row["chosen"], "chosen", name), _text(row["rejected"], "rejected", name)
             if not chosen.strip() or not rejected.strip():
                 raise ValueError(f"{name}: the {'chosen' if not chosen.strip() else 'rejected'} response is empty")
@@ -130,6 +132,8 @@ def encode_rewarded(rows: Sequence[dict], tokenizer, max_length: int, on_invalid
                 raise ValueError(f"{name} has no {', '.join(map(repr, missing))} (a record needs prompt, response "
                                  "and reward)")
             prompt, response = _prompt_text(row["prompt"], tokenizer, name), _text(row["response"], "response", name)
+            if not prompt:
+                raise ValueError(f"{name}: the prompt is empty")
             if not response.strip():
                 raise ValueError(f"{name}: the response is empty")
             reward = row["reward"]

@@ -113,3 +113,29 @@ def test_two_ranks_take_the_single_learners_step(case, strategy, policy_dir, loc
                 "learner/kept_fraction", "learner/kl_coef", "learner/tokens_trained_total"):
         if key in single_stats:
             assert stats[key] == pytest.approx(single_stats[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_rank_left_without_rows(strategy, policy_dir, local_ray):
+    """Two groups, one scored alike: it is dropped, so one rank has no rows at all and runs empty passes."""
+    from core.records import ScoredRollout
+
+    rollouts = scored_rollouts(n_prompts=2, samples=4, seed=5)
+    batch = [ScoredRollout(s.rollout, 0.0 if s.rollout.group_id == 0 else float(i % 2)) for i, s in
+             enumerate(rollouts)]
+    cfg = _config(CASES["grpo"])
+    torch.set_num_threads(1)
+    single = Learner(*_args(cfg, policy_dir), reference_path=policy_dir)
+    expected_stats = single.train_step(batch)
+    cfg2 = _config([*CASES["grpo"], "learner.num_workers=2", f"learner.strategy={strategy}"])
+    group = LearnerGroup(cfg2.learner, _args(cfg2, policy_dir), {"reference_path": policy_dir})
+    try:
+        assert [len(share) for share in split_by_group(batch, 2)] == [4, 4]
+        stats = group.train_step(batch)
+        published = dict(unpack_weights(ray.get(group.publish()[1][0], timeout=60)))
+    finally:
+        group.kill()
+    assert stats["learner/kept_fraction"] == expected_stats["learner/kept_fraction"] == 0.5
+    assert stats["learner/policy_loss"] == pytest.approx(expected_stats["learner/policy_loss"], abs=1e-6)
+    for name, p in single.policy.named_parameters():
+        torch.testing.assert_close(published[name], p.detach(), atol=1e-5, rtol=0, msg=name)

@@ -73,11 +73,28 @@ def test_micro_batches_do_not_change_the_step(agg, policy_dir):
     assert 0.0 <= stats["learner/padding_fraction"] < 0.2  # sorted by length: little padding
 
 
+def _layer_calls(learner: Learner) -> list[int]:
+    """Counts the runs of one MLP's forward (a wrapper, since torch runs no hooks while it recomputes)."""
+    calls, mlp = [0], learner.policy.model.layers[0].mlp
+    forward = mlp.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    mlp.forward = counted
+    return calls
+
+
 def test_gradient_checkpointing_gives_the_same_step(policy_dir):
     plain, ckpt = _learner([], policy_dir), _learner(["learner.gradient_checkpointing=true"], policy_dir)
     assert ckpt.policy.is_gradient_checkpointing
+    calls_plain, calls_ckpt = _layer_calls(plain), _layer_calls(ckpt)
     plain.train_step(BATCH)
     ckpt.train_step(BATCH)
+    # the reference and the "old" passes run once each; checkpointing recomputes the layer in the backward pass
+    assert calls_ckpt[0] == calls_plain[0] + 1, (calls_plain, calls_ckpt)
+    assert not ckpt.policy.training  # eval mode again after the update
     a, b = _weights(plain), _weights(ckpt)
     for n in a:
         torch.testing.assert_close(b[n], a[n], atol=1e-6, rtol=0, msg=n)
