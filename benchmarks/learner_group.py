@@ -39,7 +39,9 @@ from learner.config import TinyModelConfig  # noqa: E402
 from learner.group import LearnerGroup  # noqa: E402
 from tests.learner.rollouts import scored_rollouts  # noqa: E402
 
-CONFIGS = [(1, "ddp"), (2, "ddp"), (2, "fsdp")]  # (num_workers, strategy); strategy is moot with one rank
+# (num_workers, strategy); strategy is moot with one rank; "lora" = one rank training LoRA adapters (r 16, all
+# linear layers), whose publish merges W + (alpha / r) B A for every adapted weight (gather_seconds)
+CONFIGS = [(1, "ddp"), (2, "ddp"), (2, "fsdp"), (1, "lora")]
 SWEEP = [(1, "ddp"), (2, "fsdp")]
 MB = 1e6
 
@@ -52,6 +54,8 @@ BF16_BYTES_PER_PARAM = 2 + 2 + 2 * 2
 
 
 def label(workers: int, strategy: str) -> str:
+    if strategy == "lora":
+        return "M=1 LoRA r=16"
     return "M=1" if workers == 1 else f"M={workers} {strategy}"
 
 
@@ -75,7 +79,9 @@ def start_group(path: Path, workers: int, strategy: str, args) -> LearnerGroup:
     cfg = load_config(None, [
         "algorithm.name=grpo", "algorithm.drop_uniform_groups=false", f"model.dtype={args.dtype}",
         "learner.torch_threads=1", "learner.num_cpus=1", f"learner.num_workers={workers}",
-        f"learner.strategy={strategy}", f"learner.micro_batch_tokens={args.micro_batch_tokens}",
+        f"learner.strategy={'ddp' if strategy == 'lora' else strategy}",
+        f"learner.micro_batch_tokens={args.micro_batch_tokens}",
+        *(["learner.lora.r=16", "learner.lora.alpha=32"] if strategy == "lora" else []),
     ])
     init = (str(path), cfg.algorithm, cfg.learner, cfg.model.dtype, cfg.generation.temperature,
             cfg.generation.max_tokens)
@@ -114,7 +120,7 @@ def bench_config(path: Path, workers: int, strategy: str, batch: list, args) -> 
               "optimizer_bytes": a["optimizer_bytes"], "max_rss_bytes": a["max_rss_bytes"],
               "rss_after_build_bytes": b["max_rss_bytes"], "rss_growth_bytes": a["max_rss_bytes"] - b["max_rss_bytes"]}
              for r, (b, a) in enumerate(zip(built, after, strict=True))]
-    out = {"config": name, "workers": workers, "strategy": strategy if workers > 1 else "single",
+    out = {"config": name, "workers": workers, "strategy": strategy if workers > 1 or strategy == "lora" else "single",
            "build_seconds": build_seconds, "steps": args.steps, "step_seconds": seconds / args.steps,
            "samples_per_s": args.steps * len(batch) / seconds, "ranks": ranks, **publish}
     print(f"{name}: built in {build_seconds:.1f} s; {out['step_seconds']:.2f} s/step, "
