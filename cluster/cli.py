@@ -10,6 +10,12 @@ from cluster.config import ConfigError, load_config
 EXIT_USAGE = 2
 
 
+def _resume_arg(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (default: train.run_dir) from its latest complete checkpoint"
+                   + extra)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment YAML (default: the embedded default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -135,21 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run RL (GRPO/PPO/...) on the configured task")
     _config_args(p)
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (default: train.run_dir) from its latest complete checkpoint, "
-                        "with its own config unless --config is given; --set may change budgets and placement")
+    _resume_arg(p, ", with its own config unless --config is given; --set may change budgets and placement")
     p.set_defaults(fn=_train)
     p = sub.add_parser("dpo", help="offline preference optimisation (dpo.loss: dpo | ipo | cdpo) on the learner, from "
                                     "dpo.preferences_path or pairs built from the policy's own samples")
     _config_args(p)
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (default: train.run_dir) from its latest checkpoint")
+    _resume_arg(p)
     p.set_defaults(fn=_dpo)
     p = sub.add_parser("rwr", help="offline reward-weighted regression on the learner, from rwr.path records "
                                     "{prompt, response, reward} or the start policy's own samples scored by the reward")
     _config_args(p)
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (default: train.run_dir) from its latest checkpoint")
+    _resume_arg(p)
     p.set_defaults(fn=_dpo)
     p = sub.add_parser("train-rm", help="train a reward model on preference pairs (from model.path, or the "
                                          "embedded SFT policy, by default)")

@@ -183,7 +183,20 @@ class LearnerConfig(Section):
         return self
 
 
-class DPOConfig(Section):
+class OfflineLoopConfig(Section):
+    """The loop both offline trainers share: batches in a shuffled order, epoch after epoch, until a budget."""
+
+    batch_size: int = Field(64, ge=1, description="pairs (dpo) or records (rwr) per optimizer step, over all ranks")
+    steps: int | None = Field(None, ge=1, description="optimizer steps; null = until time_limit_s (epochs repeat)")
+    time_limit_s: float | None = Field(600.0, gt=0, description="wall-clock budget of training (building the data "
+                                       "and the reference pass are timed apart)")
+    eval_every: int = Field(50, ge=1, description="held-out evaluation every this many steps")
+    policy_samples: int = Field(4, ge=1, description="samples per training prompt when the data are built from the "
+                                "start policy (pairs, at least 2: a best-scored one is chosen over a worse one)")
+    seed: int = Field(0, description="seed of building the data and of their order")
+
+
+class DPOConfig(OfflineLoopConfig):
     """Offline preference optimisation (``relay dpo``) on the learner group, from a frozen reference = the start."""
 
     loss: Literal["dpo", "ipo", "cdpo"] = Field(
@@ -195,11 +208,6 @@ class DPOConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: probability that a label is flipped")
     length_normalize: bool = Field(False, description="mean log-prob per response token instead of the sum (a named "
                                    "variant, as SimPO/IPO implementations do); DPO sums")
-    batch_size: int = Field(64, ge=1, description="pairs per optimizer step, over all ranks")
-    steps: int | None = Field(None, ge=1, description="optimizer steps; null = until time_limit_s (epochs repeat)")
-    time_limit_s: float | None = Field(600.0, gt=0, description="wall-clock budget of training (pair building and "
-                                       "the reference pass not counted; they are timed apart)")
-    eval_every: int = Field(50, ge=1, description="held-out evaluation (pairs and greedy score) every this many steps")
     eval_pairs: int = Field(256, ge=1, description="held-out pairs measured at each evaluation")
     preferences_path: str | None = Field(None, description="JSONL/JSON/CSV/Parquet of {prompt, chosen, rejected} "
                                          "(strings, or chat messages); null = pairs built from the start policy's "
@@ -208,21 +216,21 @@ class DPOConfig(Section):
                                               "by prompt")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of prompts held out when eval_preferences_path "
                                  "is null")
-    policy_samples: int = Field(4, ge=2, description="samples per training prompt when building pairs from the "
-                                "policy: a correct one is chosen over a wrong one")
-    seed: int = Field(0, description="seed of pair building and order")
 
     @model_validator(mode="after")
     def _smoothing(self) -> DPOConfig:
         if self.label_smoothing > 0 and self.loss != "cdpo":
             raise ValueError(f"dpo.label_smoothing ({self.label_smoothing}) applies to loss cdpo only, not "
                              f"{self.loss}; set loss: cdpo or label_smoothing: 0")
+        if self.policy_samples < 2:
+            raise ValueError(f"dpo.policy_samples ({self.policy_samples}) must be at least 2: a pair compares two "
+                             "samples of one prompt")
         if self.loss == "cdpo" and self.label_smoothing == 0:
             raise ValueError("dpo.loss cdpo needs dpo.label_smoothing > 0 (with 0 it is plain dpo)")
         return self
 
 
-class RWRConfig(Section):
+class RWRConfig(OfflineLoopConfig):
     """Offline reward-weighted regression (``relay rwr``, Peters & Schaal 2007) on the learner group."""
 
     beta: float = Field(1.0, gt=0, description="temperature of the weights exp(z / beta)")
@@ -230,13 +238,6 @@ class RWRConfig(Section):
                          "mean 1; false = exp(r / beta) of the raw reward, normalised")
     path: str | None = Field(None, description="JSONL/JSON/CSV/Parquet of {prompt, response, reward}; null = the start "
                              "policy's own samples on the training prompts, scored by the reward")
-    batch_size: int = Field(64, ge=1, description="records per optimizer step, over all ranks")
-    steps: int | None = Field(None, ge=1, description="optimizer steps; null = until time_limit_s")
-    time_limit_s: float | None = Field(600.0, gt=0, description="wall-clock budget of training (building the records "
-                                       "is timed apart)")
-    eval_every: int = Field(50, ge=1, description="held-out greedy evaluation every this many steps")
-    policy_samples: int = Field(4, ge=1, description="samples per training prompt when the records are built")
-    seed: int = Field(0, description="seed of sampling and order")
 
 
 class SFTConfig(Section):

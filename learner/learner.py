@@ -447,6 +447,15 @@ class Learner:
         })
         return stats
 
+    def _empty_pass(self, train: bool) -> None:
+        """The pass of a rank that has run out of rows (sharded ranks gather in every pass): with a zero-weight
+        backward when training."""
+        if train:
+            self._dummy_backward()
+        else:
+            with torch.no_grad():
+                self._token_logprobs(self.policy, self._dummy())
+
     def _dummy_backward(self) -> dict[str, float]:
         """A rank with no rows left still runs forward and backward (sharded ranks gather and reduce together)."""
         shared = self.value_head is not None
@@ -482,7 +491,7 @@ class Learner:
         batch = collate_pairs(pairs, self.pad_id, width) if pairs else collate_pairs([], self.pad_id, width or 2)
         for rows in self._pair_plan(batch, len(pairs)):
             if not len(rows):
-                self._token_logprobs(self.policy, self._dummy())
+                self._empty_pass(train=False)
                 continue
             chosen, rejected = self._pair_logps(batch.select(rows), length_normalize)
             for j, i in enumerate(rows[: len(rows) // 2].tolist()):
@@ -508,11 +517,7 @@ class Learner:
             self.optimizer.zero_grad(set_to_none=True)
         for rows in self._pair_plan(batch, n):
             if not len(rows):
-                if train:
-                    self._dummy_backward()
-                else:
-                    with torch.no_grad():
-                        self._token_logprobs(self.policy, self._dummy())
+                self._empty_pass(train)
                 continue
             idx = rows[: len(rows) // 2].to(self.device)
             with torch.enable_grad() if train else torch.no_grad():
@@ -551,11 +556,7 @@ class Learner:
             self.optimizer.zero_grad(set_to_none=True)
         for idx in self._plan(batch, torch.arange(n)):
             if not len(idx):
-                if train:
-                    self._dummy_backward()
-                else:
-                    with torch.no_grad():
-                        self._token_logprobs(self.policy, self._dummy())
+                self._empty_pass(train)
                 continue
             micro = batch.select(idx)
             with torch.enable_grad() if train else torch.no_grad():

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from core.data import DataError
 from core.records import PreferencePair, RewardedSequence
 
-FIELDS = ("prompt", "chosen", "rejected")
+FIELDS = {"pair": ("prompt", "chosen", "rejected"), "record": ("prompt", "response", "reward")}
 
 
 def _text(value, field: str, where: str) -> str:
@@ -41,49 +41,70 @@ def _prompt_text(value, tokenizer, where: str) -> str:
     return _text(value, "prompt", where)
 
 
-def encode_pairs(rows: Sequence[dict], tokenizer, max_length: int, on_invalid: str = "error",
-                 skipped: dict[str, int] | None = None, where: str = "preferences",
-                 log: Callable[[str], object] = print) -> list[PreferencePair]:
-    """Check and tokenise ``rows`` (response tokens end with EOS). ``skipped`` counts the reasons of pairs
-    skipped under ``on_invalid: skip``; under ``error`` the first bad pair raises ``DataError`` naming it."""
+def _checked(rows: Sequence[dict], encode_one: Callable, what: str, on_invalid: str, skipped: dict[str, int] | None,
+             where: str, log: Callable[[str], object]) -> list:
+    """``encode_one(row, name, index)`` over ``rows``; a ``ValueError`` follows ``on_invalid``: a ``DataError``
+    naming the record, or the record skipped and its reason counted in ``skipped``."""
     skipped = {} if skipped is None else skipped
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out: list[PreferencePair] = []
+    out = []
     for i, row in enumerate(rows):
         name = f"{where} record {i + 1}"
         try:
-            missing = [f for f in FIELDS if row.get(f) is None]
+            missing = [f for f in FIELDS[what] if row.get(f) is None]
             if missing:
-                raise ValueError(f"{name} has no {', '.join(map(repr, missing))} (a pair needs prompt, chosen and "
-                                 "rejected)")
-            prompt = _prompt_text(row["prompt"], tokenizer, name)
-            if not prompt:
-                raise ValueError(f"{name}: the prompt is empty")
-            chosen, rejected = _text(row["chosen"], "chosen", name), _text(row["rejected"], "rejected", name)
-            if not chosen.strip() or not rejected.strip():
-                raise ValueError(f"{name}: the {'chosen' if not chosen.strip() else 'rejected'} response is empty")
-            if chosen == rejected:
-                raise ValueError(f"{name}: chosen and rejected are the same text ({chosen[:40]!r}); a pair must differ")
-            p = tokenizer.encode(prompt, add_special_tokens=False)
-            c = tokenizer.encode(chosen, add_special_tokens=False) + eos
-            r = tokenizer.encode(rejected, add_special_tokens=False) + eos
-            longest = len(p) + max(len(c), len(r))
-            if longest > max_length:
-                raise ValueError(f"{name} is {longest} tokens, longer than the context ({max_length}); shorten it "
-                                 "or raise the context (model.tiny.max_position_embeddings / the model's)")
+                raise ValueError(f"{name} has no {', '.join(map(repr, missing))} (a record needs "
+                                 f"{', '.join(FIELDS[what])})")
+            out.append(encode_one(row, name, len(out)))
         except ValueError as e:
             if on_invalid == "error":
-                raise DataError(f"{e}; fix the record, or set data.on_invalid: skip to count and skip such pairs") \
-                    from None
+                raise DataError(f"{e}; fix the record, or set data.on_invalid: skip to count and skip such "
+                                f"{what}s") from None
             reason = str(e).split(": ", 1)[-1].split(" (")[0][:60]
             skipped[reason] = skipped.get(reason, 0) + 1
-            continue
-        out.append(PreferencePair(p, c, r, index=len(out)))
     if skipped:
-        log(f"{where}: skipped {sum(skipped.values())} pairs ({', '.join(f'{k}: {v}' for k, v in skipped.items())})")
+        log(f"{where}: skipped {sum(skipped.values())} {what}s "
+            f"({', '.join(f'{k}: {v}' for k, v in skipped.items())})")
     if not out:
-        raise DataError(f"{where}: no valid pair left ({sum(skipped.values())} skipped)")
+        raise DataError(f"{where}: no valid {what} left ({sum(skipped.values())} skipped)")
     return out
+
+
+def _encoder(tokenizer, max_length: int):
+    """(prompt ids, response ids + EOS) of checked texts, refusing a record longer than ``max_length``."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(name: str, prompt: str, *responses: str) -> tuple[list[int], ...]:
+        if not prompt:
+            raise ValueError(f"{name}: the prompt is empty")
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        rs = [tokenizer.encode(r, add_special_tokens=False) + eos for r in responses]
+        longest = len(p) + max(len(r) for r in rs)
+        if longest > max_length:
+            raise ValueError(f"{name} is {longest} tokens, longer than the context ({max_length}); shorten it or "
+                             "raise the context (model.tiny.max_position_embeddings / the model's)")
+        return (p, *rs)
+
+    return encode
+
+
+def encode_pairs(rows: Sequence[dict], tokenizer, max_length: int, on_invalid: str = "error",
+                 skipped: dict[str, int] | None = None, where: str = "preferences",
+                 log: Callable[[str], object] = print) -> list[PreferencePair]:
+    """Check and tokenise ``{prompt, chosen, rejected}`` rows (response tokens end with EOS). ``skipped`` counts
+    the reasons of pairs skipped under ``on_invalid: skip``; under ``error`` the first bad pair raises
+    ``DataError`` naming it."""
+    encode = _encoder(tokenizer, max_length)
+
+    def one(row: dict, name: str, index: int) -> PreferencePair:
+        prompt = _prompt_text(row["prompt"], tokenizer, name)
+        chosen, rejected = _text(row["chosen"], "chosen", name), _text(row["rejected"], "rejected", name)
+        if not chosen.strip() or not rejected.strip():
+            raise ValueError(f"{name}: the {'chosen' if not chosen.strip() else 'rejected'} response is empty")
+        if chosen == rejected:
+            raise ValueError(f"{name}: chosen and rejected are the same text ({chosen[:40]!r}); a pair must differ")
+        return PreferencePair(*encode(name, prompt, chosen, rejected), index=index)
+
+    return _checked(rows, one, "pair", on_invalid, skipped, where, log)
 
 
 def pairs_from_samples(prompts: Sequence[str], metadatas: Sequence[dict], samples: Sequence[Sequence[str]],
@@ -121,39 +142,16 @@ def encode_rewarded(rows: Sequence[dict], tokenizer, max_length: int, on_invalid
     """Check and tokenise ``{prompt, response, reward}`` records for offline RWR, as ``encode_pairs`` does pairs:
     a missing field, an empty response, a reward that is not a finite number, or a record longer than the
     context follows ``on_invalid``, named."""
-    skipped = {} if skipped is None else skipped
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out: list[RewardedSequence] = []
-    for i, row in enumerate(rows):
-        name = f"{where} record {i + 1}"
-        try:
-            missing = [f for f in ("prompt", "response", "reward") if row.get(f) is None]
-            if missing:
-                raise ValueError(f"{name} has no {', '.join(map(repr, missing))} (a record needs prompt, response "
-                                 "and reward)")
-            prompt, response = _prompt_text(row["prompt"], tokenizer, name), _text(row["response"], "response", name)
-            if not prompt:
-                raise ValueError(f"{name}: the prompt is empty")
-            if not response.strip():
-                raise ValueError(f"{name}: the response is empty")
-            reward = row["reward"]
-            if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
-                raise ValueError(f"{name}: reward {reward!r} is not a finite number")
-            p = tokenizer.encode(prompt, add_special_tokens=False)
-            r = tokenizer.encode(response, add_special_tokens=False) + eos
-            if len(p) + len(r) > max_length:
-                raise ValueError(f"{name} is {len(p) + len(r)} tokens, longer than the context ({max_length})")
-        except ValueError as e:
-            if on_invalid == "error":
-                raise DataError(f"{e}; fix the record, or set data.on_invalid: skip to count and skip such records") \
-                    from None
-            reason = str(e).split(": ", 1)[-1].split(" (")[0][:60]
-            skipped[reason] = skipped.get(reason, 0) + 1
-            continue
-        out.append(RewardedSequence(p, r, float(reward), index=len(out)))
-    if skipped:
-        log(f"{where}: skipped {sum(skipped.values())} records "
-            f"({', '.join(f'{k}: {v}' for k, v in skipped.items())})")
-    if not out:
-        raise DataError(f"{where}: no valid record left ({sum(skipped.values())} skipped)")
-    return out
+    encode = _encoder(tokenizer, max_length)
+
+    def one(row: dict, name: str, index: int) -> RewardedSequence:
+        prompt, response = _prompt_text(row["prompt"], tokenizer, name), _text(row["response"], "response", name)
+        if not response.strip():
+            raise ValueError(f"{name}: the response is empty")
+        reward = row["reward"]
+        if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
+            raise ValueError(f"{name}: reward {reward!r} is not a finite number")
+        p, r = encode(name, prompt, response)
+        return RewardedSequence(p, r, float(reward), index=index)
+
+    return _checked(rows, one, "record", on_invalid, skipped, where, log)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cluster.config import load_config
 from core.data import DataError
-from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
+from learner.bootstrap import build_tokenizer
 from learner.config import AlgorithmConfig, DPOConfig
 from learner.learner import Learner
 from learner.preferences import encode_pairs, pairs_from_samples, split_pairs_by_prompt
@@ -21,16 +21,6 @@ ROWS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + d)
         for a, b, d in [(12, 30, 1), (45, 11, -2), (70, 22, 10), (33, 33, 5), (18, 61, -1), (50, 49, 3)]]
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> str:
-    torch.set_num_threads(1)
-    path = tmp_path_factory.mktemp("policy")
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=64, num_layers=2, num_heads=1,
-                                                        intermediate_size=128))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _learner(path: str, overrides: list[str] = ()) -> Learner:

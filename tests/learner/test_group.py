@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.config import load_config
-from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
 from learner.group import LearnerGroup, split_by_group
 from learner.learner import Learner
 from learner.weights import unpack_weights
@@ -36,15 +35,6 @@ CASES = {
 BATCH = scored_rollouts(n_prompts=5, samples=4, seed=3)
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("policy")
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=64, num_layers=2, num_heads=1,
-                                                        intermediate_size=128))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

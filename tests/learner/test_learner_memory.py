@@ -13,7 +13,6 @@ import torch
 
 from cluster.config import load_config
 from learner.batch import collate, padded_tokens, token_budget_split
-from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
 from learner.learner import ADAPTER_DIR, Learner
 from tests.learner.rollouts import scored_rollouts
 
@@ -24,16 +23,6 @@ BATCH = scored_rollouts(n_prompts=5, samples=4, seed=7)
 LORA = ["learner.lora.r=4", "learner.lora.alpha=8", "learner.lr=1e-2"]
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> str:
-    torch.set_num_threads(1)
-    path = tmp_path_factory.mktemp("policy")
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=64, num_layers=2, num_heads=1,
-                                                        intermediate_size=128))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _learner(overrides: list[str], path: str, reference: str | None = None) -> Learner:

@@ -15,8 +15,8 @@ import torch
 
 from cluster.config import load_config
 from core.records import ScoredRollout
-from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
 from learner.learner import Learner, NonFiniteError
+from tests.learner.conftest import save_tiny_policy
 from tests.learner.rollouts import scored_rollouts
 
 # Several minibatches per step and two epochs, so the minibatch order (torch's RNG) changes the result; warmup
@@ -31,13 +31,7 @@ PPO = ["algorithm.name=ppo", "learner.critic_backbone=separate", "learner.critic
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> str:
     torch.set_num_threads(1)  # the learner sets learner.torch_threads=1 too: same arithmetic in every learner
-    path = tmp_path_factory.mktemp("policy")
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=64, num_layers=1, num_heads=1,
-                                                        intermediate_size=128))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_policy(tmp_path_factory.mktemp("policy"), num_layers=1)
 
 
 
