@@ -94,6 +94,7 @@ class DPORun:
         self.timings: dict[str, float] = {}
         self.last_checkpoint: Path | None = resume_from
         self.logger = None  # the metrics log, open while run() runs
+        self._score = None  # the held-out reward, built at the first evaluation
         self.metrics_offset: int | None = None
 
     @property
@@ -204,8 +205,9 @@ class DPORun:
         out = {}
         prompts = next(iter(self.data.eval_sets.values()))
         responses = self.learner.greedy_responses([p.text for p in prompts], self.cfg.generation.max_tokens)
-        score = local_score(self.cfg.train.eval_reward or self.cfg.reward.sources)
-        scores = score([p.text for p in prompts], responses, [p.metadata for p in prompts])
+        if self._score is None:  # one scorer (and its event loop) for the run, not one per evaluation
+            self._score = local_score(self.cfg.train.eval_reward or self.cfg.reward.sources)
+        scores = self._score([p.text for p in prompts], responses, [p.metadata for p in prompts])
         out["eval/task_score"] = sum(scores) / len(scores)
         self.evals.append((self.step, out["eval/task_score"]))
         return out

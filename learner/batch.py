@@ -70,30 +70,16 @@ def collate(scored: list[ScoredRollout], pad_id: int, width: int | None = None) 
     a rank with no rollouts gets a batch of zero rows at that width."""
     if not scored and width is None:
         raise ValueError("cannot build a batch from zero rollouts")
-    width = max([width or 2, *(len(s.rollout.prompt_ids) + len(s.rollout.response_ids) for s in scored)])
-    b = len(scored)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((b, width), dtype=torch.long)
-    response_mask = torch.zeros((b, width - 1))
-    behaviour = torch.zeros((b, width - 1))
-    for i, s in enumerate(scored):
-        r = s.rollout
-        ids = r.prompt_ids + r.response_ids
-        p, n = len(r.prompt_ids), len(r.response_ids)
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        # token p + j (response token j) is predicted at position p + j - 1
-        response_mask[i, p - 1 : p - 1 + n] = 1
-        behaviour[i, p - 1 : p - 1 + n] = torch.tensor(r.sampling_logprobs)
-    return RolloutBatch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        response_mask=response_mask,
-        behaviour_logprobs=behaviour,
+    rollouts = [s.rollout for s in scored]
+    batch = _collate_sequences([(r.prompt_ids, r.response_ids) for r in rollouts], [r.group_id for r in rollouts],
+                               pad_id, width)
+    for i, r in enumerate(rollouts):  # token p + j (response token j) is predicted at position p + j - 1
+        p = len(r.prompt_ids)
+        batch.behaviour_logprobs[i, p - 1 : p - 1 + len(r.response_ids)] = torch.tensor(r.sampling_logprobs)
+    return batch.with_fields(
         rewards=torch.tensor([s.reward for s in scored], dtype=torch.float32),
-        group_ids=torch.tensor([s.rollout.group_id for s in scored], dtype=torch.long),
-        versions=torch.tensor([s.rollout.policy_version for s in scored], dtype=torch.long),
-        truncated=torch.tensor([s.rollout.finish_reason == "length" for s in scored], dtype=torch.bool),
+        versions=torch.tensor([r.policy_version for r in rollouts], dtype=torch.long),
+        truncated=torch.tensor([r.finish_reason == "length" for r in rollouts], dtype=torch.bool),
     )
 
 
