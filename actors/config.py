@@ -22,6 +22,10 @@ class GenerationConfig(Section):
     kv_cache_gb: int = Field(1, ge=1, description="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory share (GPU only)")
     enforce_eager: bool = Field(True, description="skip CUDA graph capture / compilation (faster start)")
+    stream_chunk_prompts: int | None = Field(None, ge=1, description="streaming loop (algorithm.max_staleness >= 1): "
+                                             "prompts per generate launch, split over the actors; two launches are "
+                                             "kept in flight and weights are swapped in between them. null = half of "
+                                             "train.prompts_per_step")
     torch_threads: int | None = Field(2, ge=1, description="CPU engine threads; null = num_cpus rounded. 2 suits "
                                       "the 2-core default, where generation and learning alternate")
     seed: int = Field(0, description="sampling seed of actor 0 (actor i uses seed + i)")

@@ -1,18 +1,26 @@
 """The generation actor: a vLLM engine in-process that samples rollouts and loads published weights.
 
-A plain class; ``cluster/driver.py`` makes it a Ray actor in one place. Its surface is
-``generate``, ``greedy``, ``update_weights``, ``sequence_logprobs`` and ``health``.
+A plain class; ``cluster/fleet.py`` makes it a Ray actor in one place. Its surface is
+``generate``, ``greedy``, ``update_weights``, ``stage_weights``, ``sequence_logprobs`` and ``health``.
+
+Hidden weight sync: ``stage_weights`` runs in its own concurrency group (``WEIGHTS_GROUP``, one
+thread), so it fetches a published version from the object store while ``generate`` samples in the
+default group. The engine is touched by one thread only: the staged tensors are swapped in at the
+start of the next request (``_swap_staged``), the only part of a sync that stops generation.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from actors.config import GenerationConfig
-from core.records import Prompt, Rollout
+from core.records import Generated, Prompt, Rollout
 
 EXTENSION = "actors.vllm_ext.RelayWorkerExtension"
+WEIGHTS_GROUP = "weights"
+"""the Ray concurrency group (one thread) that fetches staged weights beside generation"""
 
 
 def _engine_env(cfg: GenerationConfig) -> None:
@@ -62,6 +70,10 @@ class GenerationActor:
 
         self.sink = MetricSink("generation", {"actor_id": str(actor_id)})
         self.sink.heartbeat()
+        self._staged: tuple[int, list, float] | None = None  # version, (name, tensor) pairs, fetch seconds
+        self._staged_lock = threading.Lock()
+        self.swap_seconds = 0.0
+        """seconds spent swapping staged weights in, since the last generate call returned"""
 
     def _sampling(self, n: int, greedy: bool, seed: int | None = None):
         """``seed``: this request's own sampling seed (vLLM gives sample i of the request seed + i), so its
@@ -74,13 +86,13 @@ class GenerationActor:
                               max_tokens=self.cfg.max_tokens, logprobs=0, seed=seed)
 
     def _run(self, prompts: list[Prompt], params):
+        self._swap_staged()  # between requests: the only moment the engine's weights may change
         return self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
 
     def generate(self, prompts: list[Prompt], n: int | None = None,
-                 seeds: list[int] | None = None) -> tuple[list[Rollout], float]:
+                 seeds: list[int] | None = None) -> Generated:
         """Sample ``n`` (default ``samples_per_prompt``) responses for each prompt, grouped by prompt in order;
-        ``seeds``: one sampling seed per prompt (deterministic mode), else the engine's random state. Returns
-        rollouts and seconds taken."""
+        ``seeds``: one sampling seed per prompt (deterministic mode), else the engine's random state."""
         start = time.perf_counter()
         n = n or self.cfg.samples_per_prompt
         params = [self._sampling(n, False, seed) for seed in seeds] if seeds else self._sampling(n, greedy=False)
@@ -102,37 +114,71 @@ class GenerationActor:
         self.sink.observe_many("rollout/response_length_tokens", [len(r.response_ids) for r in rollouts])
         self.sink.observe_many("rollout/prompt_length_tokens", [len(p.token_ids) for p in prompts])
         self.sink.heartbeat()
-        return rollouts, seconds
+        swapped, self.swap_seconds = self.swap_seconds, 0.0
+        return Generated(rollouts, seconds, swapped)
 
     def greedy(self, prompts: list[Prompt]) -> list[str]:
         """Greedy completions (held-out evaluation)."""
         return [out.outputs[0].text for out in self._run(prompts, self._sampling(1, greedy=True))]
 
     def update_weights(self, version: int, packed_ref: list) -> dict[str, float]:
-        """Load version ``version`` from ``[ObjectRef]`` (wrapped so this actor does the get and times it)."""
+        """Load version ``version`` from ``[ObjectRef]`` now (wrapped so this actor does the get and times it);
+        the synchronous path: on-policy steps and catching up."""
+        start = time.perf_counter()
+        named = self._fetch(version, packed_ref)
+        fetched = time.perf_counter()
+        with self._staged_lock:  # a staged older version must not be swapped in over this one later
+            if self._staged is not None and self._staged[0] <= version:
+                self._staged = None
+        self._load(version, named)
+        return {"sync/fetch_seconds": fetched - start, "sync/load_seconds": time.perf_counter() - fetched}
+
+    def stage_weights(self, version: int, packed_ref: list) -> dict[str, float]:
+        """Fetch version ``version`` in the background (call it in ``WEIGHTS_GROUP``) and keep it for the next
+        request to swap in; a newer staged version replaces an older one not swapped in yet."""
+        start = time.perf_counter()
+        named = self._fetch(version, packed_ref)
+        seconds = time.perf_counter() - start
+        with self._staged_lock:
+            if version > self.policy_version and (self._staged is None or version > self._staged[0]):
+                self._staged = (version, named, seconds)
+        return {"sync/fetch_seconds": seconds}
+
+    def _fetch(self, version: int, packed_ref: list) -> list:
         import ray
 
         from learner.weights import unpack_weights
 
-        start = time.perf_counter()
         packed = ray.get(packed_ref[0], timeout=self.cfg.timeout_s)
         if packed.version != version:
             raise ValueError(f"asked to load version {version}, the ref holds version {packed.version}")
-        fetched = time.perf_counter()
-        self.llm.collective_rpc("relay_load_weights", args=(list(unpack_weights(packed)),))
+        return list(unpack_weights(packed))  # zero-copy views over the object store's shared memory
+
+    def _swap_staged(self) -> None:
+        with self._staged_lock:
+            staged, self._staged = self._staged, None
+        if staged is None or staged[0] <= self.policy_version:
+            return
+        start = time.perf_counter()
+        self._load(staged[0], staged[1])
+        seconds = time.perf_counter() - start
+        self.swap_seconds += seconds
+        self.sink.log({"sync/swap_seconds": seconds})
+
+    def _load(self, version: int, named: list) -> None:
+        self.llm.collective_rpc("relay_load_weights", args=(named,))
         # Cached prefixes hold keys/values computed by the old weights.
         self.llm.reset_prefix_cache()
         self.policy_version = version
         self.sink.log({"sync/policy_version": float(version)})
         self.sink.heartbeat()
-        done = time.perf_counter()
-        return {"sync/fetch_seconds": fetched - start, "sync/load_seconds": done - fetched}
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """vLLM's logprobs of ``response_ids`` after ``prompt_ids`` (the weight-sync correctness check)."""
         from vllm import SamplingParams
 
         ids = list(prompt_ids) + list(response_ids)
+        self._swap_staged()
         out = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
                                 use_tqdm=False)[0]
         steps = out.prompt_logprobs[len(prompt_ids):]

@@ -1,10 +1,13 @@
-"""The driver: places actors, runs the on-policy loop, logs every step, checkpoints.
+"""The driver: places actors, runs the loop, logs every step, checkpoints.
 
 Runs in the process that ``relay train`` starts, locally or under ``ray job submit``.
-Per step: shard prompts across generation actors -> score through the reward service ->
-one learner update -> publish weights once -> every actor loads them. A crashed generation
-actor is restarted by Ray (``max_restarts``), caught up from the latest published version,
-and its shard is sampled again.
+On-policy (``algorithm.max_staleness: 0``), per step: shard prompts across generation actors ->
+score through the reward service -> one learner update -> publish weights once -> every actor
+loads them. Streaming (``max_staleness`` s >= 1): the fleet samples all the time and groups are
+scored as they land (``cluster/stream.py``); a step takes a step's worth from the rollout buffer,
+the learner trains while the stream goes on, and the new weights are fetched by the actors in the
+background and swapped in between requests. A crashed generation actor is restarted by Ray
+(``max_restarts``), caught up from the latest published version, and its shard is sampled again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from cluster.config import RelayConfig
 from cluster.fleet import Fleet, Launch
 from cluster.progress import Progress
 from cluster.resources import check_resources, init_ray, oversubscription_warning
+from cluster.rollout_buffer import Group, RolloutBuffer
+from cluster.stream import RolloutStream
 from core.data import DataConfig, DataError, Example, Splits, format_prompt, load_splits
 from core.metrics import JsonlLogger, MetricSink
 from core.records import Prompt, Rollout, ScoredRollout
@@ -138,7 +143,8 @@ class Driver:
         self.eval_reward = None  # a second reward app when train.eval_reward is set (start())
         self.rng = random.Random(cfg.train.seed)
         self.order: list[int] = []  # training prompt indices still to draw, in order
-        self.inflight: deque[tuple[list[int], Launch]] = deque()  # launched ahead (max_staleness): picks, launch
+        self.inflight: deque[tuple[list[int], Launch]] = deque()  # this step's launch (on-policy): picks, launch
+        self.stream: RolloutStream | None = None  # the streaming loop's producer (max_staleness >= 1)
         self.step, self.evals, self.elapsed_before = 0, [], 0.0  # evals: (step, held-out score)
         self.store = VersionStore(cfg.checkpoint.keep_versions)
         self.sink = MetricSink("driver") if cfg.metrics.prometheus else None
@@ -164,6 +170,8 @@ class Driver:
         self.fleet = Fleet(g, start_path, self.cfg.model.dtype, self.store, self.runtime_env,
                            version=state["version"] if state else 0, log=self.log, sink=self.sink)
         self.fleet.start()
+        if self.cfg.algorithm.max_staleness > 0:
+            self.stream = self._build_stream()
         self.reward = RewardClient.deploy(self.cfg.reward)
         if self.cfg.train.eval_reward:
             r = self.cfg.reward
@@ -172,6 +180,13 @@ class Driver:
                 app_name="relay-eval-reward")
         if state:
             self._restore(state)
+
+    def _build_stream(self) -> RolloutStream:
+        a, per_step = self.cfg.algorithm, self.cfg.train.prompts_per_step
+        buffer = RolloutBuffer(capacity=a.max_staleness * per_step, max_staleness=a.max_staleness,
+                               filters=("uniform",) if a.dynamic_sampling else ())
+        chunk = self.cfg.generation.stream_chunk_prompts or max(1, per_step // 2)
+        return RolloutStream(self.fleet, buffer, self.next_prompts, self.score, min(chunk, buffer.capacity))
 
     def _start_learner(self, path: str, with_state: bool):
         """The learner group (``learner.num_workers`` ranks) on the policy at ``path`` (the reference stays
@@ -263,7 +278,7 @@ class Driver:
     def sync(self) -> dict[str, float]:
         """Publish the learner's weights once and have every actor load them."""
         start = time.perf_counter()
-        version, ref, stats = self._learner_call("publish")
+        version, ref, stats = self._learner_call(self.learner.publish)
         self.store.add(version, ref[0])
         stats.update(self.fleet.load(version, ref[0]))
         stats["sync/seconds"] = time.perf_counter() - start
@@ -356,31 +371,52 @@ class Driver:
         return summary
 
     def _step(self) -> dict[str, float]:
-        """One step. With ``max_staleness`` s > 0, s generations are launched ahead and run while the
-        learner trains, with the weights the actors hold; every rollout carries its policy_version and
-        the sampler's logprobs feed the importance correction (TIS)."""
+        """One on-policy step: sample the batch, score it, train, publish, every actor loads (in order, so
+        deterministic mode is exact). Streaming (``max_staleness`` >= 1) is ``_stream_step``."""
+        if self.stream is not None:
+            return self._stream_step()
         t0 = time.perf_counter()
-        s, version = self.cfg.algorithm.max_staleness, max(self.store.latest_version, self.fleet.start_version)
+        version = max(self.store.latest_version, self.fleet.start_version)
         if not self.inflight:
             self.inflight.append(self.launch(self.step + 1))
         _, launched = self.inflight[0]
         rollouts, gen_seconds = self.fleet.collect(launched)
         metrics = self.rollout_stats(rollouts, gen_seconds, max(version, 0))
-        fresh = [r for r in rollouts if version - r.policy_version <= s]
-        if len(fresh) < len(rollouts):  # never train on samples older than allowed
-            self.log(f"dropped {len(rollouts) - len(fresh)} rollouts older than algorithm.max_staleness={s}")
-            metrics["rollout/dropped_total{reason=stale}"] = float(len(rollouts) - len(fresh))
-            rollouts = fresh
-        while len(self.inflight) < s + 1:  # sample ahead while the learner trains
-            self.inflight.append(self.launch(self.step + 1 + len(self.inflight)))
         scored, reward_stats = self.score(rollouts)
         metrics.update(reward_stats)
         if self.cfg.algorithm.dynamic_sampling:
             scored, metrics["rollout/extra_prompts"] = self._dynamic_sampling(scored, self.step + 1)
-        metrics.update(self._learner_call("train_step", scored))
+        metrics.update(self._learner_call(self.learner.train_step, scored))
         self.inflight.popleft()  # trained: from here on it is never redone
         self.step += 1
         metrics.update(self.sync())
+        metrics.update(self.fleet.take_counts())
+        self.fleet.grow()
+        metrics["system/step_seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def _stream_step(self) -> dict[str, float]:
+        """One streaming step: take a step's worth of groups from the buffer (waiting only if it holds fewer),
+        train on them while the stream keeps sampling and scoring, publish, and let the actors fetch the new
+        version in the background. Every rollout carries its policy_version; the sampler's logprobs feed the
+        rollout correction (TIS by default)."""
+        t0 = time.perf_counter()
+        version = max(self.store.latest_version, self.fleet.start_version)
+        groups, metrics = self.stream.take(self.cfg.train.prompts_per_step, version, self.cfg.generation.timeout_s)
+        if self.cfg.algorithm.dynamic_sampling:
+            metrics["rollout/extra_prompts"] = metrics.get("rollout/filtered_total{reason=uniform}", 0.0)
+        call = self._learner_call(self.learner.train_step_async, [s for g in groups for s in g.samples])
+        while len(ray.wait(call.refs, num_returns=len(call.refs), timeout=0)[0]) < len(call.refs) \
+                and time.monotonic() < call.deadline:
+            self.stream.pump(timeout=1.0, also=call.refs)  # sample and score while the learner trains
+        metrics.update(self._learner_call(call.results)[0])
+        self.step += 1
+        started = time.perf_counter()
+        version, ref, stats = self._learner_call(self.learner.publish)
+        self.store.add(version, ref[0])
+        self.fleet.stage(version, ref[0])  # hidden sync: fetched beside generation, swapped between requests
+        metrics.update(stats)
+        metrics["sync/seconds"] = time.perf_counter() - started
         metrics.update(self.fleet.take_counts())
         self.fleet.grow()
         metrics["system/step_seconds"] = time.perf_counter() - t0
@@ -392,23 +428,18 @@ class Driver:
         ``train.prompts_per_step`` groups differ or ``algorithm.max_extra_prompts_per_step`` extra prompts were
         drawn; train on the first ``prompts_per_step`` informative groups. Returns them and the extra count."""
         want, cap = self.cfg.train.prompts_per_step, self.cfg.algorithm.max_extra_prompts_per_step
-        groups: dict[int, list[ScoredRollout]] = {}
-        for s in scored:
-            groups.setdefault(s.rollout.group_id, []).append(s)
-        informative = {g: ss for g, ss in groups.items() if len({s.reward for s in ss}) > 1}
-        extra, next_group = 0, max(groups, default=-1) + 1
-        while len(informative) < want and extra < cap:
+        buffer = RolloutBuffer(capacity=want + cap, max_staleness=0, filters=("uniform",))
+        buffer.add(_groups(scored))
+        extra, next_group = 0, max((s.rollout.group_id for s in scored), default=-1) + 1
+        while len(buffer) < want and extra < cap:
             _, prompts = self.next_prompts(min(want, cap - extra), first_group=next_group)
             seeds = [sampling_seed(self.cfg.train.seed, step, p.index) for p in prompts] \
                 if self.cfg.train.deterministic else None
             more, _ = self.score(self.fleet.generate(prompts, seeds=seeds)[0])
             extra, next_group = extra + len(prompts), next_group + len(prompts)
-            for s in more:
-                groups.setdefault(s.rollout.group_id, []).append(s)
-            informative.update({g: groups[g] for g in {s.rollout.group_id for s in more}
-                                if len({s.reward for s in groups[g]}) > 1})
-        kept = sorted(informative)[:want]
-        return [s for g in kept for s in informative[g]], float(extra)
+            buffer.add(_groups(more))
+        kept = sorted(buffer.groups, key=lambda g: g.prompt_index)[:want]
+        return [s for g in kept for s in g.samples], float(extra)
 
     def _guarded_step(self) -> dict[str, float] | None:
         """``_step``, restoring the learner from the last checkpoint if it died (None then)."""
@@ -419,13 +450,14 @@ class Driver:
             return None
 
     # ---- the learner ------------------------------------------------------------------------------
-    def _learner_call(self, method: str, *args):
-        """One learner call with its deadline; a dead learner raises LearnerDied, a non-finite run RunError."""
+    def _learner_call(self, method, *args):
+        """``method(*args)``, a call of the learner group with its deadline; a dead learner raises LearnerDied,
+        a non-finite run RunError."""
         from learner.group import RankFailed
         from learner.learner import NonFiniteError
 
         try:
-            return self.learner.train_step(*args) if method == "train_step" else self.learner.publish()
+            return method(*args)
         except RankFailed as e:
             raise LearnerDied(str(e)) from e
         except ray.exceptions.RayTaskError as e:
@@ -500,6 +532,8 @@ class Driver:
     def _state(self, elapsed: float) -> dict:
         """Everything besides the learner's state that continuing exactly needs."""
         pending = [i for picks, _ in self.inflight for i in picks]  # launched, not trained: drawn again
+        if self.stream is not None:
+            pending += self.stream.pending()
         return {
             "step": self.step,
             "version": self.store.latest_version if self.store.latest_version > 0 else self.fleet.start_version,
@@ -526,6 +560,8 @@ class Driver:
             self.fleet.restarts = state["restarts"]
             self.learner_restores = state.get("learner_restores", 0)
         self.inflight.clear()
+        if self.stream is not None:
+            self.stream.reset()
         self._service_counts = state["service_counts"]
         self._evaluator_state = state["evaluator"]
         if self.evaluator is not None and state["evaluator"] is not None:
@@ -587,6 +623,14 @@ class Driver:
                 pass
 
 
+def _groups(scored: list[ScoredRollout]) -> list[Group]:
+    """Scored rollouts as groups, by group id (the prompt's position in its batch)."""
+    by_id: dict[int, list[ScoredRollout]] = {}
+    for s in scored:
+        by_id.setdefault(s.rollout.group_id, []).append(s)
+    return [Group(gid, samples) for gid, samples in by_id.items()]
+
+
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
@@ -636,7 +680,7 @@ class _graceful_stop:
 
 
 # Exported to Prometheus by the component that measures them, with its own labels.
-_EXPORTED_ELSEWHERE = ("learner/", "rollout/generated_tokens_total", "rollout/generation_seconds")
+_EXPORTED_ELSEWHERE = ("learner/", "rollout/generated_tokens_total", "rollout/generation_seconds", "sync/swap_seconds")
 
 
 def _driver_exports(key: str) -> bool:

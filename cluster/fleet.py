@@ -78,11 +78,16 @@ class Fleet:
 
         self.cfg, self.policy_path, self.dtype, self.store = cfg, policy_path, dtype, store
         self.start_version, self.log, self.sink = version, log, sink
+        from actors.generation import WEIGHTS_GROUP
+
         self._cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
-                               max_task_retries=0)(GenerationActor).options(runtime_env=runtime_env or {})
+                               max_task_retries=0, concurrency_groups={WEIGHTS_GROUP: 1}
+                               )(GenerationActor).options(runtime_env=runtime_env or {})
         self.members: list[Member] = []
         self.restarts = 0  # actors that came back after a failure, all slots
         self.resampled: dict[str, int] = {}  # prompts sampled again, by reason, since the last take_counts()
+        self.swap_seconds: dict[int, float] = {}  # by slot: time lost to hidden-sync swaps since take_counts()
+        self.staging: list[tuple[Member, object]] = []  # stage_weights calls not yet seen to finish
 
     # ---- membership -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -197,7 +202,11 @@ class Fleet:
             seeds = launch.seeds[i] if launch.seeds else None
             try:
                 result = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
-                out.extend(result[0] if launch.kind == "generate" else result)
+                if launch.kind == "generate":
+                    self._note(self.members[launch.slots[i]], result)
+                    out.extend(result.rollouts)
+                else:
+                    out.extend(result)
             except (RayActorError, RayTaskError, GetTimeoutError) as e:
                 member = self.members[launch.slots[i]]
                 # a shard of the member's previous process: it has been handled (and restarted) already
@@ -212,6 +221,13 @@ class Fleet:
 
     def greedy(self, prompts: list[Prompt]) -> list[str]:
         return self.collect(self.launch(prompts, kind="greedy"))[0]
+
+    def _note(self, member: Member, result) -> None:
+        """What a generate call says of its actor: the version it sampled with, the time it lost swapping."""
+        if result.rollouts:
+            member.version = max(member.version, max(r.policy_version for r in result.rollouts))
+        if result.swap_seconds:
+            self.swap_seconds[member.slot] = self.swap_seconds.get(member.slot, 0.0) + result.swap_seconds
 
     def _submit(self, member: Member, kind: str, shard: list[Prompt], n: int | None, seeds: list[int] | None):
         if kind == "greedy":
@@ -237,6 +253,29 @@ class Fleet:
             except (RayActorError, RayTaskError, GetTimeoutError) as e:  # it catches up when it rejoins
                 self._fail(m, e)
         return {"sync/load_seconds": slowest}
+
+    def stage(self, version: int, ref) -> None:
+        """Hidden sync: every live actor starts fetching ``version`` in the background and swaps it in between
+        requests; returns at once. A failed fetch is logged when seen; the actor then catches up on its own
+        next stage, or rejoins through ``_catch_up`` if it died."""
+        from actors.generation import WEIGHTS_GROUP
+
+        self._check_staging()
+        for m in self.live:
+            self.staging.append((m, m.handle.stage_weights.options(concurrency_group=WEIGHTS_GROUP).remote(
+                version, [ref])))
+
+    def _check_staging(self) -> None:
+        if not self.staging:
+            return
+        done, _ = ray.wait([r for _, r in self.staging], num_returns=len(self.staging), timeout=0)
+        finished = set(done)
+        for m, ref in [(m, r) for m, r in self.staging if r in finished]:
+            try:
+                ray.get(ref, timeout=0)
+            except (RayActorError, RayTaskError) as e:  # a dead actor fails its next generate call too
+                self.log(f"generation actor {m.slot}: background fetch failed ({_first_line(e)})")
+        self.staging = [(m, r) for m, r in self.staging if r not in finished]
 
     def _catch_up(self, member: Member) -> None:
         if self.store.latest_version > member.version:
@@ -274,9 +313,12 @@ class Fleet:
             self.sink.log({key: 1.0}, tags=tags or None)
 
     def take_counts(self) -> dict[str, float]:
-        """Prompts sampled again since the last call, by reason, as metric keys; and the live fleet size."""
+        """Prompts sampled again since the last call, by reason, as metric keys; the slowest actor's time lost to
+        hidden-sync swaps; and the live fleet size."""
         out = {f"rollout/prompts_resampled_total{{reason={r}}}": float(v) for r, v in self.resampled.items()}
-        self.resampled = {}
+        if self.swap_seconds:
+            out["sync/swap_seconds"] = max(self.swap_seconds.values())
+        self.resampled, self.swap_seconds = {}, {}
         out["system/fleet_size"] = float(len(self.live))
         return out
 

@@ -90,7 +90,10 @@ _SPECS = [
     _g("rollout/response_length_mean_tokens", "mean response length of the step's rollouts"),
     _g("rollout/tokens_per_second", "response tokens sampled per second, all actors, this step"),
     _g("rollout/staleness_versions", "learner version minus the oldest policy_version trained on this step"),
-    _g("rollout/queue_depth", "scored rollouts waiting for the learner"),
+    _g("rollout/queue_depth", "scored groups waiting in the rollout buffer for the learner (streaming loop)"),
+    _g("rollout/wait_seconds", "time the step waited for the rollout buffer to hold a step's groups (streaming loop)"),
+    _c("rollout/filtered_total", "groups the rollout buffer did not admit, by filter (uniform: all rewards equal)",
+       ("reason",)),
     _c("rollout/samples_total", "rollouts produced"),
     _c("rollout/prompts_resampled_total", "prompts sampled again on another actor or after a restart, by why their "
        "first actor failed (died, stuck, error)", ("reason",)),
@@ -144,6 +147,8 @@ _SPECS = [
     _g("sync/publish_seconds", "learner time to pack and ray.put one weight version"),
     _g("sync/gather_seconds", "part of publish_seconds spent gathering sharded weights (fsdp) or merging LoRA"),
     _g("sync/load_seconds", "slowest actor's time to fetch and load one weight version"),
+    _g("sync/swap_seconds", "generation time an actor lost swapping in weights fetched in the background (hidden "
+       "sync, streaming loop), summed over the step's calls", ("actor_id",)),
     _g("sync/fetch_seconds", "slowest actor's ray.get of the published version (zero-copy from the object store)"),
     # offline/: preference optimisation (relay dpo), per step; eval/*_heldout: the same on held-out pairs
     _g("offline/loss", "the step's loss: preference loss (relay dpo) or weighted negative log-likelihood (relay rwr)"),

@@ -36,6 +36,18 @@ class Rollout:
 
 
 @dataclass(frozen=True)
+class Generated:
+    """What one generate call of a generation actor returns."""
+
+    rollouts: list[Rollout]
+    """grouped by prompt, in prompt order"""
+    seconds: float
+    """wall time of the call in the actor"""
+    swap_seconds: float = 0.0
+    """of those, the time spent swapping in weights staged in the background (hidden sync's only stop)"""
+
+
+@dataclass(frozen=True)
 class ScoredRollout:
     """A rollout and the reward the reward service gave it."""
 

@@ -26,6 +26,32 @@ class RankFailed(RuntimeError):
     """A learner rank died, or did not answer within ``learner.timeout_s``."""
 
 
+class GroupCall:
+    """A call running on every rank: ``refs`` (rank order) to wait on, ``results`` to gather them."""
+
+    def __init__(self, method: str, refs: list, deadline: float, timeout_s: float):
+        self.method, self.refs, self.deadline, self.timeout_s = method, refs, deadline, timeout_s
+
+    def results(self) -> list:
+        """Every rank's result, in rank order. The first rank to die or miss the deadline fails the call, named."""
+        rank_of = {ref: r for r, ref in enumerate(self.refs)}
+        results: dict[int, object] = {}
+        pending = list(self.refs)
+        while pending:  # one deadline for the whole call, not one per rank
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, self.deadline - time.monotonic()))
+            if not done:
+                late = sorted(rank_of[p] for p in pending)
+                raise RankFailed(f"learner rank(s) {late} did not answer {self.method} within {self.timeout_s:g} s "
+                                 f"(learner.timeout_s)")
+            r = rank_of[done[0]]
+            try:
+                results[r] = ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                raise RankFailed(f"learner rank {r} of {len(self.refs)} died during {self.method}: "
+                                 f"{_first_line(e)}") from e
+        return [results[r] for r in range(len(self.refs))]
+
+
 class LearnerGroup:
     def __init__(self, lc: LearnerConfig, args: tuple, kwargs: dict, runtime_env: dict | None = None,
                  start_timeout_s: float = 600.0):
@@ -63,29 +89,21 @@ class LearnerGroup:
     def _all(self, method: str, *args, per_rank: list[tuple] | None = None, timeout_s: float | None = None) -> list:
         """``method`` on every rank (``per_rank[r]`` as rank r's arguments, else ``args``); their results in rank
         order. The first rank to die or miss the deadline fails the call, named."""
+        return self._submit(method, *args, per_rank=per_rank, timeout_s=timeout_s).results()
+
+    def _submit(self, method: str, *args, per_rank: list[tuple] | None = None,
+                timeout_s: float | None = None) -> GroupCall:
         refs = [getattr(a, method).remote(*(per_rank[r] if per_rank else args)) for r, a in enumerate(self.actors)]
-        rank_of = {ref: r for r, ref in enumerate(refs)}
-        results: dict[int, object] = {}
-        pending, timeout = list(refs), timeout_s or self.timeout_s
-        deadline = time.monotonic() + timeout  # one deadline for the whole call, not one per rank
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not done:
-                late = sorted(rank_of[p] for p in pending)
-                raise RankFailed(f"learner rank(s) {late} did not answer {method} within {timeout:g} s "
-                                 f"(learner.timeout_s)")
-            r = rank_of[done[0]]
-            try:
-                results[r] = ray.get(done[0])
-            except ray.exceptions.RayActorError as e:
-                raise RankFailed(f"learner rank {r} of {len(self.actors)} died during {method}: "
-                                 f"{_first_line(e)}") from e
-        return [results[r] for r in range(len(refs))]
+        return GroupCall(method, refs, time.monotonic() + (timeout_s or self.timeout_s), timeout_s or self.timeout_s)
 
     def train_step(self, scored: list[ScoredRollout]) -> dict[str, float]:
+        return self.train_step_async(scored).results()[0]
+
+    def train_step_async(self, scored: list[ScoredRollout]) -> GroupCall:
+        """Start one step on every rank and return at once (the streaming loop samples meanwhile)."""
         shares = split_by_group(scored, len(self.actors))
         width = max((len(s.rollout.prompt_ids) + len(s.rollout.response_ids) for s in scored), default=2)
-        return self._all("train_step", per_rank=[(share, width) for share in shares])[0]
+        return self._submit("train_step", per_rank=[(share, width) for share in shares])
 
     def publish(self):
         return self._all("publish")[0]

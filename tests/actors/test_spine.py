@@ -204,18 +204,67 @@ def test_greedy_evaluation_is_deterministic(driver):
     assert a["eval/task_score"] == b["eval/task_score"] and 0.0 <= a["eval/task_score"] <= 1.0
 
 
-def test_actors_run_one_version_ahead_with_max_staleness_1(driver):
+def test_streaming_loop_trains_every_admitted_group_once_within_staleness(driver):
+    """max_staleness 1: the fleet samples while the learner trains, groups are scored as they land; every
+    group the buffer admitted is trained on exactly once (or is still waiting), none older than 1 version."""
     driver.cfg.algorithm.max_staleness = 1
+    driver.stream = driver._build_stream()
+    admitted, taken, steps = [], [], []
+    add, take = driver.stream.buffer.add, driver.stream.buffer.take
+
+    def recording_add(groups):
+        n = add(groups)
+        admitted.extend(groups[:n] if n == len(groups) else [g for g in groups if g in driver.stream.buffer.groups])
+        return n
+
+    def recording_take(n, learner_version):
+        out = take(n, learner_version)
+        steps.append((learner_version, out))
+        taken.extend(out)
+        return out
+
+    driver.stream.buffer.add, driver.stream.buffer.take = recording_add, recording_take
     try:
-        staleness = []
-        for _ in range(3):
-            metrics = driver._step()
-            staleness.append(metrics["rollout/staleness_versions"])
-        assert staleness == [0.0, 1.0, 1.0]  # the first batch was sampled before any update
-        assert len(driver.inflight) == 1  # one generation runs ahead
-        driver.fleet.collect(driver.inflight.popleft()[1])
+        metrics = [driver._stream_step() for _ in range(4)]
+        ids = [s.rollout.group_id for g in taken for s in g.samples[:1]]
+        assert len(ids) == len(set(ids)) == 4 * driver.cfg.train.prompts_per_step  # each group once
+        left = list(driver.stream.buffer.groups)
+        assert {id(g) for g in admitted} == {id(g) for g in taken} | {id(g) for g in left}
+        for version, groups in steps:
+            assert all(version - g.version <= 1 for g in groups)
+        assert all(m["rollout/staleness_versions"] <= 1 for m in metrics)
+        assert max(m["rollout/staleness_versions"] for m in metrics) == 1  # it really sampled ahead
+        assert all("rollout/queue_depth" in m and m["sync/seconds"] > 0 for m in metrics)
+        counts = Counter(s.rollout.group_id for g in taken for s in g.samples)
+        assert set(counts.values()) == {driver.cfg.generation.samples_per_prompt}
     finally:
-        driver.cfg.algorithm.max_staleness = 0
+        for _, _, launch in driver.stream.inflight:
+            driver.fleet.collect(launch)
+        driver.stream, driver.cfg.algorithm.max_staleness = None, 0
+        driver.sync()  # every actor on the latest version again, for the tests after
+
+
+def test_weights_swapped_in_between_requests_match_the_learner(driver):
+    """Hidden sync: an actor fetches a new version while it generates; the request in flight finishes with
+    the old weights, the next one starts with the new, and vLLM's logprobs then equal the learner's."""
+    actor = handle(driver, 0)
+    old = ray.get(actor.health.remote(), timeout=30)["policy_version"]
+    one_training_step(driver)
+    version, ref, _ = driver.learner.publish()
+    driver.store.add(version, ref[0])
+    _, prompts = driver.next_prompts(12)
+    busy = actor.generate.remote(prompts * 60, 8)  # seconds of sampling: in flight while the fetch runs
+    time.sleep(0.5)
+    staged = actor.stage_weights.options(concurrency_group="weights").remote(version, ref)
+    fetch = ray.get(staged, timeout=60)
+    assert not ray.wait([busy], timeout=0)[0]  # the fetch finished while the generate call still ran
+    in_flight = ray.get(busy, timeout=300)
+    assert fetch["sync/fetch_seconds"] >= 0
+    assert {r.policy_version for r in in_flight.rollouts} == {old}  # fetched beside it, not swapped into it
+    after = ray.get(actor.generate.remote(prompts[:2], 2), timeout=60)
+    assert {r.policy_version for r in after.rollouts} == {version} and after.swap_seconds > 0
+    assert_close(vllm_logprobs(actor), learner_logprobs(driver))
+    driver.sync()
 
 
 def test_dynamic_sampling_draws_prompts_until_groups_differ(driver):

@@ -1,0 +1,51 @@
+"""The rollout buffer on hand-made groups: admission filters, the staleness bound, order, counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.rollout_buffer import Group, RolloutBuffer
+from core.records import Rollout, ScoredRollout
+
+
+def group(index: int, version: int, rewards: list[float]) -> Group:
+    samples = [ScoredRollout(Rollout(index, [1], [2], [-0.5], version, "stop", "p", "r"), r) for r in rewards]
+    return Group(index, samples)
+
+
+def test_uniform_filter_refuses_groups_whose_rewards_are_equal():
+    buffer = RolloutBuffer(capacity=10, max_staleness=1, filters=("uniform",))
+    assert buffer.add([group(0, 0, [1.0, 1.0]), group(1, 0, [0.0, 1.0]), group(2, 0, [0.0, 0.0])]) == 1
+    assert [g.prompt_index for g in buffer.groups] == [1]
+    counts = buffer.take_counts()
+    assert counts["rollout/filtered_total{reason=uniform}"] == 2.0 and counts["rollout/queue_depth"] == 1.0
+    assert "rollout/filtered_total{reason=uniform}" not in buffer.take_counts()  # counts are per call
+
+
+def test_take_drops_groups_older_than_the_staleness_bound_and_hands_out_the_oldest_first():
+    buffer = RolloutBuffer(capacity=10, max_staleness=1)
+    buffer.add([group(0, 3, [0, 1]), group(1, 4, [0, 1, 1]), group(2, 5, [1, 0]), group(3, 5, [1, 1])])
+    assert not buffer.ready(4, learner_version=5)  # group 0 (version 3) is 2 behind: dropped
+    taken = buffer.take(2, learner_version=5)
+    assert [g.prompt_index for g in taken] == [1, 2]
+    assert all(5 - g.version <= 1 for g in taken)
+    counts = buffer.take_counts()
+    assert counts["rollout/dropped_total{reason=stale}"] == 2.0  # group 0's two rollouts
+    assert counts["rollout/queue_depth"] == 1.0 and len(buffer) == 1
+
+
+def test_room_and_clear():
+    buffer = RolloutBuffer(capacity=3, max_staleness=0)
+    buffer.add([group(i, 0, [0, 1]) for i in range(2)])
+    assert buffer.room() == 1
+    assert [g.prompt_index for g in buffer.clear()] == [0, 1] and buffer.room() == 3
+
+
+def test_a_group_is_as_old_as_its_oldest_sample():
+    mixed = Group(0, group(0, 7, [0.0]).samples + group(0, 6, [1.0]).samples)
+    assert mixed.version == 6
+
+
+def test_unknown_filter_is_named():
+    with pytest.raises(ValueError, match="unknown admission filter.*'typo'.*valid: \\['uniform'\\]"):
+        RolloutBuffer(capacity=1, max_staleness=0, filters=("typo",))
