@@ -186,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.fleet import FleetError
     from cluster.resources import ResourceError
     from core.data import DataError
+    from core.report import ReportError
 
     try:
         return args.fn(args)
-    except (ConfigError, RunError, ResourceError, DataError, CheckpointError, FleetError) as e:
+    except (ConfigError, RunError, ResourceError, DataError, CheckpointError, FleetError, ReportError) as e:
         print(f"relay {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:

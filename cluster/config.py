@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from actors.config import GenerationConfig
 from core.data import DataConfig
@@ -84,10 +84,37 @@ class CheckpointConfig(Section):
     keep_versions: int = Field(2, ge=1, description="published weight versions kept in the object store (not on disk)")
 
 
+REPORT_TO = ("tensorboard", "wandb", "mlflow")
+"""the experiment trackers metrics.report_to may name (core/report.py writes them)"""
+
+
 class MetricsConfig(Section):
     jsonl: bool = Field(True, description="write every step's metrics to run_dir/metrics.jsonl")
     prometheus: bool = Field(True, description="export relay_* metrics through ray.util.metrics")
-    progress: bool = Field(True, description="print a progress line per step")
+    progress: bool = Field(True, description="show the progress line: redrawn in place on a terminal; elsewhere "
+                           "(a job log) one line at the first step and at each evaluation")
+    report_to: list[str] = Field(
+        [], description="also write every step's metrics to these trackers: tensorboard (run_dir/tensorboard), "
+                        "wandb (offline, under run_dir/wandb), mlflow (a local store, run_dir/mlruns); each needs "
+                        "its package (pip install 'relay-rl[report]')")
+    log_to_driver: bool = Field(False, description="print the actors' and reward replicas' stdout/stderr on the "
+                                "driver's console too; by default they go only to files in the Ray session's log "
+                                "directory (printed at start)")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value  # --set metrics.report_to=tensorboard
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in REPORT_TO:
+                raise ValueError(f"metrics.report_to: unknown tracker {name!r} (allowed: {', '.join(REPORT_TO)})")
+        if len(set(names)) < len(names):
+            raise ValueError(f"metrics.report_to {names} names a tracker twice")
+        return names
 
 
 class ClusterConfig(Section):
@@ -318,7 +345,7 @@ def reference_table() -> str:
 # data, the algorithm, the batch) would continue a different run, so --resume refuses it and names the key.
 RESUMABLE = (
     "train.steps", "train.time_limit_s", "train.eval_every", "train.run_dir",
-    "checkpoint.", "metrics.", "cluster.", "pipeline.",
+    "checkpoint.", "metrics.", "cluster.", "pipeline.", "reward.access_log", "generation.stream_chunk_prompts",
     "generation.num_actors", "generation.max_num_actors", "generation.num_cpus", "generation.num_gpus",
     "generation.timeout_s", "generation.start_timeout_s", "generation.max_restarts", "generation.torch_threads",
     "generation.kv_cache_gb", "generation.gpu_memory_utilization", "generation.enforce_eager",

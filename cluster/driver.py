@@ -354,8 +354,7 @@ class Driver:
             path = self._last_checkpoint(f"step_{self.step}", rl_seconds)
             self.log(f"stopped by {self._stop} after step {self.step}; checkpoint {path}. Continue with: "
                      f"relay train --resume {self.run_dir}")
-            if self.logger:
-                self.logger.close()
+            self._close_log()
             return self._summary(rl_seconds, str(path), interrupted=self._stop)
         if self.evals[-1][0] != self.step:
             final = self.evaluate()
@@ -366,8 +365,7 @@ class Driver:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if progress:
             self.log(progress.summary({k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in summary.items()}))
-        if self.logger:
-            self.logger.close()
+        self._close_log()
         return summary
 
     def _step(self) -> dict[str, float]:
@@ -583,10 +581,24 @@ class Driver:
             with path.open("r+b") as f:
                 f.truncate(offset)
         self.logger = JsonlLogger(path) if self.cfg.metrics.jsonl else None
+        if self.reporters is None:  # TensorBoard / W&B / MLflow (metrics.report_to), once per process
+            from core.report import RunReporters
+
+            self.reporters = RunReporters(self.cfg.metrics.report_to, self.run_dir, self.cfg.model_dump(mode="json"),
+                                          resumed_at=self.step if self.resume_from is not None else None)
+
+    reporters = None
+
+    def _close_log(self) -> None:
+        for out in (self.logger, self.reporters):
+            if out is not None:
+                out.close()
 
     def _emit(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger:
             self.logger.write(step, metrics)
+        if self.reporters is not None:
+            self.reporters.write(step, metrics)
         if self.sink:
             self.sink.log({k: v for k, v in metrics.items() if _driver_exports(k)})
             for slot, v in self.fleet.versions.items():
@@ -693,6 +705,9 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
     """``relay train``: build or find the policy, start Ray, run the loop, return the summary. ``resume``:
     continue the run in ``train.run_dir`` from its latest complete checkpoint."""
     check_model_path(cfg)
+    from core.report import check_available
+
+    check_available(cfg.metrics.report_to)  # a missing tracker package fails now, not after minutes of start-up
     splits = load_splits(cfg.data, cfg.model.cache_dir, log=log)  # bad data fails here, before Ray starts
     data = encode_data(cfg, splits, log=log)  # and prompts too long for the context
     run_dir = Path(cfg.train.run_dir)
@@ -718,7 +733,7 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
 
 
 def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> dict:
-    connected = init_ray(cfg.cluster, log=log)
+    connected = init_ray(cfg.cluster, log=log, log_to_driver=cfg.metrics.log_to_driver)
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
         if warning := oversubscription_warning(cfg):

@@ -230,7 +230,11 @@ class DPORun:
         if self.metrics_offset is not None and log_path.is_file():  # the steps after the checkpoint are redone
             with log_path.open("r+b") as f:
                 f.truncate(self.metrics_offset)
-        logger = self.logger = JsonlLogger(log_path)
+        from core.report import RunReporters
+
+        jsonl = self.logger = JsonlLogger(log_path)
+        logger = _Both(jsonl, RunReporters(cfg.metrics.report_to, self.run_dir, cfg.model_dump(mode="json"),
+                                           resumed_at=self.step if self.evals else None))
         started, last_ckpt = time.time(), time.time()
         try:
             if not self.evals:
@@ -368,7 +372,7 @@ def train_offline(run_class: type[DPORun], cfg: RelayConfig, log: Callable[[str]
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         run = run_class(cfg, log, resume_from)
         run.prepare()
-        connected = init_ray(cfg.cluster, log=log)
+        connected = init_ray(cfg.cluster, log=log, log_to_driver=cfg.metrics.log_to_driver)
         try:
             check_resources(cfg.model_copy(update={"generation": cfg.generation.model_copy(
                 update={"num_actors": 0})}))  # no generation actors offline
@@ -384,3 +388,18 @@ def train_offline(run_class: type[DPORun], cfg: RelayConfig, log: Callable[[str]
                 ray.shutdown()
     finally:
         lock.release()
+
+
+class _Both:
+    """The JSONL log and the trackers of ``metrics.report_to``, written together."""
+
+    def __init__(self, *outs):
+        self.outs = outs
+
+    def write(self, step: int, metrics: dict) -> None:
+        for out in self.outs:
+            out.write(step, metrics)
+
+    def close(self) -> None:
+        for out in self.outs:
+            out.close()

@@ -3,8 +3,10 @@
 ``step 12/200 | reward 0.41 | train acc 0.40 | eval acc 0.37 | kl 0.003 | tok/s 8,900 | sync 0.08s | ETA 3m12s``
 
 On a terminal the line is redrawn in place (rich live display); elsewhere, as in the job log that
-``ray job submit`` streams, every step prints a plain line. Fields whose metric the step did not
-log are left out; the eval score is carried over from the last evaluation.
+``ray job submit`` streams, a plain line is printed for the first step and for each step with an
+evaluation (``eval/task_score``), so a long run's log stays readable (metrics.jsonl has every step).
+Fields whose metric the step did not log are left out; the eval score is carried over from the last
+evaluation.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Prints a compact status line per step; ``summary`` renders the end-of-run table."""
+    """Shows a compact status line per step (printed at the first step and each evaluation when not on a
+    terminal); ``summary`` renders the end-of-run table."""
 
     def __init__(self, total_steps: int, started_at: float | None = None, stream: TextIO | None = None,
                  time_limit_s: float | None = None):
@@ -55,6 +58,8 @@ class Progress:
         self._sticky: dict[str, float] = {}
         self._first_step: tuple[int, float] | None = None
         self._live = None
+        self._printed = False
+        """a plain line was printed (off a terminal, the first step always prints one)"""
         if getattr(self.stream, "isatty", lambda: False)():
             from rich.console import Console
             from rich.live import Live
@@ -84,8 +89,9 @@ class Progress:
         text = self.line(step, values)
         if self._live is not None:
             self._live.update(text, refresh=True)
-        else:
+        elif not self._printed or values.get("eval/task_score") is not None:
             print(text, file=self.stream, flush=True)
+            self._printed = True
 
     def close(self) -> None:
         if self._live is not None:

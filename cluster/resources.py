@@ -13,25 +13,40 @@ class ResourceError(RuntimeError):
     """The configuration asks for more than the cluster has."""
 
 
-def init_ray(cfg: ClusterConfig, log=print) -> bool:
+def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False) -> bool:
     """Join ``cfg.address`` (or the job's cluster under ``ray job submit``), else start a local Ray.
 
+    The actors' and reward replicas' stdout/stderr go to files in the Ray session's log directory (named once
+    through ``log``), and also to this console with ``log_to_driver`` (``metrics.log_to_driver``): vLLM's and
+    Serve's lines would otherwise interleave with the progress line.
     Returns whether this call connected (so the caller disconnects); False if Ray was already up.
     """
     if ray.is_initialized():
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=log_to_driver)
         log(f"joined Ray cluster at {address}")
-        return True
-    # Generation and learning alternate on-policy, so logical CPUs may exceed physical cores.
-    num_cpus = cfg.local_num_cpus or max(4, os.cpu_count() or 1)
-    kwargs = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
-    # address="local": always a new Ray here, never one another process left in /tmp/ray/ray_current_cluster
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
-    log(f"started a local Ray with {num_cpus} logical CPUs")
+    else:
+        # Generation and learning alternate on-policy, so logical CPUs may exceed physical cores.
+        num_cpus = cfg.local_num_cpus or max(4, os.cpu_count() or 1)
+        kwargs = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
+        # address="local": always a new Ray here, never one another process left in /tmp/ray/ray_current_cluster
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                           **kwargs)
+        log(f"started a local Ray with {num_cpus} logical CPUs")
+    session_dir = getattr(context, "address_info", {}).get("session_dir")  # a ray:// client's context has none
+    log(component_logs_line(session_dir, joined=bool(address), shown=log_to_driver))
     return True
+
+
+def component_logs_line(session_dir: str | None, joined: bool, shown: bool) -> str:
+    """Where the actors' and replicas' output is: ``<session_dir>/logs`` (on every node of a cluster)."""
+    where = os.path.join(session_dir, "logs") if session_dir else "the Ray session's logs directory"
+    nodes = " on each node (ray logs lists them)" if joined else ""
+    also = "; also printed here (metrics.log_to_driver)" if shown else "; set metrics.log_to_driver=true to print " \
+        "them here too"
+    return f"component logs (actors, reward replicas, Serve): {where}{nodes}{also}"
 
 
 def requested(cfg: RelayConfig) -> dict[str, float]:

@@ -221,8 +221,7 @@ def _source_options(src: RewardSourceConfig, cfg: RewardConfig) -> dict:
         **_health_options(cfg),
         "ray_actor_options": {"num_cpus": src.num_cpus, "num_gpus": src.num_gpus},
         "max_ongoing_requests": src.max_ongoing_requests,
-        # one access-log line per internal call costs replica CPU at high rates; the ingress keeps its log
-        "logging_config": {"enable_access_log": False},
+        **_logging_options(cfg),
     }
     if src.autoscaling is not None:
         opts["autoscaling_config"] = src.autoscaling.model_dump()
@@ -233,6 +232,17 @@ def _source_options(src: RewardSourceConfig, cfg: RewardConfig) -> dict:
 
 def _health_options(cfg: RewardConfig) -> dict[str, float]:
     return {"health_check_period_s": cfg.health_check_period_s, "health_check_timeout_s": cfg.health_check_timeout_s}
+
+
+def serve_logging_config(cfg: RewardConfig) -> dict[str, bool]:
+    """Serve's logging_config for the replicas and (``serve.start``) the proxy and controller. The access log is
+    off by default: a line per call drowned the progress display, and on sources, called once per group, it costs
+    replica CPU at high rates. Errors are logged either way."""
+    return {"enable_access_log": cfg.access_log}
+
+
+def _logging_options(cfg: RewardConfig) -> dict[str, dict[str, bool]]:
+    return {"logging_config": serve_logging_config(cfg)}
 
 
 def _bind_source(src: RewardSourceConfig, cfg: RewardConfig) -> serve.Application:
@@ -253,7 +263,5 @@ def build_app(cfg: RewardConfig) -> serve.Application:
     sources = {src.name: _bind_source(src, cfg) for src in cfg.sources}
     ingress = serve.deployment(RewardIngress).options(
         name="RewardIngress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING, **_health_options(cfg),
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
-        # Two access-log lines per RL step drowned the progress display; errors still reach the log.
-        logging_config={"enable_access_log": False})
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, **_logging_options(cfg))
     return ingress.bind(cfg, sources)

@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatus
 
-from reward_service.app import build_app
+from reward_service.app import build_app, serve_logging_config
 from reward_service.config import RewardConfig
 from reward_service.records import RewardRequest, RewardResult
 
@@ -48,11 +48,13 @@ class RewardClient:
     @classmethod
     def deploy(cls, cfg: RewardConfig, app_name: str = "relay-reward") -> RewardClient:
         """Start Serve (if needed) and run the reward app; ``ray.init()`` is the caller's job."""
+        # Serve's own logging (controller, proxy) follows reward.access_log; it applies when this starts Serve
+        logging_config = serve_logging_config(cfg)
         if cfg.http_enabled:
-            serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+            serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port}, logging_config=logging_config)
             route_prefix: str | None = f"/{app_name}"
         else:
-            serve.start(proxy_location="Disabled")
+            serve.start(proxy_location="Disabled", logging_config=logging_config)
             route_prefix = None
         # run_many without waiting, then our own bounded wait: serve.run waits for RUNNING with no limit
         # (a replica that never gets its resources hangs it) and reports a failed replica without its reason.

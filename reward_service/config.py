@@ -270,6 +270,9 @@ class RewardConfig(BaseModel):
                                "to 4 MiB, app.HTTP_MAX_BODY_BYTES)")
     http_host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy")
     http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy")
+    access_log: bool = Field(False, description="Serve's access log: a line per request in every reward replica's "
+                             "and the proxy's log (and on the console with metrics.log_to_driver). Off, errors are "
+                             "still logged")
 
     @field_validator("sources")
     @classmethod

@@ -106,16 +106,25 @@ def test_progress_line_format():
                     "| sync 0.08s | ETA 3m08s")
 
 
-def test_progress_prints_plain_lines_when_not_a_tty():
+def test_progress_prints_the_first_step_and_each_evaluation_when_not_a_tty():
     stream = io.StringIO()
     progress = Progress(10, stream=stream)
-    progress.update(1, STEP_VALUES)
-    progress.update(2, {"reward/mean": 0.5, "learner/kl": float("nan")})
+    progress.update(1, {"reward/mean": 0.3})
+    progress.update(2, {"reward/mean": 0.35})  # neither the first step nor an evaluation: not printed
+    progress.update(3, STEP_VALUES)
+    progress.update(4, {"reward/mean": 0.5, "eval/task_score": None})
+    progress.update(5, {"reward/mean": 0.5, "learner/kl": float("nan"), "eval/task_score": 0.5})
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("step 1/10 | reward 0.41")
-    assert "eval acc 0.37" in lines[1]  # the last evaluation is carried over
-    assert "kl" not in lines[1] and "tok/s" not in lines[1]  # not logged this step / not finite
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/10", "step 3/10", "step 5/10"]
+    assert lines[1].startswith("step 3/10 | reward 0.41 | train acc 0.40 | eval acc 0.37")
+    assert "eval acc 0.50" in lines[2]
+    assert "kl" not in lines[2] and "tok/s" not in lines[2]  # not finite / not logged this step
+
+
+def test_progress_line_carries_the_last_evaluation_over():
+    progress = Progress(10, stream=io.StringIO())
+    progress.line(1, STEP_VALUES, now=1.0)
+    assert "eval acc 0.37" in progress.line(2, {"reward/mean": 0.5}, now=2.0)
 
 
 def test_progress_eta_uses_rate_after_startup():
