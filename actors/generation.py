@@ -85,7 +85,18 @@ class GenerationActor:
         return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                               max_tokens=self.cfg.max_tokens, logprobs=0, seed=seed)
 
+    def _engine_thread(self) -> None:
+        """Give the calling thread the engine's torch threads. With a second concurrency group Ray runs methods
+        in pool threads whose OpenMP default is Ray's OMP_NUM_THREADS, not what __init__ set; vLLM's CPU attention
+        then fails a check that its metadata and the kernel see the same thread count (measured: 1 vs 2)."""
+        if self.cfg.num_gpus == 0:
+            import torch
+
+            if torch.get_num_threads() != self.cfg.engine_threads:
+                torch.set_num_threads(self.cfg.engine_threads)
+
     def _run(self, prompts: list[Prompt], params):
+        self._engine_thread()
         self._swap_staged()  # between requests: the only moment the engine's weights may change
         return self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
 
@@ -166,6 +177,7 @@ class GenerationActor:
         self.sink.log({"sync/swap_seconds": seconds})
 
     def _load(self, version: int, named: list) -> None:
+        self._engine_thread()
         self.llm.collective_rpc("relay_load_weights", args=(named,))
         # Cached prefixes hold keys/values computed by the old weights.
         self.llm.reset_prefix_cache()
@@ -178,6 +190,7 @@ class GenerationActor:
         from vllm import SamplingParams
 
         ids = list(prompt_ids) + list(response_ids)
+        self._engine_thread()
         self._swap_staged()
         out = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
                                 use_tqdm=False)[0]

@@ -1,0 +1,199 @@
+"""The loop against its limit: bare generation and learner timings, and the on-policy and streaming loops.
+
+    python benchmarks/bench_loop.py [--seconds 150] [--skip-bare] [--skip-loops]
+
+Everything on the embedded default (tiny Qwen2, 64 prompts x 8 samples a step), side by side in one run:
+
+- bare, in one process without Ray, with 1 and with 2 torch threads: vLLM's ``LLM.generate`` alone; the
+  same call through Relay's ``GenerationActor.generate`` (the engine plus Relay's rollout building, no Ray
+  hop); Hugging Face ``generate`` on the same model and batch; one learner step (``Learner.train_step``)
+  on the batch, scored by exact match. Medians over ``--repeats`` batches.
+- loops, each a ``relay train`` of ``--seconds`` with evaluation only at the ends: on-policy with 2 + 2
+  threads (the default: generation and learning alternate, each gets both cores), on-policy with 1 + 1,
+  and streaming (``algorithm.max_staleness=1``) with 1 + 1 on disjoint cores. The median step time after
+  the first 10 steps.
+
+The limits: on-policy, bare generation plus bare learner (2 threads each); streaming, the larger of the
+two with 1 thread each. Writes ``benchmarks/results/loop/results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "loop"
+
+
+def bare(threads: int, repeats: int) -> dict:
+    """Bare timings with ``threads`` torch threads (run in a fresh process: the thread count is global)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import torch
+
+    torch.set_num_threads(threads)
+    from actors.generation import GenerationActor
+    from cluster.config import load_config
+    from cluster.driver import encode_data, resolve_policy
+    from core.data import exact_match, load_splits
+    from core.records import ScoredRollout
+    from learner.learner import Learner
+
+    cfg = load_config(overrides=[f"generation.torch_threads={threads}", f"learner.torch_threads={threads}"])
+    path = resolve_policy(cfg, log=lambda *_: None)
+    data = encode_data(cfg, load_splits(cfg.data, cfg.model.cache_dir, log=lambda *_: None), log=lambda *_: None)
+    g, per_step = cfg.generation, cfg.train.prompts_per_step
+    actor = GenerationActor(g, path, cfg.model.dtype)
+    learner = Learner(path, cfg.algorithm, cfg.learner, cfg.model.dtype, g.temperature, g.max_tokens,
+                      reference_path=path, seed=0)
+    batches = [data.train[i * per_step:(i + 1) * per_step] for i in range(repeats + 1)]
+    params = actor._sampling(g.samples_per_prompt, greedy=False)
+    engine, relay, tokens, learn = [], [], [], []
+    for i, prompts in enumerate(batches):
+        t = time.perf_counter()
+        outs = actor.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
+        engine.append(time.perf_counter() - t)
+        tokens.append(sum(len(o.token_ids) for out in outs for o in out.outputs))
+        t = time.perf_counter()
+        result = actor.generate(prompts)
+        relay.append(time.perf_counter() - t)
+        scored = [ScoredRollout(r, float(exact_match(r.response_text, r.metadata["answer"])))
+                  for r in result.rollouts]
+        t = time.perf_counter()
+        learner.train_step(scored)
+        learn.append(time.perf_counter() - t)
+        if i == 0:  # warm-up
+            engine, relay, tokens, learn = [], [], [], []
+    hf = hf_generate(path, batches[1], g, threads)
+    med = statistics.median
+    return {"threads": threads, "engine_s": med(engine), "relay_actor_s": med(relay), "learner_s": med(learn),
+            "hf_generate_s": hf, "tokens_per_step": med(tokens)}
+
+
+def hf_generate(path: str, prompts: list, g, threads: int, repeats: int = 3) -> float:
+    """Hugging Face ``generate`` on the same batch (left-padded prompts, n samples each, same sampling)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    width = max(len(p.token_ids) for p in prompts)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p.token_ids)) + p.token_ids for p in prompts
+                        for _ in range(g.samples_per_prompt)])
+    mask = (torch.arange(width) >= (width - torch.tensor([len(p.token_ids) for p in prompts
+                                                          for _ in range(g.samples_per_prompt)])).unsqueeze(1)).long()
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=g.temperature, top_p=g.top_p,
+                           max_new_tokens=g.max_tokens, pad_token_id=pad)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def loop(name: str, overrides: list[str], seconds: float) -> dict:
+    run_dir = Path("/tmp/relay-bench-loop") / name
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "--set", f"train.time_limit_s={seconds}",
+           "--set", "train.eval_every=100000", "--set", f"train.run_dir={run_dir}", "--set", "metrics.progress=false",
+           *[a for o in overrides for a in ("--set", o)]]
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "system/step_seconds" in r and r["step"] > 10]
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in steps if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {"name": name, "overrides": overrides, "steps": max(r["step"] for r in rows), "wall_s": wall,
+            "step_s": median("system/step_seconds"), "learner_s": median("learner/step_seconds{phase=total}"),
+            "wait_s": median("rollout/wait_seconds"), "swap_s": median("sync/swap_seconds"),
+            "sync_s": median("sync/seconds"), "staleness": median("rollout/staleness_versions")}
+
+
+LOOPS = {
+    "on-policy 2+2": [],
+    "on-policy 1+1": ["generation.torch_threads=1", "learner.torch_threads=1"],
+    "streaming 1+1": ["algorithm.max_staleness=1", "generation.torch_threads=1", "learner.torch_threads=1"],
+}
+
+
+def table(results: dict) -> str:
+    lines = []
+    b1, b2 = results.get("bare", {}).get("1"), results.get("bare", {}).get("2")
+    if b1 and b2:
+        lines += ["| bare, per step (64 prompts x 8) | 1 thread | 2 threads |", "|---|---|---|"]
+        for key, label in (("engine_s", "vLLM `LLM.generate`"), ("relay_actor_s", "Relay `GenerationActor.generate` "
+                                                                                   "(no Ray hop)"),
+                           ("hf_generate_s", "HF `generate`"), ("learner_s", "learner step")):
+            lines.append(f"| {label} | {b1[key]:.3f} s | {b2[key]:.3f} s |")
+        lines.append(f"| engine / Relay actor throughput | {b1['engine_s'] / b1['relay_actor_s']:.2f}x | "
+                     f"{b2['engine_s'] / b2['relay_actor_s']:.2f}x |")
+        lines.append("")
+    loops = results.get("loops", {})
+    if loops:
+        lines += ["| loop | steps | median step | learner | waited for rollouts | swap | staleness |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in loops.items():
+            fmt = lambda v: "" if v is None else f"{v:.3f} s"  # noqa: E731
+            lines.append(f"| {name} | {r['steps']} | {fmt(r['step_s'])} | {fmt(r['learner_s'])} | {fmt(r['wait_s'])} "
+                         f"| {fmt(r['swap_s'])} | {'' if r['staleness'] is None else int(r['staleness'])} |")
+    if b1 and b2 and "on-policy 2+2" in loops and "streaming 1+1" in loops:
+        sync_limit = b2["engine_s"] + b2["learner_s"]
+        async_limit = max(b1["relay_actor_s"], b1["learner_s"])
+        bound = sync_limit / async_limit
+        achieved = loops["on-policy 2+2"]["step_s"] / loops["streaming 1+1"]["step_s"]
+        results["limits"] = {"sync_limit_s": sync_limit, "async_limit_s": async_limit, "speedup_bound": bound,
+                             "speedup": achieved, "of_bound": achieved / bound}
+        lines += ["", f"Limits: on-policy = bare generation + learner at 2 threads = {sync_limit:.3f} s; streaming = "
+                      f"max(generation, learner) at 1 thread = {async_limit:.3f} s; bound on the speed-up "
+                      f"{bound:.2f}x. Measured: on-policy 2+2 / streaming 1+1 = **{achieved:.2f}x**, "
+                      f"{100 * achieved / bound:.0f}% of the bound."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=150.0)
+    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--skip-bare", action="store_true")
+    p.add_argument("--skip-loops", action="store_true")
+    p.add_argument("--bare-only", type=int, help=argparse.SUPPRESS)  # internal: one bare measurement, JSON out
+    args = p.parse_args()
+    if args.bare_only:
+        print(json.dumps(bare(args.bare_only, args.repeats)))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["machine"] = f"{os.cpu_count()} cores, no GPU"
+    results["date"] = time.strftime("%Y-%m-%d")
+    if not args.skip_bare:
+        results["bare"] = {}
+        for threads in (1, 2):
+            out = subprocess.run([sys.executable, __file__, "--bare-only", str(threads), "--repeats", str(args.repeats)],
+                                 cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            results["bare"][str(threads)] = json.loads(out.strip().splitlines()[-1])
+            print(f"bare, {threads} thread(s): {results['bare'][str(threads)]}", flush=True)
+    if not args.skip_loops:
+        results["loops"] = {}
+        for name, overrides in LOOPS.items():
+            results["loops"][name] = loop(name.replace(" ", "_").replace("+", "-"), overrides, args.seconds)
+            print(f"{name}: {results['loops'][name]}", flush=True)
+    md = table(results)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (OUT / "results.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
