@@ -37,7 +37,24 @@ def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False) -> bool
         log(f"started a local Ray with {num_cpus} logical CPUs")
     session_dir = getattr(context, "address_info", {}).get("session_dir")  # a ray:// client's context has none
     log(component_logs_line(session_dir, joined=bool(address), shown=log_to_driver))
+    if not log_to_driver:
+        quiet_libraries()
     return True
+
+
+def quiet_libraries() -> None:
+    """Keep this process's console to Relay's own lines: Serve's INFO lines (app started, deleted) and
+    transformers' weight-loading bars go quiet; warnings and errors still print."""
+    import logging
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # the driver side of a config without transformers
+        pass
 
 
 def component_logs_line(session_dir: str | None, joined: bool, shown: bool) -> str:

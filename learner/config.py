@@ -72,7 +72,10 @@ class AlgorithmConfig(Section):
                                             "train.prompts_per_step in one step; the step trains on what it has then")
     mask_truncated: bool = Field(False, description="DAPO overlong filtering (Yu et al. 2025): samples cut at "
                                  "max_tokens are masked out of the loss")
-    max_staleness: int = Field(0, ge=0, description="0 = on-policy; s = actors may sample up to s versions ahead")
+    max_staleness: int = Field(0, ge=0, description="0 = on-policy: each step samples its batch with the latest "
+                               "weights; s >= 1 = streaming: the actors sample all the time, groups are scored as "
+                               "they land, weights are fetched in the background and swapped in between requests, "
+                               "and the learner trains on nothing older than s versions (cluster/stream.py)")
 
     @model_validator(mode="after")
     def _kl(self) -> AlgorithmConfig:
