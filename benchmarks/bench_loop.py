@@ -184,8 +184,8 @@ def main() -> None:
     if not args.skip_bare:
         results["bare"] = {}
         for threads in (1, 2):
-            out = subprocess.run([sys.executable, __file__, "--bare-only", str(threads), "--repeats", str(args.repeats)],
-                                 cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            cmd = [sys.executable, __file__, "--bare-only", str(threads), "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             results["bare"][str(threads)] = json.loads(out.strip().splitlines()[-1])
             print(f"bare, {threads} thread(s): {results['bare'][str(threads)]}", flush=True)
     if not args.skip_loops:
