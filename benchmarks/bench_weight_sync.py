@@ -1,26 +1,31 @@
-"""Cost of publishing weights through the object store, by model size and number of readers.
+"""Cost of publishing weights through the object store, by size and number of readers, against memcpy.
 
-For each model size: the learner-side cost (pack into per-dtype buffers + one ``ray.put``) and
-each reader's cost (``ray.get`` + zero-copy unpack into tensors) with 1 and with 4 readers. The
-publish cost must not grow with the number of readers; a reader's cost should not grow with the
-model much, since it maps shared memory instead of copying.
+For each size: the learner-side cost of a version (pack into per-dtype buffers + one ``ray.put``) with 1, 2
+and 4 readers, each reader's ``ray.get`` + zero-copy unpack into tensors + one read of every element (as a
+weight loader does), and a plain ``memcpy`` of the same bytes (``torch`` copy into a preallocated buffer)
+for scale. The publish cost must not grow with the readers (target: flat); a reader's ``ray.get`` maps
+shared memory instead of copying.
 
-    python benchmarks/bench_weight_sync.py [--sizes 1,25,100] [--repeats 3]
+    python benchmarks/bench_weight_sync.py [--mb 4,64,256,1024] [--repeats 3]
 
-Sizes are millions of fp32 parameters, as a few large tensors (a transformer's shapes do not
-change the object-store path). The vLLM in-place reload on top of this is measured by the
-training runs (``sync/load_seconds`` in metrics.jsonl).
+The vLLM in-place reload (the swap, the only part of a sync that stops generation in the streaming loop)
+is measured in the loop itself: ``sync/swap_seconds`` (``benchmarks/bench_loop.py``). Writes
+``benchmarks/results/weight_sync/results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import ray
 import torch
 
 from learner.weights import pack_weights, unpack_weights
+
+OUT = Path(__file__).resolve().parent / "results" / "weight_sync"
 
 
 @ray.remote(num_cpus=0.1)
@@ -35,35 +40,63 @@ class Reader:
         return fetched - start, time.perf_counter() - fetched
 
 
-def fake_model(million: int) -> list[tuple[str, torch.Tensor]]:
-    n = million * 1_000_000
-    rows = 1024
+def fake_model(mb: int) -> list[tuple[str, torch.Tensor]]:
+    """Four fp32 tensors of ``mb`` MB in all (a transformer's shapes do not change the object-store path)."""
+    n = mb * 1_000_000 // 4
+    rows = 256
     return [(f"layer{i}.weight", torch.randn(rows, n // (rows * 4))) for i in range(4)]
 
 
+def memcpy_seconds(named: list[tuple[str, torch.Tensor]], repeats: int) -> float:
+    dst = [torch.empty_like(t) for _, t in named]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for d, (_, t) in zip(dst, named, strict=True):
+            d.copy_(t)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1,25,100")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", default="4,64,256,1024")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=2 * 1024**3)
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=4 * 1024**3)
     readers = [Reader.remote() for _ in range(4)]
-    print(f"{'params':>8} {'MB':>7} {'readers':>7} {'publish s':>10} {'get s (max)':>12} {'view+read s':>15}")
-    for million in (int(s) for s in args.sizes.split(",")):
-        named = fake_model(million)
-        for n_readers in (1, 4):
-            rows = []
+    rows = []
+    for mb in (int(s) for s in args.mb.split(",")):
+        named = fake_model(mb)
+        copy = memcpy_seconds(named, args.repeats)
+        for n_readers in (1, 2, 4):
+            best = None
             for version in range(args.repeats):
                 t0 = time.perf_counter()
                 packed = pack_weights(named, version)
                 ref = ray.put(packed)
                 publish = time.perf_counter() - t0
                 loads = ray.get([r.load.remote([ref]) for r in readers[:n_readers]], timeout=300)
-                rows.append((publish, max(g for g, _ in loads), max(u for _, u in loads), packed.nbytes))
+                row = (publish, max(g for g, _ in loads), max(u for _, u in loads), packed.nbytes)
+                best = row if best is None or row < best else best
                 del ref, packed
-            publish, get, read, nbytes = min(rows)
-            print(f"{million:>7}M {nbytes / 1e6:>7.0f} {n_readers:>7} {publish:>10.3f} {get:>12.4f} {read:>15.4f}")
+            publish, get, read, nbytes = best
+            rows.append({"bytes": nbytes, "readers": n_readers, "publish_s": publish, "get_s": get,
+                         "unpack_read_s": read, "memcpy_s": copy})
+            print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
+    lines = ["| size | readers | publish (pack + put) | GB/s | memcpy | GB/s | reader get (max) | reader unpack + "
+             "read |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gb = r["bytes"] / 1e9
+        lines.append(f"| {r['bytes'] / 1e6:.0f} MB | {r['readers']} | {r['publish_s']:.3f} s | "
+                     f"{gb / r['publish_s']:.2f} | {r['memcpy_s']:.3f} s | {gb / r['memcpy_s']:.2f} | "
+                     f"{1000 * r['get_s']:.1f} ms | {r['unpack_read_s']:.3f} s |")
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

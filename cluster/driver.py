@@ -335,17 +335,21 @@ class Driver:
                 metrics = self._guarded_step()
                 if metrics is None:  # the learner was restored from a checkpoint: self.step went back
                     continue
-                if self.step % cfg.train.eval_every == 0:
+                if self.step % cfg.train.eval_every == 0 and self.stream is None:
                     metrics.update(self.evaluate())
                     self.evals.append((self.step, metrics["eval/task_score"]))
+                elif self.step % cfg.train.eval_every == 0:
+                    self._start_eval()
                 self._emit(self.step, metrics)
+                evaluated = self._finish_eval(wait=False)  # a background evaluation that finished, logged at its step
                 if progress:
-                    progress.update(self.step, metrics)
+                    progress.update(self.step, {**metrics, **evaluated})
                 if self._checkpoint_due():
                     try:
                         self.checkpoint(f"step_{self.step}", elapsed=self.elapsed_before + time.time() - start)
                     except LearnerDied as e:  # the previous checkpoint is intact: restore from it
                         self._restore_learner(e)
+        self._finish_eval(wait=True)
         rl_seconds = self.elapsed_before + time.time() - start
         if progress:
             progress.close()
@@ -367,6 +371,33 @@ class Driver:
             self.log(progress.summary({k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in summary.items()}))
         self._close_log()
         return summary
+
+    # ---- evaluation off the critical path (streaming) -------------------------------------------------------
+    _eval_job: _BackgroundEval | None = None
+
+    def _start_eval(self) -> None:
+        """Start a held-out evaluation of this step in a driver thread; the loop goes on. Its requests queue on
+        the actors between generate chunks (the fleet's idle time when the learner is the bound) and run with
+        the weights the actors hold then: this step's version, or one newer if it was swapped in meanwhile."""
+        if self._eval_job is not None:  # one at a time: this step is not evaluated
+            self.log(f"step {self.step}: the evaluation of step {self._eval_job.step} is still running; skipping "
+                     "this one (raise train.eval_every)")
+            return
+        self._eval_job = _BackgroundEval(self.evaluate, self.step)
+
+    def _finish_eval(self, wait: bool) -> dict[str, float]:
+        """Log a finished background evaluation at the step it evaluated (``wait``: wait for it). Returns its
+        held-out score, for the progress line."""
+        job = self._eval_job
+        if job is None or not (wait or job.done()):
+            return {}
+        job.thread.join()
+        self._eval_job = None
+        if job.error is not None:
+            raise job.error
+        self.evals.append((job.step, job.result["eval/task_score"]))
+        self._emit(job.step, {**job.result, "eval/lag_steps": float(self.step - job.step)})
+        return {"eval/task_score": job.result["eval/task_score"]}
 
     def _step(self) -> dict[str, float]:
         """One on-policy step: sample the batch, score it, train, publish, every actor loads (in order, so
@@ -474,6 +505,7 @@ class Driver:
             raise RunError(f"the learner died at step {self.step + 1} ({error}) and {why}. Fix the cause, then "
                            f"continue from the last checkpoint with: relay train --resume {self.run_dir}")
         started = time.perf_counter()
+        self._finish_eval(wait=True)
         self.learner_restores += 1
         self.log(f"the learner died at step {self.step + 1} ({error}); restoring it from {where}")
         self.learner.kill()
@@ -506,6 +538,7 @@ class Driver:
     def checkpoint(self, name: str, elapsed: float = 0.0) -> Path:
         """A full checkpoint: the learner's state and the driver's, committed atomically (cluster/checkpoint.py).
         A failed write leaves the previous checkpoint as it was and says why (LearnerDied if the learner died)."""
+        self._finish_eval(wait=True)  # its metrics and the evaluator's history belong to the checkpoint
         started = time.perf_counter()
 
         def save(staging: Path) -> None:
@@ -645,6 +678,24 @@ def _groups(scored: list[ScoredRollout]) -> list[Group]:
 
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+class _BackgroundEval:
+    """A held-out evaluation of step ``step`` running in a driver thread."""
+
+    def __init__(self, evaluate, step: int):
+        self.step, self.result, self.error = step, None, None
+        self.thread = threading.Thread(target=self._run, args=(evaluate,), name=f"relay-eval-{step}", daemon=True)
+        self.thread.start()
+
+    def _run(self, evaluate) -> None:
+        try:
+            self.result = evaluate()
+        except BaseException as e:  # noqa: BLE001 - raised in the loop's thread by _finish_eval
+            self.error = e
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
 
 
 class LearnerDied(RuntimeError):

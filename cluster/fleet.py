@@ -22,6 +22,7 @@ call is never trained on, and never twice.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -88,6 +89,9 @@ class Fleet:
         self.resampled: dict[str, int] = {}  # prompts sampled again, by reason, since the last take_counts()
         self.swap_seconds: dict[int, float] = {}  # by slot: time lost to hidden-sync swaps since take_counts()
         self.staging: list[tuple[Member, object]] = []  # stage_weights calls not yet seen to finish
+        # The streaming loop's background evaluation launches work from a second driver thread: membership
+        # changes (launch, failure, retirement, growth) take this lock; waiting on results does not.
+        self.lock = threading.RLock()
 
     # ---- membership -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +127,10 @@ class Fleet:
     def grow(self) -> None:
         """Admit actors whose engines came up (new, or restarted); retire those past their start deadline;
         start one more if below ``max_num_actors`` and the cluster has room for it. Never blocks."""
+        with self.lock:
+            self._grow()
+
+    def _grow(self) -> None:
         for m in self.members:
             if m.state == "joining":
                 self._settle(m, wait=False)
@@ -178,6 +186,10 @@ class Fleet:
                kind: str = "generate") -> Launch:
         """Start ``kind`` (generate: ``n`` samples per prompt, one seed per prompt if given; greedy) of
         ``prompts`` over the live actors, one contiguous shard each."""
+        with self.lock:
+            return self._launch(prompts, n, seeds, kind)
+
+    def _launch(self, prompts: list[Prompt], n: int | None, seeds: list[int] | None, kind: str) -> Launch:
         members = self.live
         joining = [m for m in self.members if m.state == "joining"]
         while not members and joining:  # every actor is restarting: wait for the first back
@@ -287,6 +299,10 @@ class Fleet:
     def _fail(self, member: Member, error: Exception) -> str:
         """A live actor's call failed: kill it if stuck, and let it restart in the background (``_settle``).
         Returns why it failed: died or stuck."""
+        with self.lock:
+            return self._fail_locked(member, error)
+
+    def _fail_locked(self, member: Member, error: Exception) -> str:
         reason = _reason(error)
         if member.state != "live":
             return reason
@@ -301,6 +317,10 @@ class Fleet:
         return reason
 
     def _retire(self, member: Member, why: str) -> None:
+        with self.lock:
+            self._retire_locked(member, why)
+
+    def _retire_locked(self, member: Member, why: str) -> None:
         if member.state == "retired":
             return
         member.state = "retired"

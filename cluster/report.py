@@ -78,6 +78,7 @@ def load_records(run_dir: Path) -> list[dict]:
                          f"(it holds metrics.jsonl), e.g. `relay report runs/<name>`")
     try:
         records = [r for r in read_jsonl(path) if isinstance(r, dict) and "step" in r]
+        records.sort(key=lambda r: r["step"])  # a background evaluation is logged after later steps
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); is it a relay metrics "
                          "log?") from None

@@ -169,6 +169,8 @@ _SPECS = [
     # eval/: held-out greedy evaluation
     _g("eval/task_score", "held-out score: mean eval reward (train.eval_reward, else the training reward) of "
        "greedy responses on the main eval set"),
+    _g("eval/lag_steps", "streaming loop: steps trained while this held-out evaluation ran in the background; it is "
+       "logged at the step it evaluated"),
     _g("eval/set_task_score", "held-out score of each named eval set", ("eval_set",)),
     _g("eval/pass_at_k", "share of held-out prompts with a sample (of train.eval_k) scoring >= eval_pass_threshold"),
     _g("eval/mean_at_k", "mean held-out score of train.eval_k samples per prompt"),

@@ -5,6 +5,7 @@ One driver with two generation actors is shared by the module (engine start cost
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 
@@ -242,6 +243,34 @@ def test_streaming_loop_trains_every_admitted_group_once_within_staleness(driver
             driver.fleet.collect(launch)
         driver.stream, driver.cfg.algorithm.max_staleness = None, 0
         driver.sync()  # every actor on the latest version again, for the tests after
+
+
+def test_streaming_run_evaluates_beside_the_loop(driver, tmp_path):
+    """Streaming: held-out evaluations run in a driver thread while the loop trains on; each is logged at the
+    step it evaluated, after the loop has gone on (eval/lag_steps), and the run's history keeps step order."""
+    cfg = driver.cfg
+    saved = (cfg.algorithm.max_staleness, cfg.train.steps, cfg.train.eval_every, cfg.train.run_dir, driver.run_dir)
+    cfg.algorithm.max_staleness, cfg.train.eval_every, cfg.train.steps = 1, 4, driver.step + 13
+    driver.run_dir = tmp_path / "bg"
+    cfg.train.run_dir = str(driver.run_dir)
+    driver.stream = driver._build_stream()
+    try:
+        summary = driver.run()
+    finally:
+        for _, _, launch in driver.stream.inflight:
+            driver.fleet.collect(launch)
+        driver.stream = None
+        cfg.algorithm.max_staleness, cfg.train.steps, cfg.train.eval_every, cfg.train.run_dir, driver.run_dir = saved
+        driver.sync()
+    rows = [json.loads(line) for line in (tmp_path / "bg" / "metrics.jsonl").read_text().splitlines()]
+    background = [r for r in rows if "eval/lag_steps" in r]
+    assert background, "no evaluation ran in the background"
+    for r in background:
+        assert r["step"] % 4 == 0 and r["eval/lag_steps"] >= 1 and 0 <= r["eval/task_score"] <= 1
+        trained_later = [x["step"] for x in rows[:rows.index(r)] if "system/step_seconds" in x]
+        assert max(trained_later) > r["step"]  # the loop trained past the evaluated step before it was logged
+    steps = [s for s, _ in driver.evals]
+    assert steps == sorted(steps) and steps[-1] == summary["steps"]
 
 
 def test_weights_swapped_in_between_requests_match_the_learner(driver):

@@ -70,7 +70,7 @@ def test_fsdp_group_syncs_and_survives_a_dead_rank(local_ray, tmp_path_factory):
         d.checkpoint("step-1")
         ray.kill(d.learner.actors[1], no_restart=True)
         with pytest.raises(LearnerDied, match=r"learner rank 1 of 2 died"):
-            d._learner_call("publish")
+            d._learner_call(d.learner.publish)
         assert d._guarded_step() is None  # the step failed, the group was rebuilt from step-1
         assert d.learner_restores == 1 and d.step == 1 and len(d.learner.actors) == 2
         assert d._guarded_step() is not None  # and the run goes on
