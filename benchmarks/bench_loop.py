@@ -119,6 +119,41 @@ def loop(name: str, overrides: list[str], seconds: float) -> dict:
             "sync_s": median("sync/seconds"), "staleness": median("rollout/staleness_versions")}
 
 
+def learning(name: str, overrides: list[str], seconds: float) -> dict:
+    """A ``relay train`` of ``seconds`` with the default evaluations: held-out score against wall time."""
+    run_dir = Path("/tmp/relay-bench-loop") / f"learn-{name}"
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "--set", f"train.time_limit_s={seconds}",
+           "--set", f"train.run_dir={run_dir}", "--set", "metrics.progress=false",
+           *[a for o in overrides for a in ("--set", o)]]
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    t0 = rows[0]["time"]
+    step_time = {r["step"]: r["time"] - t0 for r in rows if "system/step_seconds" in r}
+    step_time[0] = 0.0
+    evals = sorted((r["step"], r["eval/task_score"]) for r in rows if r.get("eval/task_score") is not None)
+    return {"overrides": overrides, "summary": summary,
+            "curve": [(step, step_time.get(step, 0.0), score) for step, score in evals]}
+
+
+def plot_learning(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, run in runs.items():
+        _, seconds, scores = zip(*run["curve"], strict=True)
+        ax.plot(seconds, scores, marker=".", label=f"{name} ({run['summary']['steps']} steps)")
+    ax.set_xlabel("seconds of RL (when the evaluated step was trained)")
+    ax.set_ylabel("held-out greedy score")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 LOOPS = {
     "on-policy 2+2": [],
     "on-policy 1+1": ["generation.torch_threads=1", "learner.torch_threads=1"],
@@ -161,6 +196,13 @@ def table(results: dict) -> str:
                       f"two at 1 thread = {async_limit:.3f} s (the loop reaches "
                       f"**{100 * lim['streaming_of_limit']:.0f}%** of it). Streaming 1+1 against the default on-policy "
                       f"2+2: **{achieved:.2f}x** the steps per second (the limits alone would give {bound:.2f}x)."]
+    if results.get("learning"):
+        lines += ["", "| loop, default evaluations | steps | held-out start | last three evaluations | gain |",
+                  "|---|---|---|---|---|"]
+        for name, run in results["learning"].items():
+            sm = run["summary"]
+            lines.append(f"| {name} | {sm['steps']} | {sm['eval_start']:.3f} | {sm['eval_last3_mean']:.3f} | "
+                         f"{sm['eval_gain_points']:+.1f} |")
     return "\n".join(lines)
 
 
@@ -171,6 +213,8 @@ def main() -> None:
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-loops", action="store_true")
     p.add_argument("--loops", default=",".join(LOOPS), help="which loops to run (comma-separated names of LOOPS)")
+    p.add_argument("--learning", type=float, help="also run on-policy 2+2 and streaming 1+1 for this many seconds "
+                   "with the default evaluations, and plot held-out score against wall time")
     p.add_argument("--bare-only", type=int, help=argparse.SUPPRESS)  # internal: one bare measurement, JSON out
     args = p.parse_args()
     if args.bare_only:
@@ -194,6 +238,10 @@ def main() -> None:
             overrides = LOOPS[name]
             results["loops"][name] = loop(name.replace(" ", "_").replace("+", "-"), overrides, args.seconds)
             print(f"{name}: {results['loops'][name]}", flush=True)
+    if args.learning:
+        results["learning"] = {name: learning(name.replace(" ", "_").replace("+", "-"), LOOPS[name], args.learning)
+                               for name in ("on-policy 2+2", "streaming 1+1")}
+        plot_learning(results["learning"], OUT / "learning.png")
     md = table(results)
     path.write_text(json.dumps(results, indent=2) + "\n")
     (OUT / "results.md").write_text(md + "\n")
