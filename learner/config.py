@@ -207,7 +207,10 @@ class DPOConfig(OfflineLoopConfig):
                            "paper's form with tau = beta (Azar et al. 2023) | cdpo: conservative DPO, the labels "
                            "flipped with probability label_smoothing (Mitchell 2023); h = the chosen log-ratio to the "
                            "reference minus the rejected one")
-    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the reference (IPO: tau)")
+    beta: float | None = Field(None, gt=0, description="strength of the implicit KL to the reference (IPO: tau); "
+                               "null = 0.5 for dpo and cdpo, 0.1 for ipo. Measured on the embedded task from one start, "
+                               "10 minutes: dpo at 0.1 rose, then collapsed below the start (-14.3); at 0.5 it held "
+                               "+28.6; ipo at 0.1 gained +39.0")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: probability that a label is flipped")
     length_normalize: bool = Field(False, description="mean log-prob per response token instead of the sum (a named "
                                    "variant, as SimPO/IPO implementations do); DPO sums")
@@ -219,6 +222,12 @@ class DPOConfig(OfflineLoopConfig):
                                               "by prompt")
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="share of prompts held out when eval_preferences_path "
                                  "is null")
+
+    @model_validator(mode="after")
+    def _beta(self) -> DPOConfig:
+        if self.beta is None:  # by loss: the measured defaults (description)
+            self.beta = 0.1 if self.loss == "ipo" else 0.5
+        return self
 
     @model_validator(mode="after")
     def _smoothing(self) -> DPOConfig:
