@@ -186,7 +186,8 @@ class Driver:
         buffer = RolloutBuffer(capacity=a.max_staleness * per_step, max_staleness=a.max_staleness,
                                filters=("uniform",) if a.dynamic_sampling else ())
         chunk = self.cfg.generation.stream_chunk_prompts or max(1, per_step // 2)
-        return RolloutStream(self.fleet, buffer, self.next_prompts, self.score, min(chunk, buffer.capacity))
+        return RolloutStream(self.fleet, buffer, self.next_prompts, self.score, min(chunk, buffer.capacity),
+                             max_filtered=a.max_extra_prompts_per_step if a.dynamic_sampling else None)
 
     def _start_learner(self, path: str, with_state: bool):
         """The learner group (``learner.num_workers`` ranks) on the policy at ``path`` (the reference stays

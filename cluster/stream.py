@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from cluster.fleet import Fleet, Launch
+from cluster.fleet import Fleet, FleetError, Launch
 from cluster.rollout_buffer import Group, RolloutBuffer
 from core.records import Rollout, ScoredRollout
 
@@ -41,10 +41,14 @@ class _Landed:
 
 class RolloutStream:
     def __init__(self, fleet: Fleet, buffer: RolloutBuffer, next_prompts: Callable[[int, int], tuple[list, list]],
-                 score: Callable[[list[Rollout]], tuple[list[ScoredRollout], dict[str, float]]], chunk: int):
+                 score: Callable[[list[Rollout]], tuple[list[ScoredRollout], dict[str, float]]], chunk: int,
+                 max_filtered: int | None = None):
         """``next_prompts(n, first_group)``: the next ``n`` training prompt indices and prompts, group ids from
-        ``first_group``; ``score(rollouts)``: scored rollouts and the call's reward stats."""
+        ``first_group``; ``score(rollouts)``: scored rollouts and the call's reward stats; ``max_filtered``: once
+        the buffer's filters have refused this many groups since the last take, a step takes what the buffer
+        holds (``algorithm.max_extra_prompts_per_step``), so a policy whose groups all score alike cannot stall."""
         self.fleet, self.buffer, self.next_prompts, self.score, self.chunk = fleet, buffer, next_prompts, score, chunk
+        self.max_filtered = max_filtered
         self.inflight: list[tuple[list[int], int, Launch]] = []  # prompt indices, first group id, launch
         self.next_group = 0  # group ids are unique over the run, so groups of any chunks can share a step
         self.landed = _Landed()
@@ -94,9 +98,11 @@ class RolloutStream:
         started = time.perf_counter()
         deadline = time.monotonic() + timeout_s
         while not self.buffer.ready(n, learner_version):
+            if self.max_filtered is not None and sum(self.buffer.filtered.values()) >= self.max_filtered:
+                break  # enough prompts drawn beyond the step: train on the groups admitted so far
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the rollout buffer did not fill with {n} groups within {timeout_s:g} s "
-                                   f"(generation.timeout_s); it holds {len(self.buffer)}")
+                raise FleetError(f"the rollout buffer did not fill with {n} groups within {timeout_s:g} s "
+                                 f"(generation.timeout_s); it holds {len(self.buffer)}. Check the actors' logs")
             self.pump(timeout=1.0)
         wait = time.perf_counter() - started
         groups = self.buffer.take(n, learner_version)
@@ -114,7 +120,8 @@ class RolloutStream:
             "rollout/generated_tokens_total": float(landed.tokens),
             "rollout/samples_total": float(landed.rollouts),
             "rollout/response_length_mean_tokens": sum(lengths) / max(len(lengths), 1),
-            "rollout/staleness_versions": float(learner_version - min((g.version for g in groups), default=0)),
+            "rollout/staleness_versions": float(learner_version - min((g.version for g in groups),
+                                                                      default=learner_version)),
             "reward/truncated_total": float(sum(s.rollout.finish_reason == "length" for s in samples)),
         }
         out.update(_merge_reward_stats(landed.reward_stats))

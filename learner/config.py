@@ -208,9 +208,9 @@ class DPOConfig(OfflineLoopConfig):
                            "flipped with probability label_smoothing (Mitchell 2023); h = the chosen log-ratio to the "
                            "reference minus the rejected one")
     beta: float | None = Field(None, gt=0, description="strength of the implicit KL to the reference (IPO: tau); "
-                               "null = 0.5 for dpo and cdpo, 0.1 for ipo. Measured on the embedded task from one start, "
-                               "10 minutes: dpo at 0.1 rose, then collapsed below the start (-14.3); at 0.5 it held "
-                               "+28.6; ipo at 0.1 gained +39.0")
+                               "null = 0.5 for dpo and cdpo, 0.1 for ipo. Measured on the embedded task from one "
+                               "start, 10 minutes: dpo at 0.1 rose, then collapsed below the start (-14.3); at 0.5 it "
+                               "held +28.6; ipo at 0.1 gained +39.0")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: probability that a label is flipped")
     length_normalize: bool = Field(False, description="mean log-prob per response token instead of the sum (a named "
                                    "variant, as SimPO/IPO implementations do); DPO sums")

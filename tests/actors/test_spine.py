@@ -245,6 +245,26 @@ def test_streaming_loop_trains_every_admitted_group_once_within_staleness(driver
         driver.sync()  # every actor on the latest version again, for the tests after
 
 
+def test_streaming_dynamic_sampling_stops_drawing_at_the_cap(driver):
+    """Streaming with DAPO's filter: groups whose rewards are all equal are not admitted; once
+    max_extra_prompts_per_step of them were refused, the step takes what the buffer holds instead of waiting."""
+    from cluster.rollout_buffer import RolloutBuffer
+    from cluster.stream import RolloutStream
+
+    def uniform_score(rollouts):  # every group scores alike: no group has a signal
+        scored, stats = driver.score(rollouts)
+        return [s.__class__(s.rollout, 0.0, s.components) for s in scored], stats
+
+    buffer = RolloutBuffer(capacity=24, max_staleness=1, filters=("uniform",))
+    stream = RolloutStream(driver.fleet, buffer, driver.next_prompts, uniform_score, chunk=6, max_filtered=12)
+    started = time.monotonic()
+    groups, metrics = stream.take(12, driver.store.latest_version, timeout_s=120)
+    assert groups == [] and time.monotonic() - started < 60
+    assert metrics["rollout/filtered_total{reason=uniform}"] >= 12
+    for _, _, launch in stream.inflight:
+        driver.fleet.collect(launch)
+
+
 def test_streaming_run_evaluates_beside_the_loop(driver, tmp_path):
     """Streaming: held-out evaluations run in a driver thread while the loop trains on; each is logged at the
     step it evaluated, after the loop has gone on (eval/lag_steps), and the run's history keeps step order."""
