@@ -55,12 +55,14 @@ class RolloutStream:
 
     # ---- producing --------------------------------------------------------------------------------------
     def _fill(self) -> None:
-        """Launch chunks while fewer than INFLIGHT run and the buffer has room for what is in flight too."""
+        """Launch chunks while fewer than INFLIGHT run and the buffer has room for what is in flight too; a chunk
+        shrinks to the room left (filters admit fewer groups than were launched, so the room is not a multiple
+        of the chunk)."""
         while len(self.inflight) < INFLIGHT:
-            in_flight = sum(len(picks) for picks, _, _ in self.inflight)
-            if self.buffer.room() - in_flight < self.chunk:
+            free = self.buffer.room() - sum(len(picks) for picks, _, _ in self.inflight)
+            if free <= 0:
                 return
-            picks, prompts = self.next_prompts(self.chunk, self.next_group)
+            picks, prompts = self.next_prompts(min(self.chunk, free), self.next_group)
             self.inflight.append((picks, self.next_group, self.fleet.launch(prompts)))
             self.next_group += len(prompts)
 

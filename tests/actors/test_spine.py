@@ -265,6 +265,25 @@ def test_streaming_dynamic_sampling_stops_drawing_at_the_cap(driver):
         driver.fleet.collect(launch)
 
 
+def test_streaming_buffer_fills_when_the_filter_refuses_some_groups(driver):
+    """Filters admit fewer groups than were launched, so the buffer's room stops being a multiple of the chunk:
+    the stream launches smaller chunks instead of stalling (it once spun here forever)."""
+    from cluster.rollout_buffer import RolloutBuffer
+    from cluster.stream import RolloutStream
+
+    def half_uniform(rollouts):  # odd groups score alike (refused), even groups differ (admitted)
+        scored, stats = driver.score(rollouts)
+        return [s.__class__(s.rollout, 0.0 if s.rollout.group_id % 2 else float(i % 2), s.components)
+                for i, s in enumerate(scored)], stats
+
+    buffer = RolloutBuffer(capacity=12, max_staleness=1, filters=("uniform",))
+    stream = RolloutStream(driver.fleet, buffer, driver.next_prompts, half_uniform, chunk=8, max_filtered=1000)
+    groups, metrics = stream.take(12, driver.store.latest_version, timeout_s=120)
+    assert len(groups) == 12 and metrics["rollout/filtered_total{reason=uniform}"] >= 6
+    for _, _, launch in stream.inflight:
+        driver.fleet.collect(launch)
+
+
 def test_streaming_run_evaluates_beside_the_loop(driver, tmp_path):
     """Streaming: held-out evaluations run in a driver thread while the loop trains on; each is logged at the
     step it evaluated, after the loop has gone on (eval/lag_steps), and the run's history keeps step order."""
