@@ -30,7 +30,7 @@ from cluster.config import RelayConfig
 from cluster.fleet import Fleet, Launch
 from cluster.progress import Progress
 from cluster.resources import check_resources, init_ray, oversubscription_warning
-from cluster.rollout_buffer import Group, RolloutBuffer
+from cluster.rollout_buffer import Group, RolloutBuffer, by_group
 from cluster.stream import RolloutStream
 from core.data import DataConfig, DataError, Example, Splits, format_prompt, load_splits
 from core.metrics import JsonlLogger, MetricSink
@@ -279,11 +279,16 @@ class Driver:
     def sync(self) -> dict[str, float]:
         """Publish the learner's weights once and have every actor load them."""
         start = time.perf_counter()
-        version, ref, stats = self._learner_call(self.learner.publish)
-        self.store.add(version, ref[0])
-        stats.update(self.fleet.load(version, ref[0]))
+        version, ref, stats = self._publish()
+        stats.update(self.fleet.load(version, ref))
         stats["sync/seconds"] = time.perf_counter() - start
         return stats
+
+    def _publish(self) -> tuple[int, object, dict[str, float]]:
+        """The learner puts its weights once; the ref goes into the version store."""
+        version, ref, stats = self._learner_call(self.learner.publish)
+        self.store.add(version, ref[0])
+        return version, ref[0], stats
 
     def evaluate(self) -> dict[str, float]:
         """Held-out evaluation (cluster/evaluation.py): greedy true score, RM score, win rate and KL vs the
@@ -442,9 +447,8 @@ class Driver:
         metrics.update(self._learner_call(call.results)[0])
         self.step += 1
         started = time.perf_counter()
-        version, ref, stats = self._learner_call(self.learner.publish)
-        self.store.add(version, ref[0])
-        self.fleet.stage(version, ref[0])  # hidden sync: fetched beside generation, swapped between requests
+        version, ref, stats = self._publish()
+        self.fleet.stage(version, ref)  # hidden sync: fetched beside generation, swapped between requests
         metrics.update(stats)
         metrics["sync/seconds"] = time.perf_counter() - started
         metrics.update(self.fleet.take_counts())
@@ -671,10 +675,7 @@ class Driver:
 
 def _groups(scored: list[ScoredRollout]) -> list[Group]:
     """Scored rollouts as groups, by group id (the prompt's position in its batch)."""
-    by_id: dict[int, list[ScoredRollout]] = {}
-    for s in scored:
-        by_id.setdefault(s.rollout.group_id, []).append(s)
-    return [Group(gid, samples) for gid, samples in by_id.items()]
+    return [Group(gid, samples) for gid, samples in by_group(scored).items()]
 
 
 def _first_line(error: Exception) -> str:

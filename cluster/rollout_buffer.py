@@ -36,6 +36,14 @@ def informative(group: Group) -> bool:
     return len({s.reward for s in group.samples}) > 1
 
 
+def by_group(scored: list[ScoredRollout]) -> dict[int, list[ScoredRollout]]:
+    """Scored rollouts by group id, in order of first appearance."""
+    out: dict[int, list[ScoredRollout]] = {}
+    for s in scored:
+        out.setdefault(s.rollout.group_id, []).append(s)
+    return out
+
+
 FILTERS: dict[str, Callable[[Group], bool]] = {"uniform": informative}
 """admission filters by name: a group is admitted only if each returns True"""
 

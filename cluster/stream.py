@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import ray
 
 from cluster.fleet import Fleet, FleetError, Launch
-from cluster.rollout_buffer import Group, RolloutBuffer
+from cluster.rollout_buffer import Group, RolloutBuffer, by_group
 from core.records import Rollout, ScoredRollout
 
 INFLIGHT = 2
@@ -88,10 +88,7 @@ class RolloutStream:
         self.landed.rollouts += len(rollouts)
         self.landed.tokens += sum(len(r.response_ids) for r in rollouts)
         self.landed.reward_stats.append((len(rollouts), stats))
-        by_group: dict[int, list[ScoredRollout]] = {}
-        for s in scored:
-            by_group.setdefault(s.rollout.group_id, []).append(s)
-        self.buffer.add([Group(picks[gid - first_group], samples) for gid, samples in by_group.items()])
+        self.buffer.add([Group(picks[gid - first_group], samples) for gid, samples in by_group(scored).items()])
 
     # ---- consuming --------------------------------------------------------------------------------------
     def take(self, n: int, learner_version: int, timeout_s: float) -> tuple[list[Group], dict[str, float]]:
