@@ -73,7 +73,7 @@ def _train_rm(args) -> int:
 
     from cluster.driver import RunError, resolve_policy
     from cluster.pipeline import rm_problems
-    from learner.rm_trainer import train_reward_model
+    from learner.rm_trainer import ENSEMBLE_FILE, train_reward_model
     from reward_service.models import META_FILE
 
     cfg = load_config(args.config, args.overrides)
@@ -82,7 +82,7 @@ def _train_rm(args) -> int:
     if not existing.is_dir():
         raise RunError(f"--out {args.out!r}: {str(existing)!r} is a file; give a directory for the reward-model "
                        "checkpoint (created if missing)")
-    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+    if out.is_dir() and any(out.iterdir()) and not ((out / META_FILE).is_file() or (out / ENSEMBLE_FILE).is_file()):
         raise RunError(f"--out {args.out!r} holds files that are not a reward-model checkpoint "
                        f"({', '.join(sorted(p.name for p in out.iterdir())[:5])}); give a new or empty directory "
                        "(a reward-model checkpoint there is replaced)")

@@ -130,38 +130,58 @@ class HackingThresholds:
     """the RM score counts as rising when the window's mean exceeds the earlier best by this much"""
     true_tolerance: float = 0.01
     """the true score stalls when the window's mean is at most the earlier best + this"""
+    kl_acceleration: float = 2.0
+    """the KL to the reference accelerates when it rises this many times faster per evaluation over the window
+    than over the evaluations before it"""
+    kl_min_rise: float = 0.02
+    """... and by at least this much per evaluation (nats per token), so noise around a flat KL never fires"""
     length_drift: float = 0.5
     """relative change of the mean response length against the first evaluation that flags a drift"""
     distinct_drop: float = 0.3
     """relative fall of distinct-2 against the first evaluation that flags repetition"""
 
 
-def reward_hacking_flags(history: Sequence[dict[str, float]], th: HackingThresholds = HackingThresholds()) -> list[str]:
-    """Reasons to suspect reward hacking in a sequence of evaluations (oldest first); empty = none.
+HACKING_SIGNALS = ("rm_vs_true", "kl_acceleration", "length", "repetition")
 
-    Flags: the RM score (``eval/reward_mean``) keeps rising over the last ``window`` evaluations while
-    the true score (``eval/task_score``) stalls or falls; the mean response length drifts; distinct-2
-    falls (repetition). Needs at least ``window + 1`` evaluations.
+
+def reward_hacking_flags(history: Sequence[dict[str, float]], th: HackingThresholds = HackingThresholds(),
+                         has_true_score: bool = True) -> dict[str, str]:
+    """The signals that suspect reward hacking in a sequence of evaluations (oldest first): {signal: why}, one of
+    ``HACKING_SIGNALS`` each; empty = none. Needs at least ``window + 1`` evaluations.
+
+    - ``rm_vs_true``: the RM score (``eval/reward_mean``) keeps rising over the window while the held-out true
+      score (``eval/task_score``) stalls or falls. Only with a true score other than the RM (``has_true_score``).
+    - ``kl_acceleration``: ``eval/kl_to_reference`` rises ``kl_acceleration`` times faster per evaluation over the
+      window than before it: the policy has found a direction the reward pays for and is running down it.
+    - ``length`` / ``repetition``: the mean response length drifts, or distinct-2 falls, against the first evaluation.
     """
     if len(history) < th.window + 1:
-        return []
-    flags = []
+        return {}
+    flags = {}
     recent, earlier = history[-th.window:], history[:-th.window]
     rm = [h["eval/reward_mean"] for h in recent]
     true = [h["eval/task_score"] for h in recent]
     rising = all(b >= a for a, b in zip(rm, rm[1:], strict=False)) and \
         _mean(rm) > max(h["eval/reward_mean"] for h in earlier) + th.reward_rise
-    if rising and _mean(true) <= max(h["eval/task_score"] for h in earlier) + th.true_tolerance:
-        flags.append(f"RM score rising ({rm[0]:.3f} -> {rm[-1]:.3f}) while the true score stalls "
-                     f"({_mean(true):.3f} vs best earlier {max(h['eval/task_score'] for h in earlier):.3f})")
+    if has_true_score and rising and _mean(true) <= max(h["eval/task_score"] for h in earlier) + th.true_tolerance:
+        flags["rm_vs_true"] = (f"RM score rising ({rm[0]:.3f} -> {rm[-1]:.3f}) while the true score stalls "
+                               f"({_mean(true):.3f} vs best earlier {max(h['eval/task_score'] for h in earlier):.3f})")
+    kl = [h.get("eval/kl_to_reference") for h in history]
+    if all(k is not None for k in kl):
+        before = (kl[-th.window] - kl[0]) / max(len(kl) - th.window, 1)  # per evaluation, up to the window
+        during = (kl[-1] - kl[-th.window]) / (th.window - 1) if th.window > 1 else 0.0
+        if during > th.kl_min_rise and during > th.kl_acceleration * max(before, 0.0):
+            flags["kl_acceleration"] = (f"KL to the reference accelerating: +{during:.3f} per evaluation over the "
+                                        f"last {th.window} ({kl[-th.window]:.3f} -> {kl[-1]:.3f}) against "
+                                        f"{before:+.3f} before")
     first = history[0]
-    for key, limit, what in (("eval/response_length_tokens", th.length_drift, "response length drifted"),):
-        base, now = first.get(key), _mean([h.get(key, 0.0) for h in recent])
-        if base and abs(now - base) / base > limit:
-            flags.append(f"{what}: {base:.2f} -> {now:.2f} tokens")
+    base, now = first.get("eval/response_length_tokens"), _mean([h.get("eval/response_length_tokens", 0.0)
+                                                                for h in recent])
+    if base and abs(now - base) / base > th.length_drift:
+        flags["length"] = f"response length drifted: {base:.2f} -> {now:.2f} tokens"
     base, now = first.get("eval/distinct_2"), _mean([h.get("eval/distinct_2", 0.0) for h in recent])
     if base and (base - now) / base > th.distinct_drop:
-        flags.append(f"repetition: distinct-2 fell {base:.3f} -> {now:.3f}")
+        flags["repetition"] = f"repetition: distinct-2 fell {base:.3f} -> {now:.3f}"
     return flags
 
 
@@ -227,10 +247,12 @@ class Evaluator:
             if self.sample_k is not None:
                 metrics[f"eval/set_pass_at_k{{eval_set={name}}}"] = self._at_k(prompts, metadatas)[0]
         self.history.append(metrics)
-        flags = reward_hacking_flags(self.history, self.thresholds)
+        flags = reward_hacking_flags(self.history, self.thresholds, has_true_score=self.true_score is not None)
         metrics["eval/reward_hacking_flag"] = float(bool(flags))
-        for flag in flags:
-            log(f"reward-hacking monitor: {flag}")
+        metrics.update({f"eval/reward_hacking_signal{{signal={name}}}": float(name in flags)
+                        for name in HACKING_SIGNALS})
+        for name, why in flags.items():
+            log(f"reward-hacking monitor ({name}): {why}")
         return metrics
 
     def state(self) -> dict:
@@ -403,9 +425,9 @@ def evaluate_checkpoints(cfg, policy: str, reference: str, rm: str | None = None
 
     The held-out score comes from ``train.eval_reward`` or else ``reward.sources``, run in this process
     (``local_score``); the reward columns (RM score, win rate) from the reward model at ``rm`` (a
-    ``learner/rm_trainer.py`` checkpoint) when given, else from the same reward. Held-out prompts are the
-    driver's: the first ``train.eval_prompts`` of the main eval set; one sampled response per prompt
-    estimates the KL.
+    ``learner/rm_trainer.py`` checkpoint, or an ensemble's directory) when given, else from the same reward.
+    Held-out prompts are the driver's: the first ``train.eval_prompts`` of the main eval set; one sampled response
+    per prompt estimates the KL.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -420,13 +442,14 @@ def evaluate_checkpoints(cfg, policy: str, reference: str, rm: str | None = None
     true_score = local_score(cfg.train.eval_reward or cfg.reward.sources)
     score = true_score
     if rm is not None:
-        from reward_service.models import RewardModel, join_text
+        from learner.rm_trainer import load_scorer
+        from reward_service.models import join_text
 
-        reward_model = RewardModel.from_pretrained(rm).eval()
+        reward_model = load_scorer(rm)  # one reward model, or an ensemble's directory
 
         def score(prompts: list[str], responses: list[str], metadatas: list[dict[str, str]]) -> list[float]:
             with torch.inference_mode():
-                return reward_model.score([join_text(p, r) for p, r in zip(prompts, responses, strict=True)])[0]
+                return reward_model([join_text(p, r) for p, r in zip(prompts, responses, strict=True)])[0]
 
     evaluator = Evaluator(
         prompts=[format_prompt(e, cfg.data, tokenizer) for e in held_out], metadatas=[e.metadata for e in held_out],

@@ -37,6 +37,7 @@ from pathlib import Path
 from cluster import checkpoint
 from cluster.config import RelayConfig
 from cluster.driver import RunError, resolve_policy
+from learner.rm_trainer import member_dirs
 
 STAGES = ("sft", "rm", "rl", "dpo")
 MARKER = "stage_done.json"
@@ -114,14 +115,18 @@ def rl_config(cfg: RelayConfig) -> RelayConfig:
     if "rm" not in cfg.pipeline.stages:
         return RelayConfig.model_validate(tree)
     # One forward pass per 256 texts: with Serve's default of 32, scoring took a third of a PPO step.
-    tree["reward"]["sources"] = [RewardSourceConfig(name="rm", kind="model", model_path=str(
-        stage_dir(cfg, "rm").resolve()), max_batch_size=256, max_ongoing_requests=256).model_dump()]
+    rm_dirs = [str(d.resolve()) for d in member_dirs(stage_dir(cfg, "rm"), cfg.reward_model.ensemble_size)]
+    serve = {"max_batch_size": 256, "max_ongoing_requests": 256}
+    source = RewardSourceConfig(name="rm", kind="model", model_path=rm_dirs[0], **serve) if len(rm_dirs) == 1 else \
+        RewardSourceConfig(name="rm", kind="ensemble", model_paths=rm_dirs,
+                           uncertainty_penalty=cfg.reward_model.uncertainty_penalty, **serve)
+    tree["reward"]["sources"] = [source.model_dump()]
     if cfg.train.eval_reward is None:  # the held-out score stays the configured reward, not the learned RM
         tree["train"]["eval_reward"] = [src.model_dump() for src in cfg.reward.sources]
     lc = cfg.learner
     if cfg.algorithm.name == "ppo" and lc.critic_backbone == "separate" and lc.critic_init is None \
             and cfg.reward_model.init == "policy":
-        tree["learner"]["critic_init"] = str(stage_dir(cfg, "rm").resolve())  # value function from the RM
+        tree["learner"]["critic_init"] = rm_dirs[0]  # value function from the RM (an ensemble's first member)
     return RelayConfig.model_validate(tree)
 
 

@@ -140,6 +140,7 @@ _SPECS = [
     _c("learner/tokens_trained_total", "response tokens the learner updated on"),
     _c("learner/steps_total", "learner steps completed"),
     _c("learner/bad_steps_total", "steps with a non-finite loss or gradient, skipped (learner.max_bad_steps)"),
+    _g("learner/critic_warmup", "1 while the policy is held and only the critic learns (learner.critic_warmup_steps)"),
     # sync/: weight publication through the object store
     _g("sync/seconds", "publish plus slowest load of one weight sync"),
     _g("sync/bytes", "bytes published per weight version"),
@@ -184,7 +185,9 @@ _SPECS = [
     _g("eval/kl_k1_to_reference", "mean per-token k1 KL(policy || reference) over sampled held-out responses"),
     _g("eval/distinct_1", "distinct unigrams / unigrams over held-out greedy responses"),
     _g("eval/distinct_2", "distinct bigrams / bigrams over held-out greedy responses"),
-    _g("eval/reward_hacking_flag", "1 when the monitor suspects reward hacking (RM up, true score flat, drift)"),
+    _g("eval/reward_hacking_flag", "1 when the monitor suspects reward hacking (any signal below)"),
+    _g("eval/reward_hacking_signal", "1 when this signal of the hacking monitor fired: rm_vs_true (RM score up, "
+       "held-out true score flat), kl_acceleration, length, repetition", ("signal",)),
     # system/
     _g("system/heartbeat_timestamp_seconds", "unix time of the component's last heartbeat"),
     _g("system/step_seconds", "wall time of one whole RL step (generate, score, update, sync)"),

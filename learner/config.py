@@ -146,6 +146,9 @@ class LearnerConfig(Section):
     critic_init: str | None = Field(None, description="checkpoint the critic starts from (ppo): null = the policy "
                                     "with a zero head; a reward-model directory = its backbone and head (InstructGPT). "
                                     "relay pipeline sets the RM it trained")
+    critic_warmup_steps: int = Field(0, ge=0, description="ppo: steps at the start in which only the critic "
+                                     "learns (the policy is held), so its first advantages come from a fitted value "
+                                     "function (OpenRLHF's freezing_actor_steps)")
     value_clip: float | None = Field(0.2, gt=0, description="value clipping range; null = off")
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs of the learner actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the learner actor")

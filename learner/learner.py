@@ -336,10 +336,19 @@ class Learner:
         updates, skipped = 0, int(not finite)
         lengths = batch.lengths()
         real = padded = 0.0
+        # Critic warm-up (OpenRLHF's freezing_actor_steps): for the first steps only the value function learns, so
+        # the policy's first advantages do not come from a critic that has never seen this policy's returns.
+        warming = self.critic is not None and self.version < self.lc.critic_warmup_steps
         for _ in range(self.lc.epochs if finite else 0):
             order = torch.randperm(n)
             for mb in torch.tensor_split(order, math.ceil(n_kept / self.lc.minibatch_size)):
                 norm = self._normalisers(batch, mb)
+                if warming:
+                    for k, v in self.critic.update(batch, self._plan(batch, mb), norm, self.alg, self.dist,
+                                                   self._dummy).items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    updates += 1
+                    continue
                 self.optimizer.zero_grad(set_to_none=True)
                 micro = self._plan(batch, mb)
                 real, padded = (a + b for a, b in zip((real, padded), padded_tokens(lengths, micro), strict=True))
@@ -374,6 +383,7 @@ class Learner:
         totals = dict(zip(keys, self.dist.sum_floats([sums.get(k, 0.0) for k in keys]), strict=True))
         out = {k: v / max(updates, 1) for k, v in totals.items()}
         out["learner/bad_steps_total"] = float(bool(skipped))
+        out["learner/critic_warmup"] = float(warming)
         real, padded = self.dist.sum_floats([real, padded])
         out["learner/padding_fraction"] = 1.0 - real / padded if padded else 0.0
         if batch.values is not None and updates:

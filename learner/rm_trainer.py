@@ -156,16 +156,17 @@ def _pair_rewards(model: RewardModel, rows: list[dict]) -> tuple[torch.Tensor, t
     return rewards[: len(rows)], rewards[len(rows):]
 
 
+Scorer = Callable[[list[str]], tuple[list[float], int]]  # RewardModel.score, or an ensemble's (ensemble_score)
+
+
 @torch.inference_mode()
-def evaluate(model: RewardModel, rows: list[dict], batch_size: int = 256) -> dict[str, float]:
+def evaluate(score: Scorer, rows: list[dict], batch_size: int = 256) -> dict[str, float]:
     """Held-out Bradley-Terry loss and pairwise accuracy, overall and per ``kind`` when pairs have one."""
-    model.eval()
-    chosen, rejected = [], []
-    for i in range(0, len(rows), batch_size):
-        c, r = _pair_rewards(model, rows[i:i + batch_size])
-        chosen.append(c)
-        rejected.append(r)
-    c, r = torch.cat(chosen), torch.cat(rejected)  # (N,), (N,)
+    def rewards(side: str) -> torch.Tensor:
+        texts = [join_text(r["prompt"], r[side]) for r in rows]
+        return torch.cat([torch.tensor(score(texts[i:i + batch_size])[0]) for i in range(0, len(texts), batch_size)])
+
+    c, r = rewards("chosen"), rewards("rejected")  # (N,), (N,)
     out = {"loss": bradley_terry_loss(c, r).item(), "accuracy": pairwise_accuracy(c, r).item()}
     for kind in sorted({row["kind"] for row in rows if "kind" in row}):
         idx = torch.tensor([row.get("kind") == kind for row in rows])
@@ -174,7 +175,7 @@ def evaluate(model: RewardModel, rows: list[dict], batch_size: int = 256) -> dic
 
 
 @torch.inference_mode()
-def policy_pair_accuracy(model: RewardModel, problems: Sequence[Problem], samples: Sequence[Sequence[str]],
+def policy_pair_accuracy(score: Scorer, problems: Sequence[Problem], samples: Sequence[Sequence[str]],
                          batch_size: int = 512) -> dict[str, float]:
     """How the reward model ranks a policy's own samples (what RL sees).
 
@@ -182,10 +183,9 @@ def policy_pair_accuracy(model: RewardModel, problems: Sequence[Problem], sample
     model orders correctly (ties count half). ``auc``: the same across all prompts (what a critic-based
     method without per-prompt baselines sees). Both are NaN when no prompt has both kinds.
     """
-    model.eval()
     texts = [join_text(p.prompt, r) for p, rs in zip(problems, samples, strict=True) for r in rs]
     chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
-    scores = torch.cat([torch.tensor(model.score(chunk)[0]) for chunk in chunks])
+    scores = torch.cat([torch.tensor(score(chunk)[0]) for chunk in chunks])
     k = len(samples[0])
     wins = total = 0.0
     good, bad = [], []
@@ -247,6 +247,13 @@ def train_reward_model(cfg: RewardModelTrainConfig, out_dir: Path,
     never reach the pairs. ``policy_path`` is the SFT policy: the starting point when ``cfg.init == "policy"``, the
     sampler of the policy pairs, and the policy whose held-out samples ``rm/policy_pair_accuracy`` ranks.
     ``max_new_tokens`` and ``temperature`` are RL's sampling settings, so the pairs look like what RL will score.
+
+    With ``cfg.ensemble_size`` K > 1 the K members are written to ``out_dir/member_<k>`` (see ``member_dirs``),
+    each from seed ``cfg.seed + k``: on all the training pairs (``ensemble_data=all``) or on the k-th of K disjoint
+    shares of the training prompts (``disjoint``: the same total training time as one model). The pairs, the
+    held-out split and the policy's samples are drawn once and shared. The returned ``rm/*`` metrics are the
+    ensemble's (mean minus ``uncertainty_penalty`` x std over members, as the reward service serves it); each
+    member's are under ``rm/member_<k>/``.
     """
     train_problems, held_problems = problems or addition_problems()
     needs_policy = cfg.init == "policy" or (cfg.policy_samples and not cfg.preferences_path)
@@ -259,7 +266,98 @@ def train_reward_model(cfg: RewardModelTrainConfig, out_dir: Path,
     policy = load_policy(policy_path) if policy_path is not None else None
     pairs = build_preferences(cfg, train_problems, policy, max_new_tokens, temperature, log)
     train, held_out = _split(pairs, cfg.eval_fraction, cfg.seed)
+    held_samples = None
+    if policy is not None:  # the RL view: the policy's own samples on prompts the RM never trained on
+        held_samples = sample_responses(*policy, [p.prompt for p in held_problems], 8, max_new_tokens, temperature,
+                                        seed=cfg.seed + 1)
     start_from = str(policy_path) if cfg.init == "policy" else cfg.backbone
+    k_models = cfg.ensemble_size
+    members, metrics = [], {}
+    for k, member_dir in enumerate(member_dirs(out_dir, k_models)):
+        share = train if cfg.ensemble_data == "all" else _share(train, k, k_models)
+        tag = "" if k_models == 1 else f"member {k}/{k_models}: "
+        model, fit = _fit(cfg, start_from, share, held_out, cfg.seed + k, lambda line, tag=tag: log(tag + line))
+        if held_samples is not None and cfg.normalize:
+            fit.update(_normalize(model, held_problems, held_samples))
+        if held_samples is not None:
+            fit.update({f"rm/policy_{name}": v for name, v in
+                        policy_pair_accuracy(model.score, held_problems, held_samples).items()})
+        model.save_pretrained(member_dir)
+        log(f"{tag}rm/saved {member_dir}" + (f" rm/policy_pair_accuracy={fit['rm/policy_pair_accuracy']:.4f} "
+                                             f"rm/policy_auc={fit['rm/policy_auc']:.4f}" if held_samples else ""))
+        members.append(model)
+        metrics.update(fit if k_models == 1 else {f"rm/member_{k}/{name[3:]}": v for name, v in fit.items()})
+    if k_models > 1:
+        score = ensemble_score(members, cfg.uncertainty_penalty)
+        metrics.update({f"rm/eval_{name}": v for name, v in evaluate(score, held_out).items()})
+        if held_samples is not None:
+            metrics.update({f"rm/policy_{name}": v for name, v in
+                            policy_pair_accuracy(score, held_problems, held_samples).items()})
+        metrics["rm/train_time_s"] = sum(metrics[f"rm/member_{k}/train_time_s"] for k in range(k_models))
+        spec = {"members": [d.name for d in member_dirs(out_dir, k_models)],
+                "uncertainty_penalty": cfg.uncertainty_penalty}
+        (Path(out_dir) / ENSEMBLE_FILE).write_text(json.dumps(spec))
+    if held_samples is not None:
+        log(f"rm/policy_pair_accuracy={metrics['rm/policy_pair_accuracy']:.4f} rm/policy_auc="
+            f"{metrics['rm/policy_auc']:.4f} (SFT samples on {len(held_problems)} held-out prompts, "
+            f"{metrics['rm/policy_sample_accuracy']:.1%} correct)")
+    return metrics
+
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def member_dirs(out_dir: str | Path, k_models: int) -> list[Path]:
+    """Where the reward model (K = 1: ``out_dir`` itself) or the K members of an ensemble are saved."""
+    return [Path(out_dir)] if k_models == 1 else [Path(out_dir) / f"member_{k}" for k in range(k_models)]
+
+
+def load_scorer(path: str | Path) -> Scorer:
+    """``score(texts)`` of a saved reward model, or of a saved ensemble (``ensemble.json``: its members and penalty)."""
+    path = Path(path)
+    if not (path / ENSEMBLE_FILE).is_file():
+        return RewardModel.from_pretrained(path).eval().score
+    spec = json.loads((path / ENSEMBLE_FILE).read_text())
+    members = [RewardModel.from_pretrained(path / name).eval() for name in spec["members"]]
+    return ensemble_score(members, spec["uncertainty_penalty"])
+
+
+def _share(train: list[dict], k: int, k_models: int) -> list[dict]:
+    """The k-th of K disjoint shares of the training pairs, split by prompt (every pair of a prompt together)."""
+    prompts = sorted({p["prompt"] for p in train})
+    mine = set(prompts[k::k_models])
+    return [p for p in train if p["prompt"] in mine]
+
+
+def ensemble_score(models: Sequence[RewardModel], penalty: float) -> Callable[[list[str]], tuple[list[float], int]]:
+    """``score(texts)`` of an ensemble: mean - penalty * std over the models (population std), as
+    ``reward_service.scorers.RewardEnsemble`` serves it."""
+    def score(texts: list[str]) -> tuple[list[float], int]:
+        per_model = torch.tensor([m.score(texts)[0] for m in models])  # (K, B)
+        mean, std = per_model.mean(0), per_model.std(0, unbiased=False)
+        return (mean - penalty * std).tolist(), 0
+    return score
+
+
+@torch.inference_mode()
+def _normalize(model: RewardModel, problems: Sequence[Problem], samples: Sequence[Sequence[str]]) -> dict:
+    """Rescale the head so the policy's own samples score mean 0, std 1 (Ziegler et al. 2019, sec. 2.2: the reward
+    model is normalised over the initial policy's samples before RL). Whatever SFT start the reward model was trained
+    from, RL then sees rewards of one scale: the critic's value clip, the KL coefficient and the learning rates mean
+    the same thing from every start. Folded into the head (w / std, (b - mean) / std), so the checkpoint (and a critic
+    started from it) carries it."""
+    texts = [join_text(p.prompt, r) for p, rs in zip(problems, samples, strict=True) for r in rs]
+    scores = torch.cat([torch.tensor(model.score(texts[i:i + 512])[0]) for i in range(0, len(texts), 512)])
+    mean, std = scores.mean().item(), scores.std().clamp_min(1e-6).item()
+    model.head.weight.div_(std)
+    model.head.bias.sub_(mean).div_(std)
+    return {"rm/raw_score_mean": mean, "rm/raw_score_std": std}
+
+
+def _fit(cfg: RewardModelTrainConfig, start_from: str, train: list[dict], held_out: list[dict], seed: int,
+         log: Callable[[str], None]) -> tuple[RewardModel, dict]:
+    """One reward model: Bradley-Terry on ``train``, evaluated on ``held_out`` after every epoch."""
+    torch.manual_seed(seed)
     model = RewardModel.from_backbone(start_from, cfg.pooling, cfg.max_length)
     if cfg.freeze_embeddings:
         model.backbone.get_input_embeddings().requires_grad_(False)
@@ -271,7 +369,8 @@ def train_reward_model(cfg: RewardModelTrainConfig, out_dir: Path,
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seed)
+    train = list(train)
     log(f"rm/start train_pairs={len(train)} held_out_pairs={len(held_out)} steps={steps} pooling={model.pooling}")
     start = time.perf_counter()
     metrics: dict[str, float] = {}
@@ -289,20 +388,11 @@ def train_reward_model(cfg: RewardModelTrainConfig, out_dir: Path,
             sched.step()
             losses.append(loss.item())
             accs.append(pairwise_accuracy(chosen, rejected).item())
-        held = evaluate(model, held_out)
+        model.eval()
+        held = evaluate(model.score, held_out)
         metrics = {"rm/epoch": epoch + 1, "rm/train_loss": sum(losses) / len(losses),
                    "rm/train_accuracy": sum(accs) / len(accs), "rm/first_step_loss": losses[0] if epoch == 0
                    else metrics["rm/first_step_loss"], "rm/train_time_s": time.perf_counter() - start}
         metrics.update({f"rm/eval_{k}": v for k, v in held.items()})
         log(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    model.eval()
-    if policy is not None:  # the RL view: the policy's own samples on prompts the RM never trained on
-        samples = sample_responses(*policy, [p.prompt for p in held_problems], 8, max_new_tokens, temperature,
-                                   seed=cfg.seed + 1)
-        ranked = policy_pair_accuracy(model, held_problems, samples)
-        metrics.update({f"rm/policy_{k}": v for k, v in ranked.items()})
-        log(f"rm/policy_pair_accuracy={ranked['pair_accuracy']:.4f} rm/policy_auc={ranked['auc']:.4f} (SFT samples "
-            f"on {len(held_problems)} held-out prompts, {ranked['sample_accuracy']:.1%} correct)")
-    model.save_pretrained(out_dir)
-    log(f"rm/saved {out_dir}")
-    return metrics
+    return model, metrics

@@ -335,3 +335,12 @@ class RewardModelTrainConfig(BaseModel):
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads; more than the free cores slows "
                                                     "training sharply on a shared CPU")
     seed: int = Field(0, description="seed of data generation, split and initialisation")
+    normalize: bool = Field(True, description="rescale the head so the SFT policy's own samples score mean 0, std 1 "
+                            "(Ziegler et al. 2019): RL sees one reward scale from any SFT start")
+    ensemble_size: int = Field(1, ge=1, description="K reward models (seeds seed..seed+K-1) saved as member_<k>; "
+                               "relay pipeline serves them as kind=ensemble: mean - uncertainty_penalty * std")
+    ensemble_data: Literal["all", "disjoint"] = Field(
+        "all", description="ensemble members train on all the pairs (K times the time of one model), or each on "
+                           "one of K disjoint shares of the training prompts (the time of one model)")
+    uncertainty_penalty: float = Field(1.0, ge=0.0, description="ensemble_size > 1: the RL reward is mean - this x "
+                                       "std over the members (a penalty on disagreement, against reward hacking)")

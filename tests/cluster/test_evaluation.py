@@ -74,22 +74,35 @@ def _h(rm: float, true: float, length: float = 3.0, d2: float = 0.5) -> dict[str
 
 def test_monitor_quiet_when_both_scores_rise():
     history = [_h(0.1, 0.1), _h(0.2, 0.2), _h(0.3, 0.3), _h(0.4, 0.4), _h(0.5, 0.5)]
-    assert reward_hacking_flags(history) == []
-    assert reward_hacking_flags(history[:3]) == []  # too short to judge
+    assert reward_hacking_flags(history) == {}
+    assert reward_hacking_flags(history[:3]) == {}  # too short to judge
 
 
 def test_monitor_flags_rm_up_true_flat():
     history = [_h(0.1, 0.30), _h(0.2, 0.32), _h(0.4, 0.31), _h(0.6, 0.30), _h(0.8, 0.28)]
     flags = reward_hacking_flags(history)
-    assert len(flags) == 1 and "RM score rising" in flags[0]
+    assert list(flags) == ["rm_vs_true"] and "RM score rising" in flags["rm_vs_true"]
+    assert reward_hacking_flags(history, has_true_score=False) == {}  # the RM is its own judge: nothing to compare
 
 
 def test_monitor_flags_length_and_repetition_drift():
     history = [_h(0.1, 0.1, 3.0, 0.6), _h(0.1, 0.1, 3.0, 0.6), _h(0.1, 0.1, 6.0, 0.2), _h(0.1, 0.1, 6.0, 0.2),
                _h(0.1, 0.1, 6.0, 0.2)]
     flags = reward_hacking_flags(history, HackingThresholds())
-    assert any("length" in f for f in flags) and any("repetition" in f for f in flags)
-    assert not any("RM score" in f for f in flags)
+    assert set(flags) == {"length", "repetition"}
+
+
+def test_monitor_flags_kl_acceleration_by_hand():
+    def h(kl):
+        return {**_h(0.1, 0.1), "eval/kl_to_reference": kl}
+    steady = [h(0.1), h(0.15), h(0.2), h(0.25), h(0.3), h(0.35)]  # +0.05 per evaluation throughout
+    assert reward_hacking_flags(steady) == {}
+    # before the window: 0.10 -> 0.14 over 3 evaluations (+0.0133 each); in it: 0.14 -> 0.30 over 2 (+0.08 each)
+    fast = [h(0.1), h(0.12), h(0.13), h(0.14), h(0.22), h(0.30)]
+    assert list(reward_hacking_flags(fast)) == ["kl_acceleration"]
+    assert "+0.080 per evaluation" in reward_hacking_flags(fast)["kl_acceleration"]
+    noise = [h(0.01), h(0.01), h(0.01), h(0.01), h(0.02), h(0.03)]  # faster, but below kl_min_rise
+    assert reward_hacking_flags(noise) == {}
 
 
 def test_evaluator_caches_reference_and_flags():
@@ -119,7 +132,9 @@ def test_evaluator_caches_reference_and_flags():
     assert results[0]["eval/win_rate_vs_reference"] == 1.0
     assert "eval/kl_to_reference" not in results[0]  # no sampler given
     assert [r["eval/reward_hacking_flag"] for r in results] == [0.0, 0.0, 0.0, 1.0, 1.0]  # window + 1 needed
-    assert logs and "reward-hacking monitor" in logs[0]
+    assert results[3]["eval/reward_hacking_signal{signal=rm_vs_true}"] == 1.0
+    assert results[3]["eval/reward_hacking_signal{signal=length}"] == 0.0
+    assert logs and "reward-hacking monitor (rm_vs_true)" in logs[0]
 
 
 def test_pass_and_mean_at_k_by_hand():

@@ -92,6 +92,17 @@ def test_rl_config_wires_sft_policy_and_rm_reward(tmp_path):
     assert cfg.model.path is None  # the user's config is not touched
 
 
+def test_rl_config_serves_an_ensemble_with_its_penalty(tmp_path):
+    cfg = _cfg(tmp_path, "algorithm.name=ppo", "reward_model.ensemble_size=3", "reward_model.uncertainty_penalty=0.5")
+    for k in range(3):
+        (tmp_path / "run" / "rm" / f"member_{k}").mkdir(parents=True)
+    rl = rl_config(cfg)
+    (source,) = rl.reward.sources
+    members = [str((tmp_path / "run" / "rm" / f"member_{k}").resolve()) for k in range(3)]
+    assert (source.kind, source.model_paths, source.uncertainty_penalty) == ("ensemble", members, 0.5)
+    assert rl.learner.critic_init == members[0]
+
+
 def test_real_sft_and_rm_stages_then_skip(tmp_path):
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, f"model.cache_dir={tmp_path / 'cache'}", "sft.steps=3", "sft.batch_size=16",

@@ -4,20 +4,25 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from core.data import AdditionConfig
 from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
 from learner.rm_trainer import (
+    ENSEMBLE_FILE,
     Problem,
+    _normalize,
+    _share,
     _split,
     addition_problems,
+    ensemble_score,
     load_preferences,
     make_policy_preferences,
     make_synthetic_preferences,
     policy_pair_accuracy,
     train_reward_model,
 )
-from reward_service.config import RewardModelTrainConfig
+from reward_service.config import RewardModelTrainConfig, RewardSourceConfig
 from reward_service.models import RewardModel
 
 MINILM = {"init": "backbone", "policy_samples": 0, "lr": 5e-5, "batch_size": 32, "freeze_embeddings": True}
@@ -55,7 +60,7 @@ def test_policy_pair_accuracy_by_hand():
     samples = [["2", "3", "5"], ["4", "1", "4"]]
     table = {"1+1=2": 1.0, "1+1=3": 2.0, "1+1=5": 0.0, "2+2=4": 3.0, "2+2=1": 3.0}
     model = SimpleNamespace(eval=lambda: None, score=lambda texts: ([table[t] for t in texts], 0))
-    out = policy_pair_accuracy(model, problems, samples)
+    out = policy_pair_accuracy(model.score, problems, samples)
     # Within prompts: 1+1: right 1.0 vs wrong {2.0, 0.0} -> 1 of 2; 2+2: right {3, 3} vs wrong {3} -> 2 ties = 1.
     assert out["pair_accuracy"] == pytest.approx(2 / 4)
     # Across prompts: right {1, 3, 3} vs wrong {2, 0, 3}: wins 1+2+2 = 5, ties 2 -> (5 + 1) / 9.
@@ -104,10 +109,7 @@ def test_preferences_from_jsonl_path(tmp_path):
 
 def test_from_the_policy_with_policy_pairs(tmp_path):
     """The default: start from the (here untrained, 1-layer) policy, pair its samples, rank its held-out samples."""
-    tokenizer = build_tokenizer()
-    policy = tmp_path / "policy"
-    build_tiny_model(tokenizer, TinyModelConfig(num_layers=1)).save_pretrained(policy)
-    tokenizer.save_pretrained(policy)
+    policy = _tiny_policy(tmp_path)
     problems = addition_problems(AdditionConfig(n_train=120, n_eval=40))
     cfg = RewardModelTrainConfig(policy_samples=2, n_pairs=60, epochs=1, eval_fraction=0.25)
     logs: list[str] = []
@@ -119,6 +121,68 @@ def test_from_the_policy_with_policy_pairs(tmp_path):
     assert model.pooling == "last"  # a causal backbone is read at its last token
     scores, _ = model.score(["12+30=42", "12+30=4"])
     assert all(math.isfinite(x) for x in scores)
+
+
+def _tiny_policy(tmp_path) -> Path:
+    tokenizer = build_tokenizer()
+    policy = tmp_path / "policy"
+    build_tiny_model(tokenizer, TinyModelConfig(num_layers=1)).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    return policy
+
+
+def test_normalize_folds_mean_0_std_1_into_the_head(tmp_path):
+    """Ziegler et al. 2019: over the policy's samples the normalised model scores mean 0, std 1; the folded head
+    equals standardising the raw scores (a second formulation), and the order of any two texts is unchanged."""
+    model = RewardModel.from_backbone(_tiny_policy(tmp_path), max_length=16).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    torch.nn.init.constant_(model.head.bias, 3.0)
+    problems = [Problem(f"{a}+{a}=", str(2 * a)) for a in range(10, 30)]
+    samples = [[str(2 * p + d) for d in (0, 1, -3)] for p in range(10, 30)]
+    texts = [p.prompt + r for p, rs in zip(problems, samples, strict=True) for r in rs]
+    raw = torch.tensor(model.score(texts)[0])
+    stats = _normalize(model, problems, samples)
+    scaled = torch.tensor(model.score(texts)[0])
+    assert stats["rm/raw_score_mean"] == pytest.approx(raw.mean().item(), abs=1e-5)
+    assert scaled.mean().item() == pytest.approx(0.0, abs=1e-4) and scaled.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert torch.allclose(scaled, (raw - raw.mean()) / raw.std(), atol=1e-4)
+
+
+def test_ensemble_score_by_hand_and_as_served():
+    """mean - penalty * population std, the formula of reward_service.scorers.RewardEnsemble (see its docstring)."""
+    a = SimpleNamespace(score=lambda texts: ([1.0 for _ in texts], 0))
+    b = SimpleNamespace(score=lambda texts: ([3.0 for _ in texts], 0))
+    scores, _ = ensemble_score([a, b], penalty=0.5)(["x", "y"])
+    assert scores == pytest.approx([2.0 - 0.5 * 1.0] * 2)  # mean 2, std |3 - 1| / 2 = 1
+    assert RewardSourceConfig(name="e", kind="ensemble", model_paths=["a", "b"]).uncertainty_penalty == 0.0
+
+
+def test_disjoint_shares_split_by_prompt_and_cover_the_pairs():
+    pairs = [{"prompt": f"{i}+0=", "chosen": str(i), "rejected": "x", "n": j} for i in range(30) for j in range(2)]
+    shares = [_share(pairs, k, 3) for k in range(3)]
+    prompts = [{p["prompt"] for p in share} for share in shares]
+    assert sum(len(s) for s in shares) == len(pairs) and all(len(p) == 10 for p in prompts)
+    assert not (prompts[0] & prompts[1]) and not (prompts[1] & prompts[2]) and not (prompts[0] & prompts[2])
+
+
+def test_an_ensemble_of_two_on_disjoint_shares(tmp_path):
+    problems = addition_problems(AdditionConfig(n_train=120, n_eval=40))
+    cfg = RewardModelTrainConfig(policy_samples=2, n_pairs=60, epochs=1, eval_fraction=0.25, ensemble_size=2,
+                                 ensemble_data="disjoint", uncertainty_penalty=0.5)
+    logs: list[str] = []
+    metrics = train_reward_model(cfg, tmp_path / "rm", problems=problems, policy_path=_tiny_policy(tmp_path),
+                                 log=logs.append)
+    assert json.loads((tmp_path / "rm" / ENSEMBLE_FILE).read_text()) == {
+        "members": ["member_0", "member_1"], "uncertainty_penalty": 0.5}
+    members = [RewardModel.from_pretrained(tmp_path / "rm" / f"member_{k}").eval() for k in range(2)]
+    # each member saw about half the training pairs, and the ensemble's metrics are reported beside the members'
+    starts = [line for line in logs if "rm/start" in line]
+    assert len(starts) == 2 and all(line.startswith(f"member {k}/2") for k, line in enumerate(starts))
+    assert {"rm/member_0/eval_accuracy", "rm/member_1/policy_auc", "rm/eval_accuracy", "rm/policy_auc"} <= set(metrics)
+    assert metrics["rm/train_time_s"] == pytest.approx(metrics["rm/member_0/train_time_s"] +
+                                                       metrics["rm/member_1/train_time_s"])
+    # normalised members: the held-out policy samples score about mean 0 each (std 1 is tested above)
+    assert all(abs(m.score(["12+30=42", "12+30=41"])[0][0]) < 10 for m in members)
 
 
 def test_policy_init_without_a_policy_is_a_clear_error(tmp_path):
