@@ -26,6 +26,11 @@ class GenerationConfig(Section):
                                              "prompts per generate launch, split over the actors; two launches are "
                                              "kept in flight and weights are swapped in between them. null = half of "
                                              "train.prompts_per_step")
+    partial_rollouts: bool = Field(False, description="streaming loop: sample in segments of partial_segment_tokens; "
+                                   "between segments a newly published version is swapped in and unfinished samples "
+                                   "continue from their prefix; each token records its version (token_versions)")
+    partial_segment_tokens: int = Field(16, ge=1, description="partial_rollouts: tokens per segment, the longest a "
+                                        "new version waits for an actor")
     torch_threads: int | None = Field(2, ge=1, description="CPU engine threads; null = num_cpus rounded. 2 suits "
                                       "the 2-core default, where generation and learning alternate")
     seed: int = Field(0, description="sampling seed of actor 0 (actor i uses seed + i)")

@@ -106,19 +106,20 @@ class GenerationActor:
         ``seeds``: one sampling seed per prompt (deterministic mode), else the engine's random state."""
         start = time.perf_counter()
         n = n or self.cfg.samples_per_prompt
-        params = [self._sampling(n, False, seed) for seed in seeds] if seeds else self._sampling(n, greedy=False)
-        outputs = self._run(prompts, params)
-        rollouts = []
-        for prompt, out in zip(prompts, outputs, strict=True):
-            for sample in out.outputs:
-                ids = list(sample.token_ids)
-                logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, ids, strict=True)]
-                rollouts.append(Rollout(
-                    group_id=prompt.index, prompt_ids=list(prompt.token_ids), response_ids=ids,
-                    sampling_logprobs=logprobs, policy_version=self.policy_version,
-                    finish_reason=sample.finish_reason or "length", prompt_text=prompt.text,
-                    response_text=sample.text, metadata=dict(prompt.metadata), actor_id=self.actor_id,
-                ))
+        if self.cfg.partial_rollouts:
+            rollouts = self._generate_partial(prompts, n)
+        else:
+            params = [self._sampling(n, False, seed) for seed in seeds] if seeds else self._sampling(n, greedy=False)
+            rollouts = []
+            for prompt, out in zip(prompts, self._run(prompts, params), strict=True):
+                for sample in out.outputs:
+                    ids = list(sample.token_ids)
+                    rollouts.append(Rollout(
+                        group_id=prompt.index, prompt_ids=list(prompt.token_ids), response_ids=ids,
+                        sampling_logprobs=_logprobs(sample, ids), policy_version=self.policy_version,
+                        finish_reason=sample.finish_reason or "length", prompt_text=prompt.text,
+                        response_text=sample.text, metadata=dict(prompt.metadata), actor_id=self.actor_id,
+                    ))
         seconds = time.perf_counter() - start
         self.sink.log({"rollout/generated_tokens_total": float(sum(len(r.response_ids) for r in rollouts)),
                        "rollout/generation_seconds": seconds})
@@ -127,6 +128,48 @@ class GenerationActor:
         self.sink.heartbeat()
         swapped, self.swap_seconds = self.swap_seconds, 0.0
         return Generated(rollouts, seconds, swapped)
+
+    def _generate_partial(self, prompts: list[Prompt], n: int) -> list[Rollout]:
+        """Partial rollouts (``generation.partial_rollouts``; Kimi k1.5 and AReaL pause long generations for new
+        weights the same way): sample in segments of at most ``partial_segment_tokens`` tokens. Between segments a
+        version staged in the background is swapped in, and every unfinished sample continues from its prefix
+        (prompt + the tokens so far) under the new weights, so a long response never holds the step back and never
+        waits for a weight load. Each token records the version that sampled it (``Rollout.token_versions``); the
+        rollout's ``policy_version`` is its oldest token's, which is what the staleness bound and metric read."""
+        from vllm import SamplingParams
+
+        seg, limit = self.cfg.partial_segment_tokens, self.cfg.max_tokens
+        samples = [{"prompt": p, "ids": [], "logprobs": [], "versions": [], "finish": None}
+                   for p in prompts for _ in range(n)]
+
+        def extend(sample: dict, out) -> None:
+            ids = list(out.token_ids)
+            sample["ids"] += ids
+            sample["logprobs"] += _logprobs(out, ids)
+            sample["versions"] += [self.policy_version] * len(ids)
+            if out.finish_reason != "length" or len(sample["ids"]) >= limit:
+                sample["finish"] = out.finish_reason or "length"
+
+        first = SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                               max_tokens=min(seg, limit), logprobs=0)
+        outs = [o for out in self._run(prompts, first) for o in out.outputs]  # swaps a staged version first
+        for sample, out in zip(samples, outs, strict=True):
+            extend(sample, out)
+        while pending := [s for s in samples if s["finish"] is None]:
+            self._swap_staged()  # the pause: only between segments do the engine's weights change
+            params = [SamplingParams(n=1, temperature=self.cfg.temperature, top_p=self.cfg.top_p, logprobs=0,
+                                     max_tokens=min(seg, limit - len(s["ids"]))) for s in pending]
+            outs = self.llm.generate([{"prompt_token_ids": list(s["prompt"].token_ids) + s["ids"]} for s in pending],
+                                     params, use_tqdm=False)
+            for sample, out in zip(pending, outs, strict=True):
+                extend(sample, out.outputs[0])
+        return [Rollout(
+            group_id=s["prompt"].index, prompt_ids=list(s["prompt"].token_ids), response_ids=s["ids"],
+            sampling_logprobs=s["logprobs"], policy_version=min(s["versions"], default=self.policy_version),
+            finish_reason=s["finish"], prompt_text=s["prompt"].text,
+            response_text=self.tokenizer.decode(s["ids"], skip_special_tokens=True),
+            metadata=dict(s["prompt"].metadata), actor_id=self.actor_id, token_versions=s["versions"],
+        ) for s in samples]
 
     def greedy(self, prompts: list[Prompt]) -> list[str]:
         """Greedy completions (held-out evaluation)."""
@@ -199,3 +242,8 @@ class GenerationActor:
 
     def health(self) -> dict[str, float]:
         return {"actor_id": self.actor_id, "policy_version": self.policy_version, "pid": os.getpid()}
+
+
+def _logprobs(sample, ids: list[int]) -> list[float]:
+    """The sampler's logprob of each token of a vLLM ``CompletionOutput``."""
+    return [step[tok].logprob for step, tok in zip(sample.logprobs, ids, strict=True)]

@@ -180,6 +180,11 @@ class RelayConfig(Section):
                              "has none. Set model.path (or model.tokenizer), or use data.template")
         if self.generation.num_gpus == 0 and self.generation.tensor_parallel_size > 1:
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.num_gpus > 0")
+        if self.generation.partial_rollouts and self.algorithm.max_staleness == 0:
+            raise ValueError("generation.partial_rollouts swaps in weights published while a response is being "
+                             "sampled, which only the streaming loop does (algorithm.max_staleness >= 1); with "
+                             "max_staleness 0 weights never change mid-generation. Set max_staleness to 1 or more, or "
+                             "partial_rollouts to false")
         if self.train.deterministic and self.algorithm.max_staleness > 0:
             raise ValueError(f"train.deterministic collects every step's rollouts from the weights of the step "
                              f"before; algorithm.max_staleness={self.algorithm.max_staleness} samples ahead with "

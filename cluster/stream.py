@@ -121,6 +121,7 @@ class RolloutStream:
             "rollout/response_length_mean_tokens": sum(lengths) / max(len(lengths), 1),
             "rollout/staleness_versions": float(learner_version - min((g.version for g in groups),
                                                                       default=learner_version)),
+            **token_staleness([s.rollout for s in samples], learner_version),
             "reward/truncated_total": float(sum(s.rollout.finish_reason == "length" for s in samples)),
         }
         out.update(_merge_reward_stats(landed.reward_stats))
@@ -154,3 +155,13 @@ def _merge_reward_stats(parts: list[tuple[int, dict[str, float]]]) -> dict[str, 
             else:
                 out[key] = out.get(key, 0.0) + value * n / weight
     return out
+
+
+def token_staleness(rollouts: list, learner_version: int) -> dict[str, float]:
+    """Per token rather than per rollout (partial rollouts mix versions within a response): the mean number of
+    versions each trained token is behind the learner, and the share of rollouts sampled by more than one version."""
+    behind = [learner_version - v for r in rollouts
+              for v in (r.token_versions or [r.policy_version] * len(r.response_ids))]
+    mixed = sum(len(set(r.token_versions)) > 1 for r in rollouts)
+    return {"rollout/token_staleness_mean": sum(behind) / max(len(behind), 1),
+            "rollout/mixed_version_fraction": mixed / max(len(rollouts), 1)}

@@ -90,6 +90,10 @@ _SPECS = [
     _g("rollout/response_length_mean_tokens", "mean response length of the step's rollouts"),
     _g("rollout/tokens_per_second", "response tokens sampled per second, all actors, this step"),
     _g("rollout/staleness_versions", "learner version minus the oldest policy_version trained on this step"),
+    _g("rollout/token_staleness_mean", "mean versions each trained response token is behind the learner (streaming "
+       "loop; with partial rollouts the versions mix within a response)"),
+    _g("rollout/mixed_version_fraction", "share of the step's rollouts sampled by more than one policy version "
+       "(generation.partial_rollouts)"),
     _g("rollout/queue_depth", "scored groups waiting in the rollout buffer for the learner (streaming loop)"),
     _g("rollout/wait_seconds", "time the step waited for the rollout buffer to hold a step's groups (streaming loop)"),
     _c("rollout/filtered_total", "groups the rollout buffer did not admit, by filter (uniform: all rewards equal)",

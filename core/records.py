@@ -33,6 +33,9 @@ class Rollout:
     response_text: str
     metadata: dict[str, str] = field(default_factory=dict)
     actor_id: int = 0
+    token_versions: list[int] = field(default_factory=list)  # (R,)
+    """with generation.partial_rollouts: the policy version that sampled each response token (policy_version is
+    the oldest); empty = every token came from policy_version"""
 
 
 @dataclass(frozen=True)

@@ -335,6 +335,37 @@ def test_weights_swapped_in_between_requests_match_the_learner(driver):
     driver.sync()
 
 
+def test_partial_rollouts_swap_mid_response_and_record_token_versions(driver):
+    """Partial rollouts: a version staged while an actor samples is swapped in between segments, and the unfinished
+    samples continue from their prefix under it. Each token records the version that sampled it, and the tokens
+    sampled after the swap carry the learner's logprobs (within 1e-4): the prefix was recomputed by the new weights."""
+    cfg = driver.cfg.generation.model_copy(update={"partial_rollouts": True, "partial_segment_tokens": 1})
+    actor = driver.fleet._cls.remote(cfg, driver.fleet.policy_path, driver.fleet.dtype, 9, 0)  # at version 0
+    try:
+        ray.get(actor.health.remote(), timeout=300)
+        one_training_step(driver)
+        version, ref, _ = driver.learner.publish()
+        driver.store.add(version, ref[0])
+        _, prompts = driver.next_prompts(12)
+        busy = actor.generate.remote(prompts * 40, 4)  # 1,920 samples, one token per segment
+        time.sleep(0.5)
+        ray.get(actor.stage_weights.options(concurrency_group="weights").remote(version, ref), timeout=60)
+        rollouts = ray.get(busy, timeout=300).rollouts
+        for r in rollouts:
+            assert len(r.token_versions) == len(r.response_ids) and r.token_versions == sorted(r.token_versions)
+            assert r.policy_version == min(r.token_versions)  # the staleness bound reads the oldest token
+        assert {v for r in rollouts for v in r.token_versions} == {0, version}
+        mixed = [r for r in rollouts if len(set(r.token_versions)) > 1]
+        assert mixed, "the swap landed between whole responses, not inside one"
+        for r in mixed[:8]:
+            learner = driver.learner.sequence_logprobs(r.prompt_ids, r.response_ids)
+            after = [i for i, v in enumerate(r.token_versions) if v == version]
+            assert_close([r.sampling_logprobs[i] for i in after], [learner[i] for i in after])
+    finally:
+        ray.kill(actor)
+    driver.sync()
+
+
 def test_dynamic_sampling_draws_prompts_until_groups_differ(driver):
     """DAPO dynamic sampling: a batch whose groups all scored alike is topped up with fresh prompts (at most
     max_extra_prompts_per_step); only groups whose rewards differ are trained on, prompts_per_step at most."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.rollout_buffer import Group, RolloutBuffer
+from cluster.stream import token_staleness
 from core.records import Rollout, ScoredRollout
 
 
@@ -49,3 +50,16 @@ def test_a_group_is_as_old_as_its_oldest_sample():
 def test_unknown_filter_is_named():
     with pytest.raises(ValueError, match="unknown admission filter.*'typo'.*valid: \\['uniform'\\]"):
         RolloutBuffer(capacity=1, max_staleness=0, filters=("typo",))
+
+
+def test_token_staleness_by_hand():
+    def r(versions, version=None, n=None):
+        n = len(versions) if n is None else n
+        return Rollout(group_id=0, prompt_ids=[1], response_ids=[2] * n, sampling_logprobs=[0.0] * n,
+                       policy_version=min(versions) if version is None else version, finish_reason="stop",
+                       prompt_text="", response_text="", token_versions=versions)
+
+    # learner at 5: a partial rollout 3,3,4,5 (behind 2,2,1,0) and a whole one at 4 with 2 tokens (1,1)
+    out = token_staleness([r([3, 3, 4, 5]), r([], version=4, n=2)], 5)
+    assert out["rollout/token_staleness_mean"] == pytest.approx(7 / 6)
+    assert out["rollout/mixed_version_fraction"] == pytest.approx(1 / 2)
