@@ -11,7 +11,9 @@ long as the stages it reads have finished.
   ``model.path`` fine-tuned with ``learner/sft.py`` on the data's training records (completion tokens only).
 - ``rm``: ``learner/rm_trainer.py::train_reward_model(cfg.reward_model)``. By default the reward model
   starts from the SFT checkpoint and learns from the SFT policy's own samples (judged by the task's
-  rule) beside synthetic pairs, so it reads the sft stage.
+  rule) beside synthetic pairs, so it reads the sft stage. The RM is then normalised so the SFT policy's samples
+  score mean 0, std 1 (``reward_model.normalize``); with ``reward_model.ensemble_size`` K > 1 it trains K members
+  (``rm/member_<k>``), which the rl stage serves as one ``kind: ensemble`` source (mean - uncertainty_penalty * std).
 - ``dpo`` (``pipeline.stages: [sft, dpo]``): ``relay dpo`` (``cluster/offline.py``) from the SFT checkpoint, on
   pairs from ``dpo.preferences_path`` or built from the SFT policy's samples judged by the reward (the RM with
   an rm stage). Its run directory is ``run_dir/dpo``.
