@@ -265,6 +265,35 @@ def gae_advantages(
     return adv, returns
 
 
+REWARD_BASELINES = ("none", "batch", "group")
+
+
+def baseline_rewards(rewards: Tensor, group_ids: Tensor, mode: str = "none", all_sum: AllSum | None = None) -> Tensor:
+    """Sequence rewards with a baseline taken off before KL shaping, the critic and GAE see them.
+
+    rewards, group_ids: (B,) -> (B,).
+    - ``none``: unchanged.
+    - ``batch``: whitened over the whole batch (all ranks' with ``all_sum``): the per-batch normalisation of a
+      learned reward's score.
+    - ``group``: minus the mean of the *other* samples of the same prompt, the leave-one-out baseline of RLOO
+      (Kool et al. 2019; Ahmadian et al. 2024). With several samples per prompt the prompt's difficulty leaves the
+      reward, so the critic only has to learn what differs within a group; a baseline that does not depend on the
+      sample leaves the policy gradient unbiased. Singleton groups are unchanged.
+    """
+    if mode == "none":
+        return rewards
+    if mode == "batch":
+        ones = torch.ones_like(rewards)
+        return masked_whiten(rewards[None], ones[None], all_sum=all_sum)[0]
+    if mode == "group":
+        _, uniq = torch.unique(group_ids, return_inverse=True)
+        sums = torch.zeros(int(uniq.max()) + 1, dtype=rewards.dtype, device=rewards.device).index_add_(0, uniq, rewards)
+        count = torch.bincount(uniq).to(rewards.dtype)[uniq]
+        others = (sums[uniq] - rewards) / (count - 1).clamp_min(1.0)
+        return torch.where(count > 1, rewards - others, rewards)
+    raise ValueError(f"unknown reward baseline {mode!r}; choose one of {', '.join(REWARD_BASELINES)}")
+
+
 def _group_outcome(token_rewards: Tensor, mask: Tensor, group_ids: Tensor) -> tuple[Tensor, ...]:
     r = sequence_rewards(token_rewards, mask)
     mean, std, count = group_stats(r, group_ids)

@@ -63,6 +63,11 @@ class AlgorithmConfig(Section):
         "token-mean", description="how per-token losses become one number: token-mean (DAPO, CISPO) | "
                                   "seq-mean-token-mean (GRPO, GSPO) | seq-mean-token-sum | seq-mean-token-sum-norm "
                                   "(Dr.GRPO: token sum / max_tokens)")
+    reward_baseline: Literal["none", "batch", "group"] = Field(
+        "none", description="baseline taken off each sequence reward before KL shaping and the estimator: none | "
+                            "batch (whitened over the batch) | group (minus the leave-one-out mean of the prompt's "
+                            "other samples, RLOO's baseline; for ppo the critic then learns only what differs within "
+                            "a group)")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
     drop_uniform_groups: bool = Field(True, description="drop groups whose samples all scored the same")
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling (Yu et al. 2025): groups whose rewards "

@@ -285,8 +285,9 @@ class Learner:
 
     def _advantages(self, batch: RolloutBatch, mask, current):
         """``current``: the policy's logprobs before this update (the policy that sampled, on-policy)."""
-        seq_rewards = batch.rewards.to(self.device)
         all_sum = self.dist.all_sum if self.dist.active else None
+        seq_rewards = algos.baseline_rewards(batch.rewards.to(self.device), batch.group_ids.to(self.device),
+                                             self.alg.reward_baseline, all_sum=all_sum)
         stats: dict[str, float] = {}
         if batch.ref_logprobs is not None:
             kl = algos.kl_estimate(current, batch.ref_logprobs, self.alg.kl_kind) * mask

@@ -710,3 +710,20 @@ def test_rwr_weights_hand_values():
     sharp = algos.rwr_weights(t([0.0, 1.0, 2.0, 3.0]), beta=0.01)  # overflow-safe, mass on the best
     assert torch.isfinite(sharp).all() and sharp.mean().item() == pytest.approx(1.0)
     assert sharp[-1].item() == pytest.approx(4.0)
+
+
+def test_reward_baseline_by_hand_and_against_rloo():
+    r = torch.tensor([1.0, 0.0, 0.0, 3.0, 5.0, 2.0])
+    g = torch.tensor([7, 7, 7, 9, 9, 4])  # groups of 3, 2 and a singleton
+    group = algos.baseline_rewards(r, g, "group")
+    # 1 - (0+0)/2, 0 - (1+0)/2, 0 - (1+0)/2; 3 - 5, 5 - 3; the singleton keeps its reward
+    assert group.tolist() == pytest.approx([1.0, -0.5, -0.5, -2.0, 2.0, 2.0])
+    # a second formulation: RLOO's advantage is the same leave-one-out difference
+    mask = torch.ones(6, 1)
+    rloo, _ = algos.rloo_advantages(token_rewards=r[:, None], mask=mask, group_ids=g)
+    assert group[:5].tolist() == pytest.approx(rloo[:5, 0].tolist())
+    batch = algos.baseline_rewards(r, g, "batch")
+    assert batch.tolist() == pytest.approx(((r - r.mean()) / r.std()).tolist(), abs=1e-6)
+    assert algos.baseline_rewards(r, g, "none") is r
+    with pytest.raises(ValueError, match="unknown reward baseline 'x'"):
+        algos.baseline_rewards(r, g, "x")
