@@ -124,6 +124,34 @@ def test_algorithm_switch_runs_a_learner_step(policy_dir, name):
         assert "learner/value_loss" not in second
 
 
+def test_critic_warmup_holds_the_policy_while_the_critic_learns(policy_dir):
+    from learner.learner import Learner
+
+    torch.manual_seed(0)
+    learner = Learner.from_config(load_config(None, [
+        "algorithm.name=ppo", "learner.warmup_steps=0", "learner.lr=1e-3", "learner.minibatch_size=8",
+        "learner.micro_batch_tokens=256", "learner.critic_warmup_steps=2"]), policy_dir)
+    scored = scored_rollouts()
+
+    def snapshot():
+        return ([p.detach().clone() for p in learner.policy.parameters()],
+                [p.detach().clone() for p in learner.critic.parameters()])
+
+    def moved(before, after):
+        return any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+    for version in (0, 1):  # versions published so far: below critic_warmup_steps, the policy is held
+        learner.set_version(version)
+        policy, critic = snapshot()
+        stats = learner.train_step(scored)
+        assert stats["learner/critic_warmup"] == 1.0 and "learner/value_loss" in stats
+        assert not moved(policy, learner.policy.parameters()) and moved(critic, learner.critic.parameters())
+    learner.set_version(2)
+    policy, _ = snapshot()
+    assert learner.train_step(scored)["learner/critic_warmup"] == 0.0
+    assert moved(policy, learner.policy.parameters())
+
+
 def test_shared_critic_learns_values_on_the_policy_backbone(policy_dir, tmp_path):
     """critic_backbone=shared: no second model; the value head reads the policy's hidden states, its loss
     falls on a fixed batch, and the joint loss moves the policy."""
