@@ -106,6 +106,10 @@ def _rm_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object]) -> dict
                               max_new_tokens=cfg.generation.max_tokens, temperature=cfg.generation.temperature, log=log)
 
 
+RLHF_CRITIC_WARMUP = 20
+"""critic-only steps at the start of the rl stage with PPO (``learner.critic_warmup_steps``), as in the README's runs"""
+
+
 def rl_config(cfg: RelayConfig) -> RelayConfig:
     """The RL stage's config: policy = SFT checkpoint, reward = the trained RM (when ``pipeline.stages`` has rm;
     else ``reward.sources``), run dir = ``run_dir/rl``."""
@@ -129,6 +133,8 @@ def rl_config(cfg: RelayConfig) -> RelayConfig:
     if cfg.algorithm.name == "ppo" and lc.critic_backbone == "separate" and lc.critic_init is None \
             and cfg.reward_model.init == "policy":
         tree["learner"]["critic_init"] = rm_dirs[0]  # value function from the RM (an ensemble's first member)
+    if cfg.algorithm.name == "ppo" and "critic_warmup_steps" not in lc.model_fields_set:
+        tree["learner"]["critic_warmup_steps"] = RLHF_CRITIC_WARMUP  # the README's RLHF runs; a set value wins
     return RelayConfig.model_validate(tree)
 
 
