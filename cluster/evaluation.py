@@ -151,8 +151,8 @@ def reward_hacking_flags(history: Sequence[dict[str, float]], th: HackingThresho
 
     - ``rm_vs_true``: the RM score (``eval/reward_mean``) keeps rising over the window while the held-out true
       score (``eval/task_score``) stalls or falls. Only with a true score other than the RM (``has_true_score``).
-    - ``kl_acceleration``: ``eval/kl_to_reference`` rises ``kl_acceleration`` times faster per evaluation over the
-      window than before it: the policy has found a direction the reward pays for and is running down it.
+    - ``kl_acceleration``: ``eval/kl_to_reference`` rises at every evaluation of the window, ``kl_acceleration`` times
+      faster per evaluation than before it: the policy has found a direction the reward pays for and runs down it.
     - ``length`` / ``repetition``: the mean response length drifts, or distinct-2 falls, against the first evaluation.
     """
     if len(history) < th.window + 1:
@@ -170,7 +170,9 @@ def reward_hacking_flags(history: Sequence[dict[str, float]], th: HackingThresho
     if all(k is not None for k in kl):
         before = (kl[-th.window] - kl[0]) / max(len(kl) - th.window, 1)  # per evaluation, up to the window
         during = (kl[-1] - kl[-th.window]) / (th.window - 1) if th.window > 1 else 0.0
-        if during > th.kl_min_rise and during > th.kl_acceleration * max(before, 0.0):
+        window = kl[-th.window:]
+        rising = all(b > a for a, b in zip(window, window[1:], strict=False))  # one noisy estimate is not a trend
+        if rising and during > th.kl_min_rise and during > th.kl_acceleration * max(before, 0.0):
             flags["kl_acceleration"] = (f"KL to the reference accelerating: +{during:.3f} per evaluation over the "
                                         f"last {th.window} ({kl[-th.window]:.3f} -> {kl[-1]:.3f}) against "
                                         f"{before:+.3f} before")

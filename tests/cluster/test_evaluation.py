@@ -103,6 +103,8 @@ def test_monitor_flags_kl_acceleration_by_hand():
     assert "+0.080 per evaluation" in reward_hacking_flags(fast)["kl_acceleration"]
     noise = [h(0.01), h(0.01), h(0.01), h(0.01), h(0.02), h(0.03)]  # faster, but below kl_min_rise
     assert reward_hacking_flags(noise) == {}
+    jump = [h(0.1), h(0.12), h(0.13), h(0.22), h(0.21), h(0.40)]  # a fast rise, but not at every evaluation
+    assert reward_hacking_flags(jump) == {}
 
 
 def test_evaluator_caches_reference_and_flags():
