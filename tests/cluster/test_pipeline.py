@@ -134,11 +134,12 @@ def test_full_pipeline_with_ppo(tmp_path):
                "reward_model.epochs=1", "algorithm.name=ppo", "algorithm.kl_in=reward",
                "algorithm.kl_target=0.05", "train.steps=2", "train.eval_every=1", "train.eval_prompts=32",
                "train.prompts_per_step=16", "metrics.progress=false", "metrics.prometheus=false",
-               "learner.torch_threads=1")
+               "learner.torch_threads=1", "learner.critic_warmup_steps=1")  # step 1 critic only, step 2 both
     results = run_pipeline(cfg, log=print)
     assert Path(results["rl"]["checkpoint"], "config.json").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert "learner/value_loss" in rows[1] and "eval/win_rate_vs_reference" in rows[-1]
+    assert [r.get("learner/critic_warmup") for r in rows if "learner/critic_warmup" in r] == [1.0, 0.0]
     assert rows[0]["eval/win_rate_vs_reference"] == 0.5  # step 0: the policy is the reference
     assert rows[0]["eval/kl_to_reference"] == pytest.approx(0.0, abs=1e-3)
 
