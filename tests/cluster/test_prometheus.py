@@ -310,6 +310,8 @@ def workload(ray_metrics_port, training_run):
                         emit(sinks["driver"], key, values[key], {"reason": "timeout"})
                     elif "eval_set" in spec.tag_keys:
                         emit(sinks["driver"], key, values[key], {"eval_set": "heldout"})
+                    elif "signal" in spec.tag_keys:
+                        emit(sinks["driver"], key, values[key], {"signal": "rm_vs_true"})
                     else:
                         emit(sinks["driver"], key, values[key])
                 for sink in sinks.values():
