@@ -75,15 +75,17 @@ class GenerationActor:
         self.swap_seconds = 0.0
         """seconds spent swapping staged weights in, since the last generate call returned"""
 
-    def _sampling(self, n: int, greedy: bool, seed: int | None = None):
+    def _sampling(self, n: int, greedy: bool, seed: int | None = None, max_tokens: int | None = None):
         """``seed``: this request's own sampling seed (vLLM gives sample i of the request seed + i), so its
-        samples do not depend on the engine's random state or on what else is in the batch."""
+        samples do not depend on the engine's random state or on what else is in the batch. ``max_tokens``:
+        default ``generation.max_tokens`` (a partial rollout's segment asks for fewer)."""
         from vllm import SamplingParams
 
+        max_tokens = max_tokens or self.cfg.max_tokens
         if greedy:
-            return SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.max_tokens, logprobs=0)
+            return SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, logprobs=0)
         return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                              max_tokens=self.cfg.max_tokens, logprobs=0, seed=seed)
+                              max_tokens=max_tokens, logprobs=0, seed=seed)
 
     def _engine_thread(self) -> None:
         """Give the calling thread the engine's torch threads. With a second concurrency group Ray runs methods
@@ -136,8 +138,6 @@ class GenerationActor:
         (prompt + the tokens so far) under the new weights, so a long response never holds the step back and never
         waits for a weight load. Each token records the version that sampled it (``Rollout.token_versions``); the
         rollout's ``policy_version`` is its oldest token's, which is what the staleness bound and metric read."""
-        from vllm import SamplingParams
-
         seg, limit = self.cfg.partial_segment_tokens, self.cfg.max_tokens
         samples = [{"prompt": p, "ids": [], "logprobs": [], "versions": [], "finish": None}
                    for p in prompts for _ in range(n)]
@@ -150,15 +150,13 @@ class GenerationActor:
             if out.finish_reason != "length" or len(sample["ids"]) >= limit:
                 sample["finish"] = out.finish_reason or "length"
 
-        first = SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                               max_tokens=min(seg, limit), logprobs=0)
+        first = self._sampling(n, greedy=False, max_tokens=min(seg, limit))
         outs = [o for out in self._run(prompts, first) for o in out.outputs]  # swaps a staged version first
         for sample, out in zip(samples, outs, strict=True):
             extend(sample, out)
         while pending := [s for s in samples if s["finish"] is None]:
             self._swap_staged()  # the pause: only between segments do the engine's weights change
-            params = [SamplingParams(n=1, temperature=self.cfg.temperature, top_p=self.cfg.top_p, logprobs=0,
-                                     max_tokens=min(seg, limit - len(s["ids"]))) for s in pending]
+            params = [self._sampling(1, greedy=False, max_tokens=min(seg, limit - len(s["ids"]))) for s in pending]
             outs = self.llm.generate([{"prompt_token_ids": list(s["prompt"].token_ids) + s["ids"]} for s in pending],
                                      params, use_tqdm=False)
             for sample, out in zip(pending, outs, strict=True):

@@ -40,7 +40,7 @@ from core.data import AdditionConfig, Example, exact_match, make_addition
 from learner.algos import bradley_terry_loss, pairwise_accuracy
 from learner.sft import sample_responses
 from reward_service.config import RewardModelTrainConfig
-from reward_service.models import RewardModel, join_text
+from reward_service.models import RewardModel, ensemble_reward, join_text
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -159,14 +159,16 @@ def _pair_rewards(model: RewardModel, rows: list[dict]) -> tuple[torch.Tensor, t
 Scorer = Callable[[list[str]], tuple[list[float], int]]  # RewardModel.score, or an ensemble's (ensemble_score)
 
 
+def score_all(score: Scorer, texts: list[str], batch_size: int = 512) -> torch.Tensor:
+    """``score`` over ``texts`` in batches of ``batch_size``: (N,)."""
+    return torch.cat([torch.tensor(score(texts[i:i + batch_size])[0]) for i in range(0, len(texts), batch_size)])
+
+
 @torch.inference_mode()
 def evaluate(score: Scorer, rows: list[dict], batch_size: int = 256) -> dict[str, float]:
     """Held-out Bradley-Terry loss and pairwise accuracy, overall and per ``kind`` when pairs have one."""
-    def rewards(side: str) -> torch.Tensor:
-        texts = [join_text(r["prompt"], r[side]) for r in rows]
-        return torch.cat([torch.tensor(score(texts[i:i + batch_size])[0]) for i in range(0, len(texts), batch_size)])
-
-    c, r = rewards("chosen"), rewards("rejected")  # (N,), (N,)
+    c, r = (score_all(score, [join_text(row["prompt"], row[side]) for row in rows], batch_size)
+            for side in ("chosen", "rejected"))  # (N,), (N,)
     out = {"loss": bradley_terry_loss(c, r).item(), "accuracy": pairwise_accuracy(c, r).item()}
     for kind in sorted({row["kind"] for row in rows if "kind" in row}):
         idx = torch.tensor([row.get("kind") == kind for row in rows])
@@ -183,9 +185,8 @@ def policy_pair_accuracy(score: Scorer, problems: Sequence[Problem], samples: Se
     model orders correctly (ties count half). ``auc``: the same across all prompts (what a critic-based
     method without per-prompt baselines sees). Both are NaN when no prompt has both kinds.
     """
-    texts = [join_text(p.prompt, r) for p, rs in zip(problems, samples, strict=True) for r in rs]
-    chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
-    scores = torch.cat([torch.tensor(score(chunk)[0]) for chunk in chunks])
+    scores = score_all(score, [join_text(p.prompt, r) for p, rs in zip(problems, samples, strict=True) for r in rs],
+                       batch_size)
     k = len(samples[0])
     wins = total = 0.0
     good, bad = [], []
@@ -283,8 +284,9 @@ def train_reward_model(cfg: RewardModelTrainConfig, out_dir: Path,
             fit.update({f"rm/policy_{name}": v for name, v in
                         policy_pair_accuracy(model.score, held_problems, held_samples).items()})
         model.save_pretrained(member_dir)
+        ranked = held_samples is not None and k_models > 1  # one model's ranking is the summary logged below
         log(f"{tag}rm/saved {member_dir}" + (f" rm/policy_pair_accuracy={fit['rm/policy_pair_accuracy']:.4f} "
-                                             f"rm/policy_auc={fit['rm/policy_auc']:.4f}" if held_samples else ""))
+                                             f"rm/policy_auc={fit['rm/policy_auc']:.4f}" if ranked else ""))
         members.append(model)
         metrics.update(fit if k_models == 1 else {f"rm/member_{k}/{name[3:]}": v for name, v in fit.items()})
     if k_models > 1:
@@ -329,13 +331,12 @@ def _share(train: list[dict], k: int, k_models: int) -> list[dict]:
     return [p for p in train if p["prompt"] in mine]
 
 
-def ensemble_score(models: Sequence[RewardModel], penalty: float) -> Callable[[list[str]], tuple[list[float], int]]:
-    """``score(texts)`` of an ensemble: mean - penalty * std over the models (population std), as
-    ``reward_service.scorers.RewardEnsemble`` serves it."""
+def ensemble_score(models: Sequence[RewardModel], penalty: float) -> Scorer:
+    """``score(texts)`` of an ensemble: ``reward_service.models.ensemble_reward`` per text, the formula the reward
+    service's ``RewardEnsemble`` serves (mean - penalty * population std over the models)."""
     def score(texts: list[str]) -> tuple[list[float], int]:
-        per_model = torch.tensor([m.score(texts)[0] for m in models])  # (K, B)
-        mean, std = per_model.mean(0), per_model.std(0, unbiased=False)
-        return (mean - penalty * std).tolist(), 0
+        per_model = [m.score(texts)[0] for m in models]  # (K, B)
+        return [ensemble_reward(values, penalty)[0] for values in zip(*per_model, strict=True)], 0
     return score
 
 
@@ -346,8 +347,8 @@ def _normalize(model: RewardModel, problems: Sequence[Problem], samples: Sequenc
     from, RL then sees rewards of one scale: the critic's value clip, the KL coefficient and the learning rates mean
     the same thing from every start. Folded into the head (w / std, (b - mean) / std), so the checkpoint (and a critic
     started from it) carries it."""
-    texts = [join_text(p.prompt, r) for p, rs in zip(problems, samples, strict=True) for r in rs]
-    scores = torch.cat([torch.tensor(model.score(texts[i:i + 512])[0]) for i in range(0, len(texts), 512)])
+    scores = score_all(model.score, [join_text(p.prompt, r) for p, rs in zip(problems, samples, strict=True)
+                                     for r in rs])
     mean, std = scores.mean().item(), scores.std().clamp_min(1e-6).item()
     model.head.weight.div_(std)
     model.head.bias.sub_(mean).div_(std)

@@ -15,7 +15,9 @@ simplification: no chat template, which the embedded arithmetic task does not ne
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -123,6 +125,14 @@ def _load_backbone(path: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase
     if tokenizer.pad_token is None:  # causal tokenizers often have none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return backbone, tokenizer
+
+
+def ensemble_reward(values: Sequence[float], penalty: float) -> tuple[float, float, float]:
+    """One text's ensemble reward from its K model scores: (mean - penalty * std, mean, std), std the population
+    std (ddof=0), so two models scoring a and b give mean (a+b)/2 and std |a-b|/2. A NaN score makes all NaN."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return mean - penalty * std, mean, std
 
 
 def join_text(prompt: str, response: str) -> str:

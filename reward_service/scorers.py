@@ -326,6 +326,8 @@ class RewardEnsemble(_BatchedScorer):
         self._penalty = source.uncertainty_penalty
 
     def _forward(self, texts: list[str]) -> tuple[list[SourceScore], int]:
+        from reward_service.models import ensemble_reward
+
         per_model = []
         truncated = 0
         for model in self._models:
@@ -334,7 +336,6 @@ class RewardEnsemble(_BatchedScorer):
             truncated = max(truncated, n)
         out = []
         for values in zip(*per_model, strict=True):  # (K,) for one text
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-            out.append(SourceScore(mean - self._penalty * std, {"mean": mean, "std": std}))
+            reward, mean, std = ensemble_reward(values, self._penalty)
+            out.append(SourceScore(reward, {"mean": mean, "std": std}))
         return out, truncated
