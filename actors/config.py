@@ -18,6 +18,8 @@ class GenerationConfig(Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     max_tokens: int = Field(6, ge=1, description="maximum response tokens")
+    min_tokens: int = Field(0, ge=0, description="sampled responses: no end-of-sequence before this many tokens "
+                            "(vLLM's min_tokens; fixed-length responses for benchmarks); greedy evaluation ignores it")
     max_model_len: int = Field(64, ge=8, description="prompt + response token limit of the engine")
     kv_cache_gb: int = Field(1, ge=1, description="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory share (GPU only)")
@@ -46,6 +48,12 @@ class GenerationConfig(Section):
             raise ValueError(f"generation.max_tokens ({self.max_tokens}) must be less than generation.max_model_len "
                              f"({self.max_model_len}), which holds the prompt and the response; lower max_tokens or "
                              "raise max_model_len")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"generation.min_tokens ({self.min_tokens}) is above generation.max_tokens "
+                             f"({self.max_tokens}); lower min_tokens or raise max_tokens")
+        if self.min_tokens and self.partial_rollouts:
+            raise ValueError("generation.min_tokens applies to whole responses and partial_rollouts samples in "
+                             "segments; use one or the other")
         return self
 
     @model_validator(mode="after")

@@ -84,8 +84,8 @@ class GenerationActor:
         max_tokens = max_tokens or self.cfg.max_tokens
         if greedy:
             return SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, logprobs=0)
-        return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                              max_tokens=max_tokens, logprobs=0, seed=seed)
+        return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=max_tokens,
+                              min_tokens=min(self.cfg.min_tokens, max_tokens), logprobs=0, seed=seed)
 
     def _engine_thread(self) -> None:
         """Give the calling thread the engine's torch threads. With a second concurrency group Ray runs methods

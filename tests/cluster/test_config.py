@@ -84,6 +84,11 @@ def test_cross_field_checks():
         load_config(overrides=["learner.micro_batch_size=64"])
     with pytest.raises(ConfigError, match="lora with learner.strategy fsdp"):
         load_config(overrides=["learner.lora.r=4", "learner.num_workers=2", "learner.strategy=fsdp"])
+    with pytest.raises(ConfigError, match=r"min_tokens \(7\) is above generation.max_tokens \(6\)"):
+        load_config(overrides=["generation.min_tokens=7"])
+    with pytest.raises(ConfigError, match="min_tokens applies to whole responses"):
+        load_config(overrides=["generation.min_tokens=2", "generation.partial_rollouts=true",
+                               "algorithm.max_staleness=1"])
 
 
 def test_readme_config_reference_matches_the_schema():

@@ -1,0 +1,278 @@
+"""Relay against TRL's ``GRPOTrainer``: the same model, data, batch and learning rate, run one after the other.
+
+    PYTHONPATH=/path/to/trl python benchmarks/bench_trl.py [--seconds 600] [--heavy-seconds 240]
+
+TRL is not a Relay dependency. Install it beside the venv without touching its packages, e.g.
+``pip install --target /work/trl_pkgs --no-deps trl`` (its dependencies, transformers, accelerate and
+datasets, are Relay's too), and pass ``--trl-path /work/trl_pkgs``.
+
+Three configurations, TRL first, then Relay, each in its own process with the machine to itself:
+
+- default: the embedded task and model (tiny Qwen2, 64 prompts x 8 samples a step, 6-token responses,
+  lr 1e-4 with 50 warm-up steps, clip 0.2, no KL, group-normalised advantages, token-mean loss). TRL
+  generates with Hugging Face ``generate``; Relay with its vLLM actor in the default on-policy loop. Each
+  trains ``--seconds``. Relay evaluates in its loop (counted in its wall time); TRL's weights are
+  snapshotted every ``--snapshot-every`` seconds (the copy's time is not counted) and evaluated afterwards
+  on the same 500 held-out prompts, greedy, with Hugging Face ``generate``.
+- streaming: the same task, Relay's streaming loop (``algorithm.max_staleness=1``, one thread for
+  generation and one for the learner), against the same TRL run (``--reuse-trl`` takes a stored one).
+- heavy: a generation-heavy configuration, a 25M-parameter model (hidden 512, 6 layers) and 128-token
+  responses (both sides forbid end-of-sequence before 128 tokens), 16 prompts x 8 samples a step,
+  ``--heavy-seconds`` each, steps per second only.
+
+Reported: steps per second (the median step after warm-up, and steps over the run) as Relay / TRL, and the
+wall time each needs to first reach TRL's held-out score after ``--seconds`` (mean of its last three
+snapshots) as TRL / Relay. Writes ``benchmarks/results/trl/results.json``, ``results.md`` and
+``learning.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "trl"
+HEAVY = ["model.tiny.hidden_size=512", "model.tiny.num_layers=6", "model.tiny.num_heads=8",
+         "model.tiny.intermediate_size=2048", "model.tiny.max_position_embeddings=256", "sft.steps=60",
+         "generation.max_tokens=128", "generation.min_tokens=128", "generation.max_model_len=192",
+         "train.prompts_per_step=16"]
+STREAMING = ["algorithm.max_staleness=1", "generation.torch_threads=1", "learner.torch_threads=1"]
+CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
+    "default": ([], []),
+    "streaming": ([], STREAMING),  # the default task, Relay's streaming loop with 1 + 1 threads
+    "heavy": (HEAVY, []),
+}
+
+
+def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None) -> dict:
+    """TRL's ``GRPOTrainer`` on Relay's model, prompts and reward for ``seconds`` (run in a fresh process)."""
+    import torch
+
+    torch.set_num_threads(2)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from cluster.config import load_config
+    from cluster.driver import encode_data, resolve_policy
+    from core.data import exact_match, load_splits
+    from learner.sft import greedy_responses
+
+    cfg = load_config(overrides=overrides)
+    path = resolve_policy(cfg, log=lambda *_: None)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = encode_data(cfg, load_splits(cfg.data, cfg.model.cache_dir, log=lambda *_: None), tokenizer,
+                       log=lambda *_: None)
+    assert tokenizer(text=[data.train[0].text])["input_ids"][0] == data.train[0].token_ids, "TRL tokenises differently"
+    g, lc, algo = cfg.generation, cfg.learner, cfg.algorithm
+    per_step = cfg.train.prompts_per_step * g.samples_per_prompt
+    train = Dataset.from_list([{"prompt": p.text, "answer": p.metadata["answer"]} for p in data.train])
+
+    def reward(completions: list[str], answer: list[str], **_) -> list[float]:
+        return [float(exact_match(c, a)) for c, a in zip(completions, answer, strict=True)]
+
+    class Clock(TrainerCallback):
+        """Step end times; weight snapshots every ``snapshot_every`` s (their copy time is not counted); stop."""
+
+        def __init__(self):
+            self.t0 = self.last = 0.0  # last: training seconds at the last snapshot
+            self.paused, self.ends, self.snaps, self.lengths = 0.0, [], [], []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            now = time.perf_counter()
+            elapsed = now - self.t0 - self.paused
+            self.ends.append(elapsed)
+            if snapshot_every and elapsed - self.last >= snapshot_every:
+                self.snaps.append((state.global_step, elapsed, {k: v.detach().clone()
+                                                                for k, v in model.state_dict().items()}))
+                self.last = elapsed
+                self.paused += time.perf_counter() - now
+            if elapsed >= seconds:
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(float(logs["completions/mean_length"]))
+
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="relay-bench-trl-"), use_cpu=True, seed=cfg.train.seed,
+        per_device_train_batch_size=per_step, gradient_accumulation_steps=1, steps_per_generation=1,
+        num_generations=g.samples_per_prompt, max_completion_length=g.max_tokens, temperature=g.temperature,
+        top_p=g.top_p, generation_kwargs={"min_new_tokens": g.min_tokens} if g.min_tokens else None,
+        learning_rate=lc.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=lc.warmup_steps,
+        weight_decay=lc.weight_decay, max_grad_norm=lc.max_grad_norm, num_iterations=lc.epochs,
+        beta=0.0, epsilon=algo.clip_low, epsilon_high=algo.clip_high, loss_type="dapo", scale_rewards="group",
+        max_steps=10**6, logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True)
+    clock = Clock()
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=train,
+                          processing_class=tokenizer, callbacks=[clock])
+    trainer.train()
+    steps = len(clock.ends)
+    step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
+    out = {"steps": steps, "seconds": clock.ends[-1], "step_s": statistics.median(step_s[warmup(steps):]),
+           "response_tokens": statistics.mean(clock.lengths) if clock.lengths else None}
+    if snapshot_every:
+        eval_set = next(iter(data.eval_sets.values()))
+        prompts, answers = [p.text for p in eval_set], [p.metadata["answer"] for p in eval_set]
+        fresh = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+        def score() -> float:
+            texts = greedy_responses(fresh, tokenizer, prompts, g.max_tokens)
+            return sum(exact_match(t, a) for t, a in zip(texts, answers, strict=True)) / len(answers)
+
+        curve = [(0, 0.0, score())]
+        for step, elapsed, state in clock.snaps:
+            fresh.load_state_dict(state)
+            curve.append((step, elapsed, score()))
+        out["curve"] = curve
+    return out
+
+
+def warmup(steps: int) -> int:
+    """Steps left out of the median step time: 10, or a fifth of a short run."""
+    return min(10, steps // 5)
+
+
+def relay_run(name: str, overrides: list[str], seconds: float, evaluate: bool) -> dict:
+    """A ``relay train`` of ``seconds``: the default evaluations (held-out score against wall time), or none."""
+    run_dir = Path("/tmp/relay-bench-trl") / name
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "--set", f"train.time_limit_s={seconds}",
+           "--set", f"train.run_dir={run_dir}", "--set", "metrics.progress=false",
+           *(() if evaluate else ("--set", "train.eval_every=1000000")), *[a for o in overrides for a in ("--set", o)]]
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    t0 = rows[0]["time"]
+    steps = sorted((r["step"], r["time"] - t0, r["system/step_seconds"]) for r in rows if "system/step_seconds" in r)
+    lengths = [r["rollout/response_length_mean_tokens"] for r in rows if "rollout/response_length_mean_tokens" in r]
+    out = {"steps": len(steps), "seconds": steps[-1][1],
+           "step_s": statistics.median(s for _, _, s in steps[warmup(len(steps)):]), "summary": summary,
+           "response_tokens": statistics.mean(lengths) if lengths else None}
+    if evaluate:
+        at = {step: t for step, t, _ in steps} | {0: 0.0}
+        out["curve"] = sorted((r["step"], at.get(r["step"], 0.0), r["eval/task_score"]) for r in rows
+                              if r.get("eval/task_score") is not None)
+    return out
+
+
+def first_reaching(curve: list, target: float) -> float | None:
+    """Seconds at which ``curve`` (step, seconds, score) first reaches ``target``."""
+    return next((t for _, t, s in curve if s >= target - 1e-9), None)
+
+
+def compare(results: dict) -> None:
+    """Ratios of one configuration's two runs (filled into ``results``)."""
+    trl, relay = results["trl"], results["relay"]
+    results["steps_per_s_ratio"] = trl["step_s"] / relay["step_s"]
+    results["run_steps_ratio"] = (relay["steps"] / relay["seconds"]) / (trl["steps"] / trl["seconds"])
+    if "curve" in trl and "curve" in relay:
+        target = statistics.mean(s for _, _, s in trl["curve"][-3:])
+        results["target"] = target
+        results["trl_reach_s"], results["relay_reach_s"] = (first_reaching(trl["curve"], target),
+                                                            first_reaching(relay["curve"], target))
+        if results["relay_reach_s"]:
+            results["reach_ratio"] = results["trl_reach_s"] / results["relay_reach_s"]
+
+
+def table(all_results: dict) -> str:
+    lines = ["| configuration | TRL median step | Relay median step | Relay / TRL steps per s (median; whole run) "
+             "| TRL score (last three) | TRL reaches it | Relay reaches it | TRL / Relay time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in all_results["configs"].items():
+        fmt = lambda v: "never" if v is None else f"{v:.0f} s"  # noqa: E731
+        ratio = f"**{r['reach_ratio']:.2f}x**" if "reach_ratio" in r else ""
+        reach = ("| | | |" if "target" not in r else
+                 f"| {r['target']:.3f} | {fmt(r['trl_reach_s'])} | {fmt(r['relay_reach_s'])} | {ratio} |")
+        trl, relay = r["trl"], r["relay"]
+        lines.append(f"| {name} | {trl['step_s']:.3f} s ({trl['steps']} steps) | {relay['step_s']:.3f} s "
+                     f"({relay['steps']} steps) | **{r['steps_per_s_ratio']:.2f}x**; {r['run_steps_ratio']:.2f}x "
+                     + reach)
+    return "\n".join(lines)
+
+
+def plot(configs: dict, path: Path) -> None:
+    """Held-out score against training seconds: TRL and each Relay loop on the default task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {f"Relay, {name}": c["relay"] for name, c in configs.items() if "curve" in c["relay"]}
+    trl = [c["trl"] for c in configs.values() if "curve" in c["trl"]]
+    if trl:
+        runs["TRL GRPOTrainer"] = trl[0]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, run in runs.items():
+        _, seconds, scores = zip(*run["curve"], strict=True)
+        ax.plot(seconds, scores, marker=".", label=f"{label} ({run['steps']} steps)")
+    ax.set_xlabel("seconds of training")
+    ax.set_ylabel("held-out greedy score")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--heavy-seconds", type=float, default=240.0)
+    p.add_argument("--snapshot-every", type=float, default=30.0)
+    p.add_argument("--configs", default="default,streaming,heavy", help=f"comma-separated, of {list(CONFIGS)}")
+    p.add_argument("--reuse-trl", action="store_true", help="compare with the TRL runs stored in results.json for "
+                   "the same task instead of running TRL again")
+    p.add_argument("--trl-path", default=os.environ.get("TRL_PATH"), help="a directory holding trl (pip --target)")
+    p.add_argument("--trl-only", help=argparse.SUPPRESS)  # internal: one TRL run (JSON args), JSON out
+    args = p.parse_args()
+    if args.trl_only:
+        spec = json.loads(args.trl_only)
+        print(json.dumps(trl_run(spec["overrides"], spec["seconds"], spec["snapshot_every"])))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {"configs": {}}
+    results.update(machine=f"{os.cpu_count()} cores, no GPU", date=time.strftime("%Y-%m-%d"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), args.trl_path,
+                                                                   os.environ.get("PYTHONPATH")])))
+    trl_runs = {json.dumps(c["overrides"]): c["trl"] for c in results["configs"].values()} if args.reuse_trl else {}
+    for name in args.configs.split(","):
+        overrides, loop = CONFIGS[name]
+        evaluate = not overrides  # the default task: held-out score against time
+        seconds = args.seconds if evaluate else args.heavy_seconds
+        key = json.dumps(overrides)
+        if key not in trl_runs:
+            spec = {"overrides": overrides, "seconds": seconds, "snapshot_every": args.snapshot_every if evaluate
+                    else None}
+            run = subprocess.run([sys.executable, __file__, "--trl-only", json.dumps(spec)], cwd=ROOT, env=env,
+                                 check=True, capture_output=True, text=True)
+            trl_runs[key] = json.loads(run.stdout.strip().splitlines()[-1])
+            print(f"{name}, TRL: {trl_runs[key]['steps']} steps, median {trl_runs[key]['step_s']:.3f} s", flush=True)
+        r = {"overrides": overrides, "relay_overrides": loop, "trl": trl_runs[key],
+             "relay": relay_run(name, overrides + loop, seconds, evaluate=evaluate)}
+        print(f"{name}, Relay: {r['relay']['steps']} steps, median {r['relay']['step_s']:.3f} s", flush=True)
+        compare(r)
+        results["configs"][name] = r
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results["configs"], OUT / "learning.png")
+    md = table(results)
+    (OUT / "results.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
