@@ -18,7 +18,8 @@ Three configurations, TRL first, then Relay, each in its own process with the ma
   generation and one for the learner), against the same TRL run (``--reuse-trl`` takes a stored one).
 - heavy: a generation-heavy configuration, a 25M-parameter model (hidden 512, 6 layers) and 128-token
   responses (both sides forbid end-of-sequence before 128 tokens), 16 prompts x 8 samples a step,
-  ``--heavy-seconds`` each, steps per second only.
+  ``--heavy-seconds`` each, steps per second only. No response is correct at that length, so Relay is told
+  to train on uniform groups as TRL does (its default skips them).
 
 Reported: steps per second (the median step after warm-up, and steps over the run) as Relay / TRL, and the
 wall time each needs to first reach TRL's held-out score after ``--seconds`` (mean of its last three
@@ -48,7 +49,9 @@ STREAMING = ["algorithm.max_staleness=1", "generation.torch_threads=1", "learner
 CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
     "default": ([], []),
     "streaming": ([], STREAMING),  # the default task, Relay's streaming loop with 1 + 1 threads
-    "heavy": (HEAVY, []),
+    # Every 128-token response scores 0, so every group is uniform: Relay would skip the update (its default
+    # drops such groups), TRL does it with zero advantages. Relay does it too here, so both do the same work.
+    "heavy": (HEAVY, ["algorithm.drop_uniform_groups=false"]),
 }
 
 
