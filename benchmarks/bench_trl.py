@@ -10,8 +10,9 @@ Three configurations, TRL first, then Relay, each in its own process with the ma
 
 - default: the embedded task and model (tiny Qwen2, 64 prompts x 8 samples a step, 6-token responses,
   lr 1e-4 with 50 warm-up steps, clip 0.2, no KL, group-normalised advantages, token-mean loss). TRL
-  generates with Hugging Face ``generate``; Relay with its vLLM actor in the default on-policy loop. Each
-  trains ``--seconds``. Relay evaluates in its loop (counted in its wall time); TRL's weights are
+  keeps its own defaults of bf16 autocast and gradient checkpointing unless ``--trl-fp32`` (Relay's learner
+  trains in float32); it generates with Hugging Face ``generate``; Relay with its vLLM actor in the default
+  on-policy loop. Each trains ``--seconds``. Relay evaluates in its loop (counted in its wall time); TRL's weights are
   snapshotted every ``--snapshot-every`` seconds (the copy's time is not counted) and evaluated afterwards
   on the same 500 held-out prompts, greedy, with Hugging Face ``generate``.
 - streaming: the same task, Relay's streaming loop (``algorithm.max_staleness=1``, one thread for
@@ -55,8 +56,10 @@ CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
 }
 
 
-def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None) -> dict:
-    """TRL's ``GRPOTrainer`` on Relay's model, prompts and reward for ``seconds`` (run in a fresh process)."""
+def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, fp32: bool = False) -> dict:
+    """TRL's ``GRPOTrainer`` on Relay's model, prompts and reward for ``seconds`` (run in a fresh process).
+    ``fp32``: turn off two of GRPOConfig's defaults, bf16 autocast and gradient checkpointing (Relay's learner
+    trains in float32 without checkpointing)."""
     import torch
 
     torch.set_num_threads(2)
@@ -116,7 +119,8 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None) 
         learning_rate=lc.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=lc.warmup_steps,
         weight_decay=lc.weight_decay, max_grad_norm=lc.max_grad_norm, num_iterations=lc.epochs,
         beta=0.0, epsilon=algo.clip_low, epsilon_high=algo.clip_high, loss_type="dapo", scale_rewards="group",
-        max_steps=10**6, logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True)
+        max_steps=10**6, logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
+        bf16=not fp32, gradient_checkpointing=not fp32)
     clock = Clock()
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=train,
@@ -238,12 +242,14 @@ def main() -> None:
     p.add_argument("--configs", default="default,streaming,heavy", help=f"comma-separated, of {list(CONFIGS)}")
     p.add_argument("--reuse-trl", action="store_true", help="compare with the TRL runs stored in results.json for "
                    "the same task instead of running TRL again")
+    p.add_argument("--trl-fp32", action="store_true", help="TRL without its bf16 autocast and gradient "
+                   "checkpointing defaults (the stored runs used the defaults)")
     p.add_argument("--trl-path", default=os.environ.get("TRL_PATH"), help="a directory holding trl (pip --target)")
     p.add_argument("--trl-only", help=argparse.SUPPRESS)  # internal: one TRL run (JSON args), JSON out
     args = p.parse_args()
     if args.trl_only:
         spec = json.loads(args.trl_only)
-        print(json.dumps(trl_run(spec["overrides"], spec["seconds"], spec["snapshot_every"])))
+        print(json.dumps(trl_run(spec["overrides"], spec["seconds"], spec["snapshot_every"], spec["fp32"])))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
@@ -258,8 +264,8 @@ def main() -> None:
         seconds = args.seconds if evaluate else args.heavy_seconds
         key = json.dumps(overrides)
         if key not in trl_runs:
-            spec = {"overrides": overrides, "seconds": seconds, "snapshot_every": args.snapshot_every if evaluate
-                    else None}
+            spec = {"overrides": overrides, "seconds": seconds, "fp32": args.trl_fp32,
+                    "snapshot_every": args.snapshot_every if evaluate else None}
             run = subprocess.run([sys.executable, __file__, "--trl-only", json.dumps(spec)], cwd=ROOT, env=env,
                                  check=True, capture_output=True, text=True)
             trl_runs[key] = json.loads(run.stdout.strip().splitlines()[-1])
