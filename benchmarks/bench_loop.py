@@ -98,15 +98,28 @@ def hf_generate(path: str, prompts: list, g, threads: int, repeats: int = 3) -> 
     return statistics.median(times[1:])
 
 
-def loop(name: str, overrides: list[str], seconds: float) -> dict:
-    run_dir = Path("/tmp/relay-bench-loop") / name
+def relay_train(run_dir: Path, seconds: float, overrides: list[str], evaluate: bool = True) -> list[dict]:
+    """A ``relay train`` of ``seconds`` in a subprocess, with the default evaluations or (``evaluate`` false) only
+    at the ends; the rows of its metrics.jsonl."""
     cmd = [sys.executable, "-m", "cluster.cli", "train", "--set", f"train.time_limit_s={seconds}",
-           "--set", "train.eval_every=100000", "--set", f"train.run_dir={run_dir}", "--set", "metrics.progress=false",
-           *[a for o in overrides for a in ("--set", o)]]
-    started = time.perf_counter()
+           "--set", f"train.run_dir={run_dir}", "--set", "metrics.progress=false",
+           *(() if evaluate else ("--set", "train.eval_every=100000")), *[a for o in overrides for a in ("--set", o)]]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_curve(rows: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, seconds after the first row when that step was trained, held-out score) per evaluation."""
+    t0 = rows[0]["time"]
+    step_time = {r["step"]: r["time"] - t0 for r in rows if "system/step_seconds" in r} | {0: 0.0}
+    return sorted((r["step"], step_time.get(r["step"], 0.0), r["eval/task_score"]) for r in rows
+                  if r.get("eval/task_score") is not None)
+
+
+def loop(name: str, overrides: list[str], seconds: float) -> dict:
+    started = time.perf_counter()
+    rows = relay_train(Path("/tmp/relay-bench-loop") / name, seconds, overrides, evaluate=False)
     wall = time.perf_counter() - started
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "system/step_seconds" in r and r["step"] > 10]
 
     def median(key: str) -> float | None:
@@ -122,31 +135,23 @@ def loop(name: str, overrides: list[str], seconds: float) -> dict:
 def learning(name: str, overrides: list[str], seconds: float) -> dict:
     """A ``relay train`` of ``seconds`` with the default evaluations: held-out score against wall time."""
     run_dir = Path("/tmp/relay-bench-loop") / f"learn-{name}"
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--set", f"train.time_limit_s={seconds}",
-           "--set", f"train.run_dir={run_dir}", "--set", "metrics.progress=false",
-           *[a for o in overrides for a in ("--set", o)]]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    t0 = rows[0]["time"]
-    step_time = {r["step"]: r["time"] - t0 for r in rows if "system/step_seconds" in r}
-    step_time[0] = 0.0
-    evals = sorted((r["step"], r["eval/task_score"]) for r in rows if r.get("eval/task_score") is not None)
-    return {"overrides": overrides, "summary": summary,
-            "curve": [(step, step_time.get(step, 0.0), score) for step, score in evals]}
+    rows = relay_train(run_dir, seconds, overrides)
+    return {"overrides": overrides, "summary": json.loads((run_dir / "summary.json").read_text()),
+            "curve": eval_curve(rows)}
 
 
-def plot_learning(runs: dict, path: Path) -> None:
+def plot_learning(curves: dict[str, tuple[list, int]], path: Path, xlabel: str) -> None:
+    """Held-out score against seconds, one line per ``label: (curve, steps)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, run in runs.items():
-        _, seconds, scores = zip(*run["curve"], strict=True)
-        ax.plot(seconds, scores, marker=".", label=f"{name} ({run['summary']['steps']} steps)")
-    ax.set_xlabel("seconds of RL (when the evaluated step was trained)")
+    for label, (curve, steps) in curves.items():
+        _, seconds, scores = zip(*curve, strict=True)
+        ax.plot(seconds, scores, marker=".", label=f"{label} ({steps} steps)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out greedy score")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -241,7 +246,8 @@ def main() -> None:
     if args.learning:
         results["learning"] = {name: learning(name.replace(" ", "_").replace("+", "-"), LOOPS[name], args.learning)
                                for name in ("on-policy 2+2", "streaming 1+1")}
-        plot_learning(results["learning"], OUT / "learning.png")
+        plot_learning({name: (run["curve"], run["summary"]["steps"]) for name, run in results["learning"].items()},
+                      OUT / "learning.png", "seconds of RL (when the evaluated step was trained)")
     md = table(results)
     path.write_text(json.dumps(results, indent=2) + "\n")
     (OUT / "results.md").write_text(md + "\n")

@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_loop import eval_curve, plot_learning, relay_train
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "trl"
 HEAVY = ["model.tiny.hidden_size=512", "model.tiny.num_layers=6", "model.tiny.num_heads=8",
@@ -70,7 +72,6 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, 
     from cluster.config import load_config
     from cluster.driver import encode_data, resolve_policy
     from core.data import exact_match, load_splits
-    from learner.sft import greedy_responses
 
     cfg = load_config(overrides=overrides)
     path = resolve_policy(cfg, log=lambda *_: None)
@@ -131,20 +132,31 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, 
     out = {"steps": steps, "seconds": clock.ends[-1], "step_s": statistics.median(step_s[warmup(steps):]),
            "response_tokens": statistics.mean(clock.lengths) if clock.lengths else None}
     if snapshot_every:
-        eval_set = next(iter(data.eval_sets.values()))
-        prompts, answers = [p.text for p in eval_set], [p.metadata["answer"] for p in eval_set]
-        fresh = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-
-        def score() -> float:
-            texts = greedy_responses(fresh, tokenizer, prompts, g.max_tokens)
-            return sum(exact_match(t, a) for t, a in zip(texts, answers, strict=True)) / len(answers)
-
-        curve = [(0, 0.0, score())]
-        for step, elapsed, state in clock.snaps:
-            fresh.load_state_dict(state)
-            curve.append((step, elapsed, score()))
-        out["curve"] = curve
+        out["curve"] = score_snapshots(path, tokenizer, next(iter(data.eval_sets.values())), g.max_tokens,
+                                       clock.snaps)
     return out
+
+
+def score_snapshots(path: str, tokenizer, eval_set: list, max_tokens: int, snaps: list) -> list:
+    """(step, training seconds, held-out greedy exact-match score) of the start and of each weight snapshot."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core.data import exact_match
+    from learner.sft import greedy_responses
+
+    prompts, answers = [p.text for p in eval_set], [p.metadata["answer"] for p in eval_set]
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+    def score() -> float:
+        texts = greedy_responses(model, tokenizer, prompts, max_tokens)
+        return sum(exact_match(t, a) for t, a in zip(texts, answers, strict=True)) / len(answers)
+
+    curve = [(0, 0.0, score())]
+    for step, elapsed, state in snaps:
+        model.load_state_dict(state)
+        curve.append((step, elapsed, score()))
+    return curve
 
 
 def warmup(steps: int) -> int:
@@ -155,22 +167,16 @@ def warmup(steps: int) -> int:
 def relay_run(name: str, overrides: list[str], seconds: float, evaluate: bool) -> dict:
     """A ``relay train`` of ``seconds``: the default evaluations (held-out score against wall time), or none."""
     run_dir = Path("/tmp/relay-bench-trl") / name
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--set", f"train.time_limit_s={seconds}",
-           "--set", f"train.run_dir={run_dir}", "--set", "metrics.progress=false",
-           *(() if evaluate else ("--set", "train.eval_every=1000000")), *[a for o in overrides for a in ("--set", o)]]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = relay_train(run_dir, seconds, overrides, evaluate)
     t0 = rows[0]["time"]
     steps = sorted((r["step"], r["time"] - t0, r["system/step_seconds"]) for r in rows if "system/step_seconds" in r)
     lengths = [r["rollout/response_length_mean_tokens"] for r in rows if "rollout/response_length_mean_tokens" in r]
     out = {"steps": len(steps), "seconds": steps[-1][1],
-           "step_s": statistics.median(s for _, _, s in steps[warmup(len(steps)):]), "summary": summary,
+           "step_s": statistics.median(s for _, _, s in steps[warmup(len(steps)):]),
+           "summary": json.loads((run_dir / "summary.json").read_text()),
            "response_tokens": statistics.mean(lengths) if lengths else None}
     if evaluate:
-        at = {step: t for step, t, _ in steps} | {0: 0.0}
-        out["curve"] = sorted((r["step"], at.get(r["step"], 0.0), r["eval/task_score"]) for r in rows
-                              if r.get("eval/task_score") is not None)
+        out["curve"] = eval_curve(rows)
     return out
 
 
@@ -211,27 +217,13 @@ def table(all_results: dict) -> str:
 
 def plot(configs: dict, path: Path) -> None:
     """Held-out score against training seconds: TRL and each Relay loop on the default task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = {f"Relay, {name}": c["relay"] for name, c in configs.items() if "curve" in c["relay"]}
+    curves = {f"Relay, {name}": (c["relay"]["curve"], c["relay"]["steps"]) for name, c in configs.items()
+              if "curve" in c["relay"]}
     trl = [c["trl"] for c in configs.values() if "curve" in c["trl"]]
     if trl:
-        runs["TRL GRPOTrainer"] = trl[0]
-    if not runs:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, run in runs.items():
-        _, seconds, scores = zip(*run["curve"], strict=True)
-        ax.plot(seconds, scores, marker=".", label=f"{label} ({run['steps']} steps)")
-    ax.set_xlabel("seconds of training")
-    ax.set_ylabel("held-out greedy score")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        curves["TRL GRPOTrainer"] = (trl[0]["curve"], trl[0]["steps"])
+    if curves:
+        plot_learning(curves, path, "seconds of training")
 
 
 def main() -> None:
