@@ -375,6 +375,7 @@ def _fit(cfg: RewardModelTrainConfig, start_from: str, train: list[dict], held_o
     log(f"rm/start train_pairs={len(train)} held_out_pairs={len(held_out)} steps={steps} pooling={model.pooling}")
     start = time.perf_counter()
     metrics: dict[str, float] = {}
+    best: tuple[float, dict, dict] | None = None  # held-out loss, weights, metrics of the best epoch so far
     for epoch in range(cfg.epochs):
         model.train()
         rng.shuffle(train)
@@ -396,4 +397,17 @@ def _fit(cfg: RewardModelTrainConfig, start_from: str, train: list[dict], held_o
                    else metrics["rm/first_step_loss"], "rm/train_time_s": time.perf_counter() - start}
         metrics.update({f"rm/eval_{k}": v for k, v in held.items()})
         log(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if cfg.patience is None:
+            continue
+        # Early stopping on the held-out loss (a smoother signal than accuracy near 1): keep the best epoch's
+        # weights, stop after `patience` epochs without a new best.
+        if best is None or held["loss"] < best[0]:
+            best = (held["loss"], {k: v.detach().clone() for k, v in model.state_dict().items()}, dict(metrics))
+        elif epoch + 1 - best[2]["rm/epoch"] >= cfg.patience:
+            log(f"rm/early_stop epoch={epoch + 1}: held-out loss not below {best[0]:.4g} (epoch "
+                f"{best[2]['rm/epoch']}) for {cfg.patience} epochs; keeping epoch {best[2]['rm/epoch']}")
+            break
+    if best is not None:
+        model.load_state_dict(best[1])
+        metrics = best[2] | {"rm/epochs_run": epoch + 1, "rm/train_time_s": time.perf_counter() - start}
     return model, metrics

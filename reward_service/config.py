@@ -328,6 +328,9 @@ class RewardModelTrainConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     epochs: int = Field(20, ge=1, description="passes over the training pairs (close misses need many: from the "
                         "0.138 SFT start, held-out accuracy 0.93 with 12 epochs, 0.999 with 20)")
+    patience: int | None = Field(None, ge=1, description="early stopping: stop when the held-out loss has not "
+                                 "improved for this many epochs and keep the best epoch's weights (epochs is then "
+                                 "the most); null = train all epochs")
     batch_size: int = Field(64, ge=1, description="pairs per optimiser step")
     margin: float | None = Field(None, description="optional Bradley-Terry margin (see learner.algos)")
     freeze_embeddings: bool = Field(False, description="keep the backbone's token embeddings fixed (faster steps "
