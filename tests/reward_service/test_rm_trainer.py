@@ -16,6 +16,7 @@ from learner.rm_trainer import (
     _split,
     addition_problems,
     ensemble_score,
+    evaluate,
     load_preferences,
     make_policy_preferences,
     make_synthetic_preferences,
@@ -121,6 +122,27 @@ def test_from_the_policy_with_policy_pairs(tmp_path):
     assert model.pooling == "last"  # a causal backbone is read at its last token
     scores, _ = model.score(["12+30=42", "12+30=4"])
     assert all(math.isfinite(x) for x in scores)
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    """With ``patience`` the run stops once the held-out loss has not improved for that many epochs, and the saved
+    model is the best epoch's: its held-out loss is the lowest one logged. 20 training pairs and 30 epochs overfit
+    for certain, so the stop is exercised."""
+    policy = _tiny_policy(tmp_path)
+    problems = addition_problems(AdditionConfig(n_train=40, n_eval=10))
+    cfg = RewardModelTrainConfig(policy_samples=0, n_pairs=40, epochs=30, patience=2, eval_fraction=0.5,
+                                 batch_size=8, lr=3e-3, normalize=False)
+    logs: list[str] = []
+    metrics = train_reward_model(cfg, tmp_path / "rm", problems=problems, policy_path=policy, log=logs.append)
+    losses = [float(line.split("rm/eval_loss=")[1].split()[0]) for line in logs if line.startswith("rm/epoch=")]
+    best = min(range(len(losses)), key=losses.__getitem__) + 1
+    assert metrics["rm/epochs_run"] == len(losses) < cfg.epochs  # it stopped early ...
+    assert len(losses) - best == cfg.patience  # ... `patience` epochs after the best one
+    assert metrics["rm/epoch"] == best and metrics["rm/eval_loss"] == pytest.approx(losses[best - 1], rel=1e-3)
+    pairs = make_synthetic_preferences(problems[0][:cfg.n_pairs], cfg.seed, cfg.clear_fraction)
+    _, held_out = _split(pairs, cfg.eval_fraction, cfg.seed)
+    saved = RewardModel.from_pretrained(tmp_path / "rm").eval()
+    assert evaluate(saved.score, held_out)["loss"] == pytest.approx(losses[best - 1], rel=1e-3)  # best weights
 
 
 def _tiny_policy(tmp_path) -> Path:
