@@ -124,6 +124,10 @@ class LearnerConfig(Section):
     minibatch_size: int = Field(512, ge=1, description="sequences per optimizer step, over all ranks")
     micro_batch_tokens: int = Field(32768, ge=2, description="padded tokens (rows x longest row) per forward/backward; "
                                     "rows are sorted by length and packed up to it (gradient accumulation)")
+    mixed_precision: Literal["none", "bf16"] = Field(
+        "none", description="bf16 = forward passes under torch.autocast in bfloat16 with float32 weights, gradients "
+                            "and AdamW state (as TRL's bf16=True); the frozen reference is held in bfloat16 and the "
+                            "engines get model.dtype. On CPU it pays only with bf16 instructions (avx512_bf16, AMX)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                          "memory, about a third more compute)")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters (peft) instead of every weight; the "

@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 from learner import algos
 from learner.batch import RolloutBatch
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.distributed import is_sharded
+from learner.distributed import autocast, is_sharded
 from reward_service.models import HEAD_FILE
 
 
@@ -67,8 +67,9 @@ class Critic(torch.nn.Module):
 
     def forward(self, batch: RolloutBatch, device) -> torch.Tensor:
         """Values ``(B, T)`` at prediction positions: V(s_t) for the state ending at token t."""
-        hidden = self.backbone(input_ids=batch.input_ids.to(device),
-                               attention_mask=batch.attention_mask.to(device)).last_hidden_state
+        with autocast(self.lc.mixed_precision, device):
+            hidden = self.backbone(input_ids=batch.input_ids.to(device),
+                                   attention_mask=batch.attention_mask.to(device)).last_hidden_state
         return self.head(hidden[:, :-1].float()).squeeze(-1)
 
     @torch.no_grad()

@@ -20,11 +20,19 @@ from __future__ import annotations
 
 import datetime
 import socket
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
 
 BUCKET_BYTES = 64 << 20  # gradients summed per all-reduce
+
+
+def autocast(mode: str, device: torch.device) -> AbstractContextManager:
+    """The precision of the forward passes (``learner.mixed_precision``). ``bf16``: mixed precision (Micikevicius
+    et al. 2018) with bfloat16, whose float32 exponent range needs no loss scaling: matmuls run in bfloat16 under
+    ``torch.autocast`` while the weights, gradients and AdamW state stay float32. ``none``: the weights' own dtype."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16" else nullcontext()
 
 
 def free_port() -> tuple[str, int]:

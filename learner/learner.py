@@ -78,17 +78,23 @@ class Learner:
         self.dist = D.Collective(rank, world_size, address, self.device, self.lc.collective_timeout_s)
         self.sharded = self.dist.active and self.lc.strategy == "fsdp"
         dtype = DTYPES[dtype]
+        # Mixed precision keeps float32 master weights (and a float32 critic) and computes in bfloat16; the frozen
+        # reference only computes, so it is held in bfloat16. The engines get model.dtype (see publish).
+        mixed = self.lc.mixed_precision == "bf16"
+        master = torch.float32 if mixed else dtype
+        self.publish_dtype = dtype if dtype != master else None
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        self.policy = self._load_policy(policy_path, reference_path, dtype).eval()  # train mode only in updates
+        self.policy = self._load_policy(policy_path, reference_path, master).eval()  # train mode only in updates
         self.published = [n for n, _ in self._base().named_parameters() if "lora_" not in n]
         self.reference = None
         if self.alg.kl_in != "none" and self.lc.lora is None:
-            self.reference = AutoModelForCausalLM.from_pretrained(reference_path or policy_path, dtype=dtype)
+            self.reference = AutoModelForCausalLM.from_pretrained(reference_path or policy_path,
+                                                                  dtype=torch.bfloat16 if mixed else dtype)
             self.reference = self.reference.to(self.device).eval()
             self.reference.requires_grad_(False)
         self.critic, self.value_head = None, None
         if self.alg.name == "ppo" and self.lc.critic_backbone == "separate":
-            self.critic = Critic.build(self.policy, policy_path, self.lc, dtype)
+            self.critic = Critic.build(self.policy, policy_path, self.lc, master)
         elif self.alg.name == "ppo":
             self.value_head = torch.nn.Linear(self.policy.config.hidden_size, 1).to(self.device)
             torch.nn.init.zeros_(self.value_head.weight)
@@ -161,7 +167,8 @@ class Learner:
         value head's V(s_t) ``(B, T)`` if asked (position t = the state ending at token t)."""
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=with_values)
+        with D.autocast(self.lc.mixed_precision, self.device):
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=with_values)
         logits = out.logits[:, :-1].float() / self.temperature
         logprobs = algos.gather_logprobs(logits, ids[:, 1:])
         entropy = algos.entropy_from_logits(logits) if with_entropy else None
@@ -643,7 +650,7 @@ class Learner:
         if self.dist.rank != 0:
             return self.version, [], {}
         gathered = time.perf_counter() - start
-        packed: PackedWeights = pack_weights(named, self.version)
+        packed: PackedWeights = pack_weights(named, self.version, self.publish_dtype)
         ref = ray.put(packed)
         stats = {"sync/publish_seconds": time.perf_counter() - start, "sync/gather_seconds": gathered,
                  "sync/bytes": float(packed.nbytes)}

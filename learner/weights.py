@@ -49,15 +49,17 @@ class PackedWeights:
         return sum(b.nbytes for b in self.buffers.values())
 
 
-def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int) -> PackedWeights:
-    """Copy parameters once into contiguous per-dtype buffers (the only copy on the learner)."""
+def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int,
+                 dtype: torch.dtype | None = None) -> PackedWeights:
+    """Copy parameters once into contiguous per-dtype buffers (the only copy on the learner); ``dtype``: cast
+    every parameter to it in that copy (a mixed-precision learner's float32 weights for bfloat16 engines)."""
     named = [(n, t.detach()) for n, t in named]
     sizes: dict[str, int] = OrderedDict()
     index = []
     for name, t in named:
-        if t.dtype not in _CARRIERS:
-            raise TypeError(f"cannot publish parameter {name} of dtype {t.dtype}; supported: {list(_BY_KEY)}")
-        key = _CARRIERS[t.dtype][0]
+        if (dtype or t.dtype) not in _CARRIERS:
+            raise TypeError(f"cannot publish parameter {name} of dtype {dtype or t.dtype}; supported: {list(_BY_KEY)}")
+        key = _CARRIERS[dtype or t.dtype][0]
         index.append(TensorSlot(name, key, tuple(t.shape), sizes.get(key, 0)))
         sizes[key] = sizes.get(key, 0) + t.numel()
     flats = {key: torch.empty(n, dtype=_BY_KEY[key]) for key, n in sizes.items()}

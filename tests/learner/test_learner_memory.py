@@ -7,6 +7,7 @@ adapters and publish the merged weights that ``peft`` itself would merge.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -87,6 +88,39 @@ def test_gradient_checkpointing_gives_the_same_step(policy_dir):
     a, b = _weights(plain), _weights(ckpt)
     for n in a:
         torch.testing.assert_close(b[n], a[n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_bf16_mixed_precision_keeps_float32_master_weights(policy_dir):
+    """learner.mixed_precision=bf16: the forward passes compute in bfloat16 (logprobs near the float32 ones, not
+    equal), the policy and AdamW's moments stay float32, the frozen reference is held in bfloat16, weights are
+    published in model.dtype, and the step moves the weights as the float32 step does (Adam's first step is
+    about lr * sign(g): the signs agree where the gradient is not at rounding level)."""
+    plain = _learner([], policy_dir)
+    mixed = _learner(["learner.mixed_precision=bf16", "model.dtype=bfloat16"], policy_dir)
+    assert {p.dtype for p in mixed.policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in mixed.reference.parameters()} == {torch.bfloat16}
+    assert mixed.publish_dtype == torch.bfloat16 and plain.publish_dtype is None
+    batch = collate(BATCH, 0)
+    lp_plain, lp_mixed = plain._no_grad_pass(plain.policy, batch)[0], mixed._no_grad_pass(mixed.policy, batch)[0]
+    mask = batch.response_mask.bool()
+    gap = (lp_plain - lp_mixed)[mask].abs()
+    assert 0 < gap.max().item() < 0.02 and gap.mean().item() < 0.005, gap
+    start = _weights(plain)
+    plain.train_step(BATCH)
+    stats = mixed.train_step(BATCH)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    moments = [s["exp_avg"] for s in mixed.optimizer.state.values()]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+    a, b = _weights(plain), _weights(mixed)
+    moved = torch.cat([(a[n] - start[n]).flatten() for n in a])
+    moved_mixed = torch.cat([(b[n] - start[n]).flatten() for n in a])
+    clear = moved.abs() > 0.5e-4  # Adam's first step is +-1e-4 where the gradient is clear of rounding
+    agree = (moved.sign() == moved_mixed.sign())[clear].float().mean().item()
+    assert clear.sum() > 1000 and agree > 0.9, (int(clear.sum()), agree)
+    ppo = _learner(["learner.mixed_precision=bf16", "algorithm.name=ppo", "algorithm.kl_in=reward"], policy_dir)
+    assert {p.dtype for p in ppo.critic.parameters()} == {torch.float32}
+    values = ppo.critic.values(batch, ppo.device)
+    assert values.dtype == torch.float32 and math.isfinite(ppo.train_step(BATCH)["learner/value_loss"])
 
 
 def test_lora_trains_adapters_publishes_merged_weights_and_resumes(policy_dir, tmp_path):

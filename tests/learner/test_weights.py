@@ -37,6 +37,15 @@ def test_unpacked_tensors_are_views_of_the_buffers():
     assert out["b.bias"].data_ptr() == base + 12 * 4
 
 
+def test_cast_on_pack_for_engines_of_another_dtype():
+    """A mixed-precision learner's float32 weights travel as bfloat16 (half the bytes) to bfloat16 engines."""
+    packed = pack_weights(named(), version=2, dtype=torch.bfloat16)
+    assert set(packed.buffers) == {"bfloat16"} and packed.nbytes == (12 + 5 + 6 + 7) * 2
+    out = dict(unpack_weights(packed))
+    for name, t in named():
+        assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], t.to(torch.bfloat16))
+
+
 def test_unsupported_dtype_is_refused():
     with pytest.raises(TypeError, match="int64"):
         pack_weights([("x", torch.zeros(2, dtype=torch.int64))], 1)
