@@ -55,6 +55,13 @@ CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
     # Every 128-token response scores 0, so every group is uniform: Relay would skip the update (its default
     # drops such groups), TRL does it with zero advantages. Relay does it too here, so both do the same work.
     "heavy": (HEAVY, ["algorithm.drop_uniform_groups=false"]),
+    # Relay's learner in mixed precision as TRL's defaults run (bf16 autocast, float32 weights); "-engine" also
+    # runs vLLM in bfloat16 (the learner publishes its float32 weights cast to it)
+    "default-bf16": ([], ["learner.mixed_precision=bf16"]),
+    "streaming-bf16": ([], STREAMING + ["learner.mixed_precision=bf16"]),
+    "heavy-bf16": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16"]),
+    "heavy-bf16-engine": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16",
+                                  "model.dtype=bfloat16"]),
 }
 
 
