@@ -197,7 +197,8 @@ class Driver:
         lc, g = self.cfg.learner, self.cfg.generation
         try:
             args = (path, self.cfg.algorithm, lc, self.cfg.model.dtype, g.temperature, g.max_tokens)
-            learner = LearnerGroup(lc, args, {"reference_path": self.policy_path, "seed": self.cfg.train.seed},
+            learner = LearnerGroup(lc, args, {"reference_path": self.policy_path, "seed": self.cfg.train.seed,
+                                              "min_tokens": g.min_tokens},
                                    self.runtime_env, start_timeout_s=g.start_timeout_s)
         except RankFailed as e:
             raise LearnerDied(str(e)) from None

@@ -133,6 +133,20 @@ def gather_logprobs(logits: Tensor, ids: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def mask_early_stop(logits: Tensor, response_mask: Tensor, stop_ids: list[int], min_tokens: int) -> Tensor:
+    """The sampler's ``min_tokens`` (vLLM's min-tokens logits processor): a stop token cannot be sampled while
+    fewer than ``min_tokens`` response tokens are out, so its logit is removed there and the sampled token's
+    probability is renormalised over the rest, as the sampler's logprobs are.
+
+    logits: (B, T, V), position t predicting token t + 1; response_mask: (B, T), 1 where that token is a
+    response token. Modified in place (and returned). The lowest finite value, not -inf, keeps the entropy's
+    p * log p at 0 rather than NaN."""
+    early = (response_mask > 0) & (response_mask.cumsum(-1) <= min_tokens)  # response tokens 1..min_tokens
+    if early.any():
+        logits[..., stop_ids] = logits[..., stop_ids].masked_fill(early.unsqueeze(-1), torch.finfo(logits.dtype).min)
+    return logits
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the categorical distribution softmax(logits) at each position.
 

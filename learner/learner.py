@@ -56,20 +56,34 @@ _EXPORTED = {k for k in METRICS if k.startswith("learner/")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _stop_ids(policy_path: str, tokenizer) -> list[int]:
+    """The tokens vLLM's min_tokens holds back: the tokenizer's end-of-sequence and the generation config's."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} - {None}
+    try:
+        eos = GenerationConfig.from_pretrained(policy_path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
+    return sorted(ids)
+
+
 class Learner:
     def __init__(self, policy_path: str, algorithm: AlgorithmConfig, learner: LearnerConfig, dtype: str = "float32",
                  temperature: float = 1.0, max_tokens: int = 1, reference_path: str | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, address: str | None = None):
+                 rank: int = 0, world_size: int = 1, address: str | None = None, min_tokens: int = 0):
         """``temperature``: the sampler's, so logprobs are of the distribution that sampled; ``max_tokens``: the
         constant of the ``seq-mean-token-sum-norm`` loss aggregation (Dr.GRPO); ``reference_path``: the frozen
         reference when it differs from ``policy_path`` (a resumed run starts the policy from its checkpoint);
         ``seed``: of this process's RNGs (minibatch order, head init), so two runs of one config agree;
-        ``rank``, ``world_size``, ``address``: this rank of a learner group and rank 0's ``host:port``."""
+        ``rank``, ``world_size``, ``address``: this rank of a learner group and rank 0's ``host:port``;
+        ``min_tokens``: the sampler's (no stop token before that many response tokens), mirrored in the logprobs."""
         self.alg, self.lc = algorithm, learner
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
-        self.temperature, self.max_tokens = temperature, max_tokens
+        self.temperature, self.max_tokens, self.min_tokens = temperature, max_tokens, min_tokens
         if self.lc.num_gpus > 0 and not torch.cuda.is_available():
             raise RuntimeError(f"learner.num_gpus={self.lc.num_gpus} but this process sees no CUDA device")
         if self.lc.torch_threads:
@@ -122,6 +136,7 @@ class Learner:
         self.version = 0
         self.bad_steps = 0  # steps in a row whose loss or gradient was not finite
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.stop_ids = _stop_ids(policy_path, self.tokenizer) if min_tokens else []
         self.sink = MetricSink("learner") if self.dist.rank == 0 else None
         self._heartbeat()
 
@@ -129,7 +144,7 @@ class Learner:
     def from_config(cls, cfg, policy_path: str) -> Learner:
         """From the whole run config (``cluster.config.RelayConfig``, not imported here: layers point one way)."""
         return cls(policy_path, cfg.algorithm, cfg.learner, cfg.model.dtype, cfg.generation.temperature,
-                   cfg.generation.max_tokens, seed=cfg.train.seed)
+                   cfg.generation.max_tokens, seed=cfg.train.seed, min_tokens=cfg.generation.min_tokens)
 
     def _load_policy(self, policy_path: str, reference_path: str | None, dtype):
         """The policy; with LoRA, the base model plus adapters (those of the checkpoint at ``policy_path`` when it
@@ -170,6 +185,8 @@ class Learner:
         with D.autocast(self.lc.mixed_precision, self.device):
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=with_values)
         logits = out.logits[:, :-1].float() / self.temperature
+        if self.min_tokens:
+            logits = algos.mask_early_stop(logits, batch.response_mask.to(self.device), self.stop_ids, self.min_tokens)
         logprobs = algos.gather_logprobs(logits, ids[:, 1:])
         entropy = algos.entropy_from_logits(logits) if with_entropy else None
         values = self.value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1) if with_values else None

@@ -111,6 +111,25 @@ def test_entropy_from_logits_hand_values():
     assert algos.entropy_bonus(logits, mask).item() == pytest.approx(math.log(4.0))
 
 
+def test_mask_early_stop_renormalises_over_the_other_tokens():
+    """min_tokens = 2: for the first two response tokens the stop token (id 0) is out of the distribution, so
+    log p(token) = log(p / (1 - p_stop)) by hand; from the third on, and on prompt positions, nothing changes."""
+    p_stop, p_a = 0.6, 0.3  # vocabulary: stop, a, b with p = (0.6, 0.3, 0.1)
+    logits = torch.log(t([[[p_stop, p_a, 0.1]] * 5]))  # (1, 5, 3): one prompt position, then four response tokens
+    response_mask = t([[0, 1, 1, 1, 1]])
+    ids = torch.tensor([[2, 1, 1, 1, 0]])
+    masked = algos.mask_early_stop(logits.clone(), response_mask, [0], min_tokens=2)
+    lp = algos.gather_logprobs(masked, ids)
+    torch.testing.assert_close(lp, t([[math.log(0.1), math.log(p_a / (1 - p_stop)), math.log(p_a / (1 - p_stop)),
+                                       math.log(p_a), math.log(p_stop)]]))
+    h = algos.entropy_from_logits(masked)
+    q = (p_a / (1 - p_stop), 0.1 / (1 - p_stop))
+    assert h[0, 1].item() == pytest.approx(-sum(x * math.log(x) for x in q))  # finite: no 0 * -inf
+    assert h[0, 3].item() == pytest.approx(-sum(x * math.log(x) for x in (p_stop, p_a, 0.1)))
+    same = algos.mask_early_stop(logits.clone(), t([[0, 0, 0, 1, 1]]), [0], min_tokens=2)  # later response start
+    torch.testing.assert_close(algos.gather_logprobs(same, ids)[0, :3], algos.gather_logprobs(logits, ids)[0, :3])
+
+
 # ---------------------------------------------------------------------------- rewards on tokens, KL
 
 

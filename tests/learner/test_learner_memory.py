@@ -123,6 +123,27 @@ def test_bf16_mixed_precision_keeps_float32_master_weights(policy_dir):
     assert values.dtype == torch.float32 and math.isfinite(ppo.train_step(BATCH)["learner/value_loss"])
 
 
+def test_min_tokens_mirrors_the_samplers_renormalisation(policy_dir):
+    """With the sampler's min_tokens the learner's logprob of a response token among the first min_tokens is
+    log p - log(1 - p_eos) under the unmasked model, and unchanged after them (vLLM's logprobs are of the
+    distribution without the stop token)."""
+    cfg = load_config(None, BASE)
+    plain = _learner([], policy_dir)
+    masked = Learner(policy_dir, cfg.algorithm, cfg.learner, cfg.model.dtype, cfg.generation.temperature,
+                     cfg.generation.max_tokens, min_tokens=2)
+    assert masked.stop_ids == [masked.tokenizer.eos_token_id]
+    batch = collate(BATCH, 0)
+    lp, lp_plain = masked._no_grad_pass(masked.policy, batch)[0], plain._no_grad_pass(plain.policy, batch)[0]
+    with torch.no_grad():
+        logits = plain.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    p_eos = torch.softmax(logits.float(), -1)[..., masked.tokenizer.eos_token_id]
+    index = batch.response_mask.cumsum(-1)  # 1, 2, ... along each response
+    early, late = (batch.response_mask > 0) & (index <= 2), (batch.response_mask > 0) & (index > 2)
+    torch.testing.assert_close(lp[early], (lp_plain - torch.log1p(-p_eos))[early], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp[late], lp_plain[late], atol=1e-6, rtol=0)
+    assert late.any() and early.sum() == 2 * len(BATCH)
+
+
 def test_lora_trains_adapters_publishes_merged_weights_and_resumes(policy_dir, tmp_path):
     from peft import PeftModel
 
