@@ -19,7 +19,8 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     max_tokens: int = Field(6, ge=1, description="maximum response tokens")
     min_tokens: int = Field(0, ge=0, description="sampled responses: no end-of-sequence before this many tokens "
-                            "(vLLM's min_tokens; fixed-length responses for benchmarks); greedy evaluation ignores it")
+                            "(vLLM's min_tokens; fixed-length responses for benchmarks; the learner masks it too, so "
+                            "its logprobs are the sampler's); greedy evaluation ignores it")
     max_model_len: int = Field(64, ge=8, description="prompt + response token limit of the engine")
     kv_cache_gb: int = Field(1, ge=1, description="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory share (GPU only)")
