@@ -57,9 +57,10 @@ def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int,
     sizes: dict[str, int] = OrderedDict()
     index = []
     for name, t in named:
-        if (dtype or t.dtype) not in _CARRIERS:
-            raise TypeError(f"cannot publish parameter {name} of dtype {dtype or t.dtype}; supported: {list(_BY_KEY)}")
-        key = _CARRIERS[dtype or t.dtype][0]
+        target = dtype or t.dtype
+        if target not in _CARRIERS:
+            raise TypeError(f"cannot publish parameter {name} of dtype {target}; supported: {list(_BY_KEY)}")
+        key = _CARRIERS[target][0]
         index.append(TensorSlot(name, key, tuple(t.shape), sizes.get(key, 0)))
         sizes[key] = sizes.get(key, 0) + t.numel()
     flats = {key: torch.empty(n, dtype=_BY_KEY[key]) for key, n in sizes.items()}
