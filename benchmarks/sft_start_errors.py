@@ -18,6 +18,7 @@ import json
 
 import torch
 
+from core.data import exact_match
 from learner.rm_trainer import addition_problems, load_policy, sample_responses
 
 KINDS = ("correct", "units digit wrong only", "both digits wrong", "units right, rest wrong", "wrong length",
@@ -25,9 +26,9 @@ KINDS = ("correct", "units digit wrong only", "both digits wrong", "units right,
 
 
 def classify(response: str, answer: str) -> str:
-    r = response.strip()
-    if r == answer:
+    if exact_match(response, answer):  # the task's own rule, as the reward judges it
         return "correct"
+    r = response.strip()
     if not r.isdigit():
         return "not a number"
     if len(r) != len(answer):
