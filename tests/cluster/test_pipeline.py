@@ -89,9 +89,10 @@ def test_rl_config_wires_sft_policy_and_rm_reward(tmp_path):
     assert [(s.kind, s.model_path) for s in rl.reward.sources] == [("model", str((tmp_path / "run" / "rm").resolve()))]
     assert rl.train.run_dir == str(tmp_path / "run" / "rl")
     assert rl.algorithm.name == "ppo"
-    assert rl.learner.critic_warmup_steps == 20  # the RLHF default, unless set
-    unset = rl_config(_cfg(tmp_path, "algorithm.name=ppo", "learner.critic_warmup_steps=0"))
-    assert unset.learner.critic_warmup_steps == 0
+    assert rl.learner.critic_warmup_steps == 20 and rl.learner.lr == 2e-4  # the RLHF defaults, unless set
+    unset = rl_config(_cfg(tmp_path, "algorithm.name=ppo", "learner.critic_warmup_steps=0", "learner.lr=1e-4"))
+    assert unset.learner.critic_warmup_steps == 0 and unset.learner.lr == 1e-4
+    assert rl_config(_cfg(tmp_path)).learner.lr == 1e-4  # GRPO keeps relay train's default
     assert cfg.model.path is None  # the user's config is not touched
 
 
