@@ -83,13 +83,25 @@ def collate(scored: list[ScoredRollout], pad_id: int, width: int | None = None) 
     )
 
 
-def token_budget_split(lengths: torch.Tensor, rows: torch.Tensor, budget: int) -> list[torch.Tensor]:
+def token_budget_split(lengths: torch.Tensor, rows: torch.Tensor, budget: int,
+                       groups: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Cut ``rows`` (indices into ``lengths``) into micro-batches whose padded size, rows x longest row, stays
     within ``budget`` tokens. Rows are sorted by length first, so long and short responses do not share a
-    micro-batch and padding is small; a row longer than the budget is a micro-batch of its own."""
+    micro-batch and padding is small; a row longer than the budget is a micro-batch of its own. With
+    ``groups`` (a group id per row of ``lengths``) the rows of a group stay next to each other (groups
+    ordered by their longest row, longest first), so that a micro-batch holds whole groups where the
+    budget allows and their shared prompt is computed once (``learner/shared_prompt.py``)."""
     if len(rows) == 0:
         return []
-    ordered = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    if groups is None:
+        ordered = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    else:
+        length, group = lengths[rows].tolist(), groups[rows].tolist()
+        longest: dict[int, int] = {}
+        for g, n in zip(group, length, strict=True):
+            longest[g] = max(longest.get(g, 0), n)
+        order = sorted(range(len(length)), key=lambda i: (-longest[group[i]], group[i], -length[i]))
+        ordered = rows[torch.tensor(order, dtype=torch.long)]
     out, start = [], 0
     longest = int(lengths[ordered[0]])
     for i in range(1, len(ordered) + 1):

@@ -124,6 +124,10 @@ class LearnerConfig(Section):
     minibatch_size: int = Field(512, ge=1, description="sequences per optimizer step, over all ranks")
     micro_batch_tokens: int = Field(32768, ge=2, description="padded tokens (rows x longest row) per forward/backward; "
                                     "rows are sorted by length and packed up to it (gradient accumulation)")
+    share_prompts: bool = Field(True, description="forward each distinct prompt of a micro-batch once and the "
+                                "responses of its samples on its cached keys and values (Prefix Grouper, Liu et al. "
+                                "2025): the same logprobs and gradients with fewer tokens. Off with FSDP or "
+                                "gradient checkpointing; false = one pass over each full row")
     mixed_precision: Literal["none", "bf16"] = Field(
         "none", description="bf16 = forward passes under torch.autocast in bfloat16 with float32 weights, gradients "
                             "and AdamW state (as TRL's bf16=True); the frozen reference is held in bfloat16 and the "

@@ -37,6 +37,7 @@ from core.metrics import METRICS, MetricSink
 from core.records import PreferencePair, RewardedSequence, ScoredRollout
 from learner import algos
 from learner import distributed as D
+from learner import shared_prompt
 from learner.batch import RolloutBatch, collate, collate_pairs, collate_rewarded, padded_tokens, token_budget_split
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.critic import Critic
@@ -91,6 +92,9 @@ class Learner:
         self.device = torch.device("cuda" if self.lc.num_gpus > 0 else "cpu")
         self.dist = D.Collective(rank, world_size, address, self.device, self.lc.collective_timeout_s)
         self.sharded = self.dist.active and self.lc.strategy == "fsdp"
+        # FSDP ranks must run the same forward passes (a shared-prompt micro-batch takes two, a dummy one), and
+        # gradient checkpointing turns the key-value cache off, so both keep the one-pass forward.
+        self.share_prompts = self.lc.share_prompts and not self.sharded and not self.lc.gradient_checkpointing
         dtype = DTYPES[dtype]
         # Mixed precision keeps float32 master weights (and a float32 critic) and computes in bfloat16; the frozen
         # reference only computes, so it is held in bfloat16. The engines get model.dtype (see publish).
@@ -180,6 +184,9 @@ class Learner:
     def _token_logprobs(self, model, batch: RolloutBatch, with_entropy: bool = False, with_values: bool = False):
         """Logprobs ``(B, T)`` of each next token under ``model``, entropy ``(B, T)`` if asked, and the shared
         value head's V(s_t) ``(B, T)`` if asked (position t = the state ending at token t)."""
+        split = shared_prompt.split_prompts(batch) if self.share_prompts else None
+        if split is not None:
+            return self._shared_prompt_logprobs(model, batch, split, with_entropy, with_values)
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
         with D.autocast(self.lc.mixed_precision, self.device):
@@ -192,10 +199,26 @@ class Learner:
         values = self.value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1) if with_values else None
         return logprobs, entropy, values
 
+    def _shared_prompt_logprobs(self, model, batch: RolloutBatch, split, with_entropy: bool, with_values: bool):
+        """``_token_logprobs`` with each distinct prompt computed once (``learner/shared_prompt.py``): the same
+        values at the response positions, 0 elsewhere (every caller masks to the response)."""
+        with D.autocast(self.lc.mixed_precision, self.device):
+            logits, targets, mask, hidden = shared_prompt.forward(model, batch, split, self.device, with_values)
+        logits = logits.float() / self.temperature
+        if self.min_tokens:
+            logits = algos.mask_early_stop(logits, mask, self.stop_ids, self.min_tokens)
+        width = batch.response_mask.shape[1]
+        place = lambda x: shared_prompt.to_positions(x, split, width)  # noqa: E731
+        logprobs = place(algos.gather_logprobs(logits, targets))
+        entropy = place(algos.entropy_from_logits(logits)) if with_entropy else None
+        values = place(self.value_head(hidden.float()).squeeze(-1)) if with_values else None
+        return logprobs, entropy, values
+
     def _plan(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
         """Token-budget micro-batches of ``rows``. Sharded ranks must run the same number of forward passes
         (each gathers parameters from all ranks), so a rank that has run out gets empty ones."""
-        micro = token_budget_split(batch.lengths(), rows, self.lc.micro_batch_tokens)
+        groups = batch.group_ids if self.share_prompts else None
+        micro = token_budget_split(batch.lengths(), rows, self.lc.micro_batch_tokens, groups)
         if self.sharded:
             micro += [rows[:0]] * (int(self.dist.all_max(len(micro))) - len(micro))
         return micro

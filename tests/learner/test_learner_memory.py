@@ -77,8 +77,10 @@ def _layer_calls(learner: Learner) -> list[int]:
 
 
 def test_gradient_checkpointing_gives_the_same_step(policy_dir):
-    plain, ckpt = _learner([], policy_dir), _learner(["learner.gradient_checkpointing=true"], policy_dir)
-    assert ckpt.policy.is_gradient_checkpointing
+    # one forward pass per micro-batch on both sides (the shared-prompt pass takes two; checkpointing turns it off)
+    plain = _learner(["learner.share_prompts=false"], policy_dir)
+    ckpt = _learner(["learner.gradient_checkpointing=true"], policy_dir)
+    assert ckpt.policy.is_gradient_checkpointing and not ckpt.share_prompts
     calls_plain, calls_ckpt = _layer_calls(plain), _layer_calls(ckpt)
     plain.train_step(BATCH)
     ckpt.train_step(BATCH)

@@ -1,0 +1,154 @@
+"""The shared-prompt forward (``learner/shared_prompt.py``) against one pass over each full row.
+
+Prompts of different lengths and responses of different lengths, so the padding gap between a short
+prompt and its response, and response padding, are both exercised. Logprobs, entropy and the shared
+value head must agree at every response position, and a whole update must move the weights as the
+full-row update does.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from cluster.config import load_config
+from core.records import Rollout, ScoredRollout
+from learner import shared_prompt
+from learner.batch import collate, token_budget_split
+from learner.bootstrap import build_tokenizer
+from learner.learner import Learner
+
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+BASE = ["learner.lr=1e-3", "learner.warmup_steps=0", "learner.torch_threads=1"]
+
+
+def _rollouts(seed: int = 3) -> list[ScoredRollout]:
+    """Four prompts of 3 to 9 tokens, 1 to 4 samples each, responses of 1 to 6 tokens; groups interleaved in
+    the list, so the shared pass has to find them."""
+    tokenizer = build_tokenizer()
+    rng = random.Random(seed)
+    prompts = ["7+5=", "12+345=", "1+2+3+4=", "9="]
+    rows = []
+    for g, prompt in enumerate(prompts):
+        for _ in range(g + 1):
+            text = "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 5)))
+            ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+            rows.append(ScoredRollout(Rollout(group_id=g, prompt_ids=tokenizer.encode(prompt, add_special_tokens=False),
+                                              response_ids=ids, sampling_logprobs=[-math.log(258)] * len(ids),
+                                              policy_version=0, finish_reason="stop", prompt_text=prompt,
+                                              response_text=text, metadata={}), rng.random()))
+    rng.shuffle(rows)
+    return rows
+
+
+ROWS = _rollouts()
+
+
+def _learner(policy_dir: str, share: bool, overrides: list[str] = ()) -> Learner:
+    cfg = load_config(None, [*BASE, f"learner.share_prompts={str(share).lower()}", *overrides])
+    return Learner(policy_dir, cfg.algorithm, cfg.learner, cfg.model.dtype, cfg.generation.temperature,
+                   cfg.generation.max_tokens)
+
+
+def _gradients(learner: Learner) -> list[torch.Tensor]:
+    """Filled with the trainable parameters' gradients at each optimizer step (Adam's first step is about
+    lr * sign(g), so weights after it would hide how close the gradients are)."""
+    out, step = [], learner.optimizer.step
+
+    def record(*args, **kwargs):
+        out.extend(p.grad.detach().clone() for p in learner.trainable)
+        return step(*args, **kwargs)
+
+    learner.optimizer.step = record
+    return out
+
+
+def _assert_same_gradients(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want) > 0
+    scale = max(g.abs().max().item() for g in want)
+    assert scale > 1e-3  # the step learns something
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_split_prompts_finds_each_distinct_prompt():
+    batch = collate(ROWS, 0)
+    split = shared_prompt.split_prompts(batch)
+    assert len(split.unique) == 4 and len(split.inverse) == len(ROWS) == 10
+    for row, r in enumerate(ROWS):  # each row maps to a row with its own prompt
+        assert ROWS[int(split.unique[split.inverse[row]])].rollout.prompt_ids == r.rollout.prompt_ids
+        assert int(split.prompt_len[row]) == len(r.rollout.prompt_ids)
+        assert int(split.response_len[row]) == len(r.rollout.response_ids)
+    one_each = [next(r for r in ROWS if r.rollout.group_id == g) for g in range(4)]
+    assert shared_prompt.split_prompts(collate(one_each, 0)) is None  # nothing to share: the plain pass
+
+
+def test_to_positions_by_hand():
+    # row 0: prompt 3, response 2 -> positions 2, 3; row 1: prompt 1, response 3 -> positions 0, 1, 2
+    split = shared_prompt.PromptSplit(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([3, 1]),
+                                      torch.tensor([2, 3]))
+    out = shared_prompt.to_positions(torch.tensor([[1.0, 2.0, 9.0], [4.0, 5.0, 6.0]]), split, width=5)
+    assert out.tolist() == [[0, 0, 1, 2, 0], [4, 5, 6, 0, 0]]
+
+
+def test_groups_stay_together_in_micro_batches():
+    lengths = torch.tensor([5, 9, 6, 8, 7, 4])
+    groups = torch.tensor([0, 1, 0, 1, 2, 2])
+    # groups by their longest row (1: 9, 2: 7, 0: 6), longest row first within a group
+    micro = token_budget_split(lengths, torch.arange(6), budget=100, groups=groups)
+    assert [m.tolist() for m in micro] == [[1, 3, 4, 5, 2, 0]]
+    micro = token_budget_split(lengths, torch.arange(6), budget=18, groups=groups)  # 2 x 9, 2 x 7, 2 x 6
+    assert [m.tolist() for m in micro] == [[1, 3], [4, 5], [2, 0]]
+
+
+@pytest.mark.parametrize("extra", [[], ["algorithm.name=ppo", "learner.critic_backbone=shared",
+                                        "algorithm.kl_in=reward", "algorithm.kl_coef=0.05"]],
+                         ids=["grpo", "ppo-shared-head"])
+def test_shared_pass_equals_the_full_rows(extra, policy_dir):
+    """Logprobs, entropy and values at the response positions, then one update (which takes its old logprobs,
+    the reference's and the values from the same passes): the same within float rounding."""
+    full, shared = _learner(policy_dir, False, extra), _learner(policy_dir, True, extra)
+    assert shared.share_prompts and not full.share_prompts
+    batch = collate(ROWS, 0)
+    mask = batch.response_mask.bool()
+    with_values = shared.value_head is not None
+    if with_values:
+        shared.value_head.load_state_dict(full.value_head.state_dict())
+    with torch.no_grad():
+        a = full._token_logprobs(full.policy, batch, with_entropy=True, with_values=with_values)
+        b = shared._token_logprobs(shared.policy, batch, with_entropy=True, with_values=with_values)
+    for x, y in zip(a, b, strict=True):
+        if x is not None:
+            torch.testing.assert_close(y[mask], x[mask], atol=1e-5, rtol=0)
+    assert (b[0][~mask] == 0).all()  # off the response: 0, which every caller masks
+    grads_full, grads_shared = _gradients(full), _gradients(shared)
+    stats_full, stats_shared = full.train_step(ROWS), shared.train_step(ROWS)
+    _assert_same_gradients(grads_shared, grads_full)
+    for key in ("learner/policy_loss", "learner/entropy", "learner/grad_norm"):
+        assert stats_shared[key] == pytest.approx(stats_full[key], rel=1e-4, abs=1e-6), key
+
+
+def test_shared_pass_with_lora_and_min_tokens(policy_dir):
+    """LoRA (the reference is the base with adapters off, through the same two passes) and the sampler's
+    min_tokens mask (on the response-aligned logits)."""
+    lora = ["learner.lora.r=4", "learner.lora.alpha=8", "algorithm.kl_in=loss", "algorithm.kl_coef=0.1"]
+    cfg_full = load_config(None, [*BASE, "learner.share_prompts=false", *lora])
+    cfg_shared = load_config(None, [*BASE, *lora])
+    make = lambda cfg: Learner(policy_dir, cfg.algorithm, cfg.learner, cfg.model.dtype,  # noqa: E731
+                               cfg.generation.temperature, cfg.generation.max_tokens, seed=0, min_tokens=2)
+    full, shared = make(cfg_full), make(cfg_shared)
+    rows = [r for r in ROWS if len(r.rollout.response_ids) > 2]  # a stop token before min_tokens is impossible
+    batch = collate(rows, 0)
+    assert shared_prompt.split_prompts(batch) is not None
+    mask = batch.response_mask.bool()
+    for adapters_off in (False, True):
+        a = full._no_grad_pass(full.policy, batch, adapters_off=adapters_off)[0]
+        b = shared._no_grad_pass(shared.policy, batch, adapters_off=adapters_off)[0]
+        torch.testing.assert_close(b[mask], a[mask], atol=1e-5, rtol=0)
+    grads_full, grads_shared = _gradients(full), _gradients(shared)
+    full.train_step(rows)
+    shared.train_step(rows)
+    _assert_same_gradients(grads_shared, grads_full)
