@@ -35,9 +35,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.metrics import METRICS, MetricSink
 from core.records import PreferencePair, RewardedSequence, ScoredRollout
-from learner import algos
+from learner import algos, shared_prompt
 from learner import distributed as D
-from learner import shared_prompt
 from learner.batch import RolloutBatch, collate, collate_pairs, collate_rewarded, padded_tokens, token_budget_split
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.critic import Critic

@@ -73,7 +73,8 @@ def forward(model, batch: RolloutBatch, split: PromptSplit, device, with_hidden:
     columns = prompt_len[:, None] + steps  # where response token j sits in the full row
     response_ids = torch.gather(ids, 1, columns.clamp(max=width - 1)) * response_mask
     second = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask[inverse], response_mask], 1),
-                   position_ids=columns.clamp(max=width - 1), past_key_values=cache, use_cache=False, output_hidden_states=with_hidden)
+                   position_ids=columns.clamp(max=width - 1), past_key_values=cache, use_cache=False,
+                   output_hidden_states=with_hidden)
 
     last = torch.arange(len(unique), device=device), prompt_len[unique] - 1  # each prompt's last token
     logits = torch.cat([first.logits[last][inverse].unsqueeze(1), second.logits[:, :-1]], 1)
