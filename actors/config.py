@@ -24,6 +24,9 @@ class GenerationConfig(Section):
     max_model_len: int = Field(64, ge=8, description="prompt + response token limit of the engine")
     kv_cache_gb: int = Field(1, ge=1, description="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM GPU memory share (GPU only)")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences an engine runs at once (vLLM's "
+                                     "max_num_seqs); a call's samples beyond it wait for a second wave. null = vLLM's "
+                                     "default (256 on CPU, 1024 on an H100)")
     enforce_eager: bool = Field(True, description="skip CUDA graph capture / compilation (faster start)")
     stream_chunk_prompts: int | None = Field(None, ge=1, description="streaming loop (algorithm.max_staleness >= 1): "
                                              "prompts per generate launch, split over the actors; two launches are "

@@ -58,6 +58,7 @@ class GenerationActor:
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=cfg.enforce_eager,
+            **({} if cfg.max_num_seqs is None else {"max_num_seqs": cfg.max_num_seqs}),
             seed=cfg.seed + actor_id,
             worker_extension_cls=EXTENSION,
             # Sampling logprobs after temperature/top-p: the distribution that actually sampled.

@@ -24,6 +24,7 @@ def driver(tmp_path_factory):
     cfg = load_config(overrides=[
         "sft.steps=30", "generation.num_actors=2", "generation.num_cpus=0.5", "learner.num_cpus=0.5",
         "generation.torch_threads=1",  # two engines share the 2 cores
+        "generation.max_num_seqs=64",
         "train.prompts_per_step=12", "train.eval_prompts=40", "generation.samples_per_prompt=4",
         f"train.run_dir={tmp_path_factory.mktemp('run')}", "metrics.progress=false",
         "reward.http_enabled=false", "model.cache_dir=.relay_cache",
@@ -198,6 +199,14 @@ def test_fleet_retires_an_actor_for_good_and_grows_back(driver):
     assert_close(vllm_logprobs(newcomer), learner_logprobs(driver))
     rollouts, _ = driver.fleet.generate(prompts)
     assert {r.actor_id for r in rollouts} == {0, 2}
+
+
+def test_engine_runs_generation_max_num_seqs_at_once(driver):
+    """generation.max_num_seqs reaches vLLM's scheduler (null keeps vLLM's own default, 256 on CPU)."""
+    def max_num_seqs(actor):
+        return actor.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+
+    assert ray.get(handle(driver, 0).__ray_call__.remote(max_num_seqs), timeout=60) == 64
 
 
 def test_greedy_evaluation_is_deterministic(driver):
