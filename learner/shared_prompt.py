@@ -19,9 +19,11 @@ column j is the prediction of response token j (column 0 from the prompt's last 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from learner.batch import RolloutBatch
 
@@ -52,37 +54,76 @@ def split_prompts(batch: RolloutBatch) -> PromptSplit | None:
     return PromptSplit(torch.tensor(unique), torch.tensor(inverse), prompt_len, response_len)
 
 
+MIN_BUCKET_ROWS = 32
+"""pass 2 runs in buckets of rows of similar response length, each at least this many rows (fewer, larger
+calls against less padding)"""
+
+
+def response_buckets(lengths: list[int], slack: float = 1.1) -> list[list[int]]:
+    """Rows (indices into ``lengths``) in buckets of similar length, shortest first: a bucket closes before the
+    row that would make its padded tokens (rows x longest) exceed ``slack`` x its real tokens, once it holds
+    ``MIN_BUCKET_ROWS`` rows."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    buckets: list[list[int]] = [[]]
+    real = 0
+    for row in order:
+        bucket = buckets[-1]
+        if len(bucket) >= MIN_BUCKET_ROWS and (len(bucket) + 1) * lengths[row] > slack * (real + lengths[row]):
+            buckets.append([])
+            bucket, real = buckets[-1], 0
+        bucket.append(row)
+        real += lengths[row]
+    return buckets
+
+
+def _gathered(cache, rows: torch.Tensor):
+    """A copy of ``cache`` holding ``rows`` of it (the original is left as it is for the other buckets)."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    out.batch_select_indices(rows)  # reassigns each copied layer's tensors: a differentiable gather
+    return out
+
+
 def forward(model, batch: RolloutBatch, split: PromptSplit, device, with_hidden: bool = False):
     """The two passes. Returns response-aligned ``logits (B, R, V)``, the response token ids ``(B, R)``,
     their mask ``(B, R)`` and, if asked, the last hidden state at the same positions ``(B, R, H)``."""
     ids = batch.input_ids.to(device)
-    rows, width = ids.shape
+    width = ids.shape[1]
     prompt_len, response_len = split.prompt_len.to(device), split.response_len.to(device)
     unique, inverse = split.unique.to(device), split.inverse.to(device)
     longest_prompt = int(prompt_len[unique].max())
-    longest_response = max(int(response_len.max()), 1)
+    longest = max(int(response_len.max()), 1)
 
     prompt_mask = (torch.arange(longest_prompt, device=device) < prompt_len[unique, None]).long()
     prompt_ids = ids[unique, :longest_prompt] * prompt_mask
     first = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, output_hidden_states=with_hidden)
-    cache = first.past_key_values
-    cache.batch_select_indices(inverse)  # each row gets its prompt's keys and values (a differentiable gather)
 
-    steps = torch.arange(longest_response, device=device)
+    steps = torch.arange(longest, device=device)
     response_mask = (steps < response_len[:, None]).long()
     columns = prompt_len[:, None] + steps  # where response token j sits in the full row
     response_ids = torch.gather(ids, 1, columns.clamp(max=width - 1)) * response_mask
-    second = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask[inverse], response_mask], 1),
-                   position_ids=columns.clamp(max=width - 1), past_key_values=cache, use_cache=False,
-                   output_hidden_states=with_hidden)
+    # Pass 2 by buckets of similar response length, each padded to its own longest: column j >= 1 of a row is
+    # predicted at its response token j - 1; every bucket's outputs are padded to the longest and put back in order.
+    logits, hidden, order = [], [], []
+    for bucket in response_buckets(split.response_len.tolist()):
+        rows = torch.tensor(bucket, device=device)
+        n = max(int(response_len[rows].max()), 1)
+        out = model(input_ids=response_ids[rows, :n], position_ids=columns[rows, :n].clamp(max=width - 1),
+                    attention_mask=torch.cat([prompt_mask[inverse[rows]], response_mask[rows, :n]], 1),
+                    past_key_values=_gathered(first.past_key_values, inverse[rows]), use_cache=False,
+                    output_hidden_states=with_hidden)
+        pad = (0, 0, 0, longest - n)
+        logits.append(F.pad(out.logits[:, :-1], pad))
+        if with_hidden:
+            hidden.append(F.pad(out.hidden_states[-1][:, :-1], pad))
+        order.append(rows)
+    back = torch.argsort(torch.cat(order))  # bucket order -> row order
 
     last = torch.arange(len(unique), device=device), prompt_len[unique] - 1  # each prompt's last token
-    logits = torch.cat([first.logits[last][inverse].unsqueeze(1), second.logits[:, :-1]], 1)
-    hidden = None
+    logits = torch.cat([first.logits[last][inverse].unsqueeze(1), torch.cat(logits)[back]], 1)
     if with_hidden:
-        h1, h2 = first.hidden_states[-1], second.hidden_states[-1]
-        hidden = torch.cat([h1[last][inverse].unsqueeze(1), h2[:, :-1]], 1)
-    return logits, response_ids, response_mask, hidden
+        hidden = torch.cat([first.hidden_states[-1][last][inverse].unsqueeze(1), torch.cat(hidden)[back]], 1)
+    return logits, response_ids, response_mask, hidden if with_hidden else None
 
 
 def to_positions(values: torch.Tensor, split: PromptSplit, width: int) -> torch.Tensor:

@@ -104,10 +104,26 @@ def test_groups_stay_together_in_micro_batches():
     assert [m.tolist() for m in micro] == [[1, 3], [4, 5], [2, 0]]
 
 
+def test_response_buckets_by_hand(monkeypatch):
+    monkeypatch.setattr(shared_prompt, "MIN_BUCKET_ROWS", 2)
+    # sorted: rows 1, 4 (length 1), 0 (2), 3 (5), 2 (6). [1, 4] with row 0 would pad 3 x 2 = 6 > 1.1 x 4: it
+    # closes. [0] has fewer than 2 rows, so row 3 joins it; [0, 3] with row 2 would pad 3 x 6 = 18 > 1.1 x 13.
+    assert shared_prompt.response_buckets([2, 1, 6, 5, 1]) == [[1, 4], [0, 3], [2]]
+    monkeypatch.setattr(shared_prompt, "MIN_BUCKET_ROWS", 32)
+    assert shared_prompt.response_buckets([2, 1, 6, 5, 1]) == [[1, 4, 0, 3, 2]]  # too few rows to split
+
+
+@pytest.fixture(params=[32, 2], ids=["one-bucket", "buckets"])
+def bucket_rows(request, monkeypatch):
+    """Pass 2 in one call (the default at this batch size) or in buckets by response length."""
+    monkeypatch.setattr(shared_prompt, "MIN_BUCKET_ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("extra", [[], ["algorithm.name=ppo", "learner.critic_backbone=shared",
                                         "algorithm.kl_in=reward", "algorithm.kl_coef=0.05"]],
                          ids=["grpo", "ppo-shared-head"])
-def test_shared_pass_equals_the_full_rows(extra, policy_dir):
+def test_shared_pass_equals_the_full_rows(extra, policy_dir, bucket_rows):
     """Logprobs, entropy and values at the response positions, then one update (which takes its old logprobs,
     the reference's and the values from the same passes): the same within float rounding."""
     full, shared = _learner(policy_dir, False, extra), _learner(policy_dir, True, extra)
@@ -131,7 +147,7 @@ def test_shared_pass_equals_the_full_rows(extra, policy_dir):
         assert stats_shared[key] == pytest.approx(stats_full[key], rel=1e-4, abs=1e-6), key
 
 
-def test_shared_pass_with_lora_and_min_tokens(policy_dir):
+def test_shared_pass_with_lora_and_min_tokens(policy_dir, bucket_rows):
     """LoRA (the reference is the base with adapters off, through the same two passes) and the sampler's
     min_tokens mask (on the response-aligned logits)."""
     lora = ["learner.lora.r=4", "learner.lora.alpha=8", "algorithm.kl_in=loss", "algorithm.kl_coef=0.1"]
