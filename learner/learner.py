@@ -3,6 +3,8 @@
 A plain class, one rank of a learner group (``learner/group.py`` makes M of them Ray actors that form
 a torch.distributed group; M = 1 is the same code with no collectives). Surface: ``train_step``,
 ``publish``, ``save``, ``load_state``, ``sequence_logprobs``. All math comes from ``learner/algos.py``.
+Every forward pass computes each distinct prompt of a micro-batch once and its samples' responses on its
+cached keys and values (``learner/shared_prompt.py``, ``learner.share_prompts``).
 
 One step, on this rank's share of the batch (whole groups, so group statistics stay on one rank):
 1. no-grad passes give what the update needs: the "old" logprobs (several updates per batch, or
@@ -198,7 +200,8 @@ class Learner:
         values = self.value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1) if with_values else None
         return logprobs, entropy, values
 
-    def _shared_prompt_logprobs(self, model, batch: RolloutBatch, split, with_entropy: bool, with_values: bool):
+    def _shared_prompt_logprobs(self, model, batch: RolloutBatch, split: shared_prompt.PromptSplit,
+                                with_entropy: bool, with_values: bool):
         """``_token_logprobs`` with each distinct prompt computed once (``learner/shared_prompt.py``): the same
         values at the response positions, 0 elsewhere (every caller masks to the response)."""
         with D.autocast(self.lc.mixed_precision, self.device):
@@ -206,11 +209,13 @@ class Learner:
         logits = logits.float() / self.temperature
         if self.min_tokens:
             logits = algos.mask_early_stop(logits, mask, self.stop_ids, self.min_tokens)
-        width = batch.response_mask.shape[1]
-        place = lambda x: shared_prompt.to_positions(x, split, width)  # noqa: E731
-        logprobs = place(algos.gather_logprobs(logits, targets))
-        entropy = place(algos.entropy_from_logits(logits)) if with_entropy else None
-        values = place(self.value_head(hidden.float()).squeeze(-1)) if with_values else None
+
+        def at_positions(x: torch.Tensor) -> torch.Tensor:  # (B, R) response-aligned -> the batch's (B, T)
+            return shared_prompt.to_positions(x, split, batch.response_mask.shape[1])
+
+        logprobs = at_positions(algos.gather_logprobs(logits, targets))
+        entropy = at_positions(algos.entropy_from_logits(logits)) if with_entropy else None
+        values = at_positions(self.value_head(hidden.float()).squeeze(-1)) if with_values else None
         return logprobs, entropy, values
 
     def _plan(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
