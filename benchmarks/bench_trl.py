@@ -238,8 +238,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=600.0)
     p.add_argument("--heavy-seconds", type=float, default=240.0)
     p.add_argument("--snapshot-every", type=float, default=30.0)
-    p.add_argument("--relay-eval-every", type=int, default=20, help="Relay's held-out evaluation every this many "
-                   "steps (train.eval_every; 50 is about TRL's 30 s snapshots at Relay's step times)")
+    p.add_argument("--relay-eval-every", type=int, help="Relay's held-out evaluation every this many steps "
+                   "(train.eval_every; default: Relay's own; 50 is about TRL's 30 s snapshots at Relay's step times)")
     p.add_argument("--configs", default="default,streaming,heavy", help=f"comma-separated, of {list(CONFIGS)}")
     p.add_argument("--reuse-trl", action="store_true", help="compare with the TRL runs stored in results.json for "
                    "the same task instead of running TRL again")
@@ -271,7 +271,7 @@ def main() -> None:
                                  check=True, capture_output=True, text=True)
             trl_runs[key] = json.loads(run.stdout.strip().splitlines()[-1])
             print(f"{name}, TRL: {trl_runs[key]['steps']} steps, median {trl_runs[key]['step_s']:.3f} s", flush=True)
-        if evaluate and args.relay_eval_every != 20:  # Relay's default cadence otherwise; stored apart
+        if evaluate and args.relay_eval_every:  # stored apart from runs at Relay's own cadence
             loop, name = [*loop, f"train.eval_every={args.relay_eval_every}"], f"{name}-eval{args.relay_eval_every}"
         r = {"overrides": overrides, "relay_overrides": loop, "trl": trl_runs[key],
              "relay": relay_run(name, overrides + loop, seconds, evaluate=evaluate)}
