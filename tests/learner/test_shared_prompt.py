@@ -47,10 +47,10 @@ def _rollouts(seed: int = 3) -> list[ScoredRollout]:
 ROWS = _rollouts()
 
 
-def _learner(policy_dir: str, share: bool, overrides: list[str] = ()) -> Learner:
+def _learner(policy_dir: str, share: bool, overrides: list[str] = (), **kwargs) -> Learner:
     cfg = load_config(None, [*BASE, f"learner.share_prompts={str(share).lower()}", *overrides])
     return Learner(policy_dir, cfg.algorithm, cfg.learner, cfg.model.dtype, cfg.generation.temperature,
-                   cfg.generation.max_tokens)
+                   cfg.generation.max_tokens, **kwargs)
 
 
 def _gradients(learner: Learner) -> list[torch.Tensor]:
@@ -151,11 +151,7 @@ def test_shared_pass_with_lora_and_min_tokens(policy_dir, bucket_rows):
     """LoRA (the reference is the base with adapters off, through the same two passes) and the sampler's
     min_tokens mask (on the response-aligned logits)."""
     lora = ["learner.lora.r=4", "learner.lora.alpha=8", "algorithm.kl_in=loss", "algorithm.kl_coef=0.1"]
-    cfg_full = load_config(None, [*BASE, "learner.share_prompts=false", *lora])
-    cfg_shared = load_config(None, [*BASE, *lora])
-    make = lambda cfg: Learner(policy_dir, cfg.algorithm, cfg.learner, cfg.model.dtype,  # noqa: E731
-                               cfg.generation.temperature, cfg.generation.max_tokens, seed=0, min_tokens=2)
-    full, shared = make(cfg_full), make(cfg_shared)
+    full, shared = (_learner(policy_dir, share, lora, seed=0, min_tokens=2) for share in (False, True))
     rows = [r for r in ROWS if len(r.rollout.response_ids) > 2]  # a stop token before min_tokens is impossible
     batch = collate(rows, 0)
     assert shared_prompt.split_prompts(batch) is not None
