@@ -73,6 +73,8 @@ class GenerationActor:
         self.sink.heartbeat()
         self._staged: tuple[int, list, float] | None = None  # version, (name, tensor) pairs, fetch seconds
         self._staged_lock = threading.Lock()
+        self._fetched = threading.Condition(self._staged_lock)  # notified when a background fetch ends
+        self._fetching: int | None = None  # the version stage_weights is fetching now
         self.swap_seconds = 0.0
         """seconds spent swapping staged weights in, since the last generate call returned"""
 
@@ -198,11 +200,19 @@ class GenerationActor:
         """Fetch version ``version`` in the background (call it in ``WEIGHTS_GROUP``) and keep it for the next
         request to swap in; a newer staged version replaces an older one not swapped in yet."""
         start = time.perf_counter()
-        named = self._fetch(version, packed_ref)
-        seconds = time.perf_counter() - start
         with self._staged_lock:
-            if version > self.policy_version and (self._staged is None or version > self._staged[0]):
-                self._staged = (version, named, seconds)
+            self._fetching = version
+        named = None
+        try:
+            named = self._fetch(version, packed_ref)
+        finally:
+            seconds = time.perf_counter() - start
+            with self._staged_lock:  # staged and no longer fetching in one step: a waiting request sees both
+                self._fetching = None
+                if named is not None and version > self.policy_version and (
+                        self._staged is None or version > self._staged[0]):
+                    self._staged = (version, named, seconds)
+                self._fetched.notify_all()
         return {"sync/fetch_seconds": seconds}
 
     def _fetch(self, version: int, packed_ref: list) -> list:
@@ -217,6 +227,11 @@ class GenerationActor:
 
     def _swap_staged(self) -> None:
         with self._staged_lock:
+            # A newer version half-fetched: wait for it (the fetch runs beside the request before, so this is
+            # at most its tail) rather than start a request on weights already replaced, whose rollouts would
+            # be a version older and might be dropped as stale. A failed fetch ends the wait too.
+            self._fetched.wait_for(lambda: self._fetching is None or self._fetching <= self.policy_version,
+                                   timeout=self.cfg.timeout_s)
             staged, self._staged = self._staged, None
         if staged is None or staged[0] <= self.policy_version:
             return

@@ -51,15 +51,19 @@ class RolloutStream:
         self.max_filtered = max_filtered
         self.inflight: list[tuple[list[int], int, Launch]] = []  # prompt indices, first group id, launch
         self.next_group = 0  # group ids are unique over the run, so groups of any chunks can share a step
+        self.promised = 0  # groups a waiting ``take`` will remove as they land: they do not hold the room
         self.landed = _Landed()
 
     # ---- producing --------------------------------------------------------------------------------------
     def _fill(self) -> None:
         """Launch chunks while fewer than INFLIGHT run and the buffer has room for what is in flight too; a chunk
         shrinks to the room left (filters admit fewer groups than were launched, so the room is not a multiple
-        of the chunk)."""
+        of the chunk). While a ``take`` waits, the groups it will remove do not count against the room: the
+        next chunk is launched before the step's last chunk lands, so the actors do not idle while the driver
+        scores it and starts the learner (measured: 13% of the generation actor's time without). Such a chunk
+        is sampled by the version the learner holds now and is taken at most ``max_staleness`` steps later."""
         while len(self.inflight) < INFLIGHT:
-            free = self.buffer.room() - sum(len(picks) for picks, _, _ in self.inflight)
+            free = self.buffer.room() + self.promised - sum(len(picks) for picks, _, _ in self.inflight)
             if free <= 0:
                 return
             picks, prompts = self.next_prompts(min(self.chunk, free), self.next_group)
@@ -96,13 +100,17 @@ class RolloutStream:
         of the step: what landed since the last take, the wait, the queue depth left."""
         started = time.perf_counter()
         deadline = time.monotonic() + timeout_s
-        while not self.buffer.ready(n, learner_version):
-            if self.max_filtered is not None and sum(self.buffer.filtered.values()) >= self.max_filtered:
-                break  # enough prompts drawn beyond the step: train on the groups admitted so far
-            if time.monotonic() > deadline:
-                raise FleetError(f"the rollout buffer did not fill with {n} groups within {timeout_s:g} s "
-                                 f"(generation.timeout_s); it holds {len(self.buffer)}. Check the actors' logs")
-            self.pump(timeout=1.0)
+        self.promised = n
+        try:
+            while not self.buffer.ready(n, learner_version):
+                if self.max_filtered is not None and sum(self.buffer.filtered.values()) >= self.max_filtered:
+                    break  # enough prompts drawn beyond the step: train on the groups admitted so far
+                if time.monotonic() > deadline:
+                    raise FleetError(f"the rollout buffer did not fill with {n} groups within {timeout_s:g} s "
+                                     f"(generation.timeout_s); it holds {len(self.buffer)}. Check the actors' logs")
+                self.pump(timeout=1.0)
+        finally:
+            self.promised = 0
         wait = time.perf_counter() - started
         groups = self.buffer.take(n, learner_version)
         return groups, {**self._step_metrics(groups, learner_version), "rollout/wait_seconds": wait,

@@ -372,6 +372,41 @@ def test_weights_swapped_in_between_requests_match_the_learner(driver):
     driver.sync()
 
 
+def test_request_waits_for_a_version_being_fetched(driver):
+    """A request that starts while a newer version is still being fetched in the background waits for it and
+    samples with it: no rollout is sampled by weights already on their way out (it could be dropped as stale)."""
+    one_training_step(driver)
+    version, ref, _ = driver.learner.publish()
+    driver.store.add(version, ref[0])
+    _, prompts = driver.next_prompts(2)
+
+    def probe(actor):
+        import threading
+
+        fetch = actor._fetch
+
+        def slow(*args):  # one machine's object store answers in ms; a large model's fetch takes seconds
+            time.sleep(1.0)
+            return fetch(*args)
+
+        actor._fetch = slow
+        try:
+            staging = threading.Thread(target=actor.stage_weights, args=(version, ref))
+            staging.start()
+            time.sleep(0.2)  # the fetch is under way
+            start = time.perf_counter()
+            out = actor.generate(prompts, 2)
+            waited = time.perf_counter() - start
+            staging.join()
+        finally:
+            del actor._fetch
+        return {r.policy_version for r in out.rollouts}, waited
+
+    versions, waited = ray.get(handle(driver, 0).__ray_call__.remote(probe), timeout=120)
+    assert versions == {version} and waited >= 0.5
+    driver.sync()
+
+
 def test_partial_rollouts_swap_mid_response_and_record_token_versions(driver):
     """Partial rollouts: a version staged while an actor samples is swapped in between segments, and the unfinished
     samples continue from their prefix under it. Each token records the version that sampled it, and the tokens

@@ -63,3 +63,38 @@ def test_token_staleness_by_hand():
     out = token_staleness([r([3, 3, 4, 5]), r([], version=4, n=2)], 5)
     assert out["rollout/token_staleness_mean"] == pytest.approx(7 / 6)
     assert out["rollout/mixed_version_fraction"] == pytest.approx(1 / 2)
+
+
+class _LaunchLog:
+    """Stands in for the fleet: records what the stream launches."""
+
+    def __init__(self):
+        self.launched: list[int] = []
+
+    def launch(self, prompts):
+        self.launched.append(len(prompts))
+        return object()
+
+
+def test_stream_launches_ahead_only_for_the_groups_a_waiting_take_removes():
+    """Room is the buffer's capacity less what it holds and what is in flight; while a take waits, the groups it
+    will remove do not count, so the next chunk starts before the step's last chunk lands."""
+    from cluster.stream import RolloutStream
+
+    fleet, buffer = _LaunchLog(), RolloutBuffer(capacity=8, max_staleness=1)
+    stream = RolloutStream(fleet, buffer, lambda n, first: (list(range(n)), [None] * n), score=None, chunk=4)
+    stream._fill()
+    assert fleet.launched == [4, 4]  # two chunks fill the room
+    stream.inflight.pop(0)  # the first chunk lands: 4 held, 4 in flight
+    buffer.add([group(i, 0, [0.0, 1.0]) for i in range(4)])
+    stream._fill()
+    assert fleet.launched == [4, 4]  # no room: the learner has not taken
+    stream.promised = 8  # a take of 8 waits: 4 of them held, 4 in flight
+    stream._fill()
+    assert fleet.launched == [4, 4, 4]  # the next chunk, ahead of the take; at most two in flight still
+    stream.inflight.pop(0)
+    buffer.add([group(i, 0, [0.0, 1.0]) for i in range(4, 8)])
+    assert [g.prompt_index for g in buffer.take(8, learner_version=1)] == list(range(8))
+    stream.promised = 0
+    stream._fill()
+    assert fleet.launched == [4, 4, 4, 4]  # after the take: one more, the room is 8 with 4 in flight
