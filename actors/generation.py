@@ -36,8 +36,13 @@ def _engine_env(cfg: GenerationConfig) -> None:
 class GenerationActor:
     """Holds one vLLM engine; samples ``samples_per_prompt`` responses per prompt."""
 
-    def __init__(self, cfg: GenerationConfig, model_path: str, dtype: str, actor_id: int = 0, version: int = 0):
-        """``version``: the policy version of the weights at ``model_path`` (non-zero when a run resumes)."""
+    def __init__(self, cfg: GenerationConfig, model_path: str, dtype: str, actor_id: int = 0, version: int = 0,
+                 cores: list[int] | None = None):
+        """``version``: the policy version of the weights at ``model_path`` (non-zero when a run resumes);
+        ``cores``: pin this process to them (``cluster.resources.core_layout``; a restart pins again)."""
+        from core.affinity import pin_process
+
+        pin_process(cores or [])
         _engine_env(cfg)
         import torch
         from vllm import LLM

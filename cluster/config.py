@@ -123,6 +123,9 @@ class ClusterConfig(Section):
     local_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (null = all cores, "
                                        "at least 4 logical so the default placement fits)")
     metrics_export_port: int | None = Field(None, ge=1, le=65535, description="local Ray's metrics port; null = Ray's")
+    pin_cores: bool = Field(True, description="a local CPU run that generates and learns at once (max_staleness >= "
+                            "1) pins each generation actor to cores of its own and the learner, driver, reward "
+                            "replicas and Ray's daemons to the rest, when the threads fit the cores")
 
 
 class PipelineConfig(Section):

@@ -29,9 +29,10 @@ from cluster import checkpoint
 from cluster.config import RelayConfig
 from cluster.fleet import Fleet, Launch
 from cluster.progress import Progress
-from cluster.resources import check_resources, init_ray, oversubscription_warning
+from cluster.resources import check_resources, core_layout, init_ray, oversubscription_warning
 from cluster.rollout_buffer import Group, RolloutBuffer, by_group
 from cluster.stream import RolloutStream
+from core.affinity import pin_process, process_cores
 from core.data import DataConfig, DataError, Example, Splits, format_prompt, load_splits
 from core.metrics import JsonlLogger, MetricSink
 from core.records import Prompt, Rollout, ScoredRollout
@@ -125,11 +126,12 @@ def encode_data(cfg: RelayConfig, splits: Splits, tokenizer=None, log=print) -> 
 
 class Driver:
     def __init__(self, cfg: RelayConfig, policy_path: str, data: Splits | Encoded | None = None, log=print,
-                 resume_from: Path | None = None):
+                 resume_from: Path | None = None, actor_cores: list[list[int]] | None = None):
         """``policy_path``: the starting policy, which is also the frozen reference; ``data``: the splits, or
         already encoded (``train`` does both before Ray starts), None = read them now; ``resume_from``: a
-        checkpoint of this run to continue from (``cluster/checkpoint.py``)."""
-        self.cfg, self.log = cfg, log
+        checkpoint of this run to continue from (``cluster/checkpoint.py``); ``actor_cores``: the generation
+        actors' own cores (``cluster.resources.core_layout``), None = unpinned."""
+        self.cfg, self.log, self.actor_cores = cfg, log, actor_cores
         if not isinstance(data, Encoded):
             from transformers import AutoTokenizer
 
@@ -167,7 +169,7 @@ class Driver:
         state = checkpoint.read_state(self.resume_from) if self.resume_from else None
         start_path = str(self.resume_from) if state else self.policy_path
         self.learner = self._start_learner(start_path, with_state=state is not None)
-        self.fleet = Fleet(g, start_path, self.cfg.model.dtype, self.store, self.runtime_env,
+        self.fleet = Fleet(g, start_path, self.cfg.model.dtype, self.store, self.runtime_env, cores=self.actor_cores,
                            version=state["version"] if state else 0, log=self.log, sink=self.sink)
         self.fleet.start()
         if self.cfg.algorithm.max_staleness > 0:
@@ -787,7 +789,10 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
 
 
 def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> dict:
-    connected = init_ray(cfg.cluster, log=log, log_to_driver=cfg.metrics.log_to_driver)
+    cores = process_cores()
+    layout = None if ray.is_initialized() else core_layout(cfg, cores)
+    connected = init_ray(cfg.cluster, log=log, log_to_driver=cfg.metrics.log_to_driver,
+                         cores=layout and layout["rest"])
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
         if warning := oversubscription_warning(cfg):
@@ -795,7 +800,8 @@ def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> di
         policy_path = resolve_policy(cfg, log=log)
         if resume_from is not None:
             _check_same_model(resume_from, policy_path)
-        driver = Driver(cfg, policy_path, data, log=log, resume_from=resume_from)
+        driver = Driver(cfg, policy_path, data, log=log, resume_from=resume_from,
+                        actor_cores=layout and layout["actors"])
         driver.start()
         try:
             return driver.run()
@@ -804,6 +810,8 @@ def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> di
     finally:
         if connected:
             ray.shutdown()
+        if layout:
+            pin_process(cores)  # this process may outlive the run (tests, notebooks)
 
 
 def _resume_point(cfg: RelayConfig, log) -> Path:

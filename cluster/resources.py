@@ -7,18 +7,21 @@ import os
 import ray
 
 from cluster.config import ClusterConfig, RelayConfig
+from core.affinity import pin_process
 
 
 class ResourceError(RuntimeError):
     """The configuration asks for more than the cluster has."""
 
 
-def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False) -> bool:
+def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False, cores: list[int] | None = None) -> bool:
     """Join ``cfg.address`` (or the job's cluster under ``ray job submit``), else start a local Ray.
 
     The actors' and reward replicas' stdout/stderr go to files in the Ray session's log directory (named once
     through ``log``), and also to this console with ``log_to_driver`` (``metrics.log_to_driver``): vLLM's and
-    Serve's lines would otherwise interleave with the progress line.
+    Serve's lines would otherwise interleave with the progress line. ``cores`` (``core_layout``'s ``rest``):
+    a local Ray starts pinned to them, and so do its daemons and workers, which inherit the mask; this process
+    stays there until ``unpin_driver``.
     Returns whether this call connected (so the caller disconnects); False if Ray was already up.
     """
     if ray.is_initialized():
@@ -31,6 +34,10 @@ def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False) -> bool
         # Generation and learning alternate on-policy, so logical CPUs may exceed physical cores.
         num_cpus = cfg.local_num_cpus or max(4, os.cpu_count() or 1)
         kwargs = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
+        if cores:
+            pin_process(cores)
+            log(f"pinned the driver, the learner, the reward replicas and Ray's daemons to cores {cores}; the "
+                "generation actors get their own (cluster.pin_cores)")
         # address="local": always a new Ray here, never one another process left in /tmp/ray/ray_current_cluster
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
                            **kwargs)
@@ -40,6 +47,27 @@ def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False) -> bool
     if not log_to_driver:
         quiet_libraries()
     return True
+
+
+def core_layout(cfg: RelayConfig, cores: list[int]) -> dict[str, list] | None:
+    """Disjoint cores for a local CPU run that generates and learns at once (``max_staleness`` >= 1): each
+    generation actor's ``engine_threads`` get cores of their own (``actors``, one list per actor), and the
+    learner, the driver, the reward replicas and Ray's daemons share the ``rest``. Measured on 2 cores, streaming
+    1 + 1: 0.363 s a step pinned against 0.404 unpinned, since the driver, Serve and Ray's daemons no longer
+    preempt generation, the loop's bound. None where nothing overlaps (on-policy steps alternate and want every
+    core for each side), where the threads do not fit (``oversubscription_warning``), on GPUs or on a cluster
+    Relay did not start."""
+    g, lc = cfg.generation, cfg.learner
+    remote = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if not cfg.cluster.pin_cores or cfg.algorithm.max_staleness == 0 or g.num_gpus > 0 or lc.num_gpus > 0 or remote:
+        return None
+    engines = g.num_actors * g.engine_threads
+    learner = lc.num_workers * (lc.torch_threads or max(1, round(lc.num_cpus)))
+    if engines + learner > len(cores):
+        return None
+    rest, mine = cores[:len(cores) - engines], cores[len(cores) - engines:]
+    t = g.engine_threads
+    return {"rest": rest, "actors": [mine[i * t:(i + 1) * t] for i in range(g.num_actors)]}
 
 
 def quiet_libraries() -> None:

@@ -1,13 +1,16 @@
 """The fail-fast resource arithmetic, the oversubscription warning, and what init_ray asks of Ray (no Ray
 needed: ray.init is replaced)."""
 
+import json
+import subprocess
+import sys
 import types
 
 import pytest
 import ray
 
 from cluster.config import load_config
-from cluster.resources import init_ray, oversubscription_warning, requested
+from cluster.resources import core_layout, init_ray, oversubscription_warning, requested
 
 
 def test_requested_sums_learner_actors_and_replicas():
@@ -25,6 +28,40 @@ def test_staleness_with_more_threads_than_cores_warns(monkeypatch):
     fits = load_config(None, ["algorithm.max_staleness=1", "generation.torch_threads=1", "learner.torch_threads=1"])
     assert oversubscription_warning(fits, cores=2) is None
     assert oversubscription_warning(stale, cores=8) is None
+
+
+def test_core_layout_gives_generation_its_own_cores_only_where_they_overlap(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    streaming = ["algorithm.max_staleness=1", "generation.torch_threads=1", "learner.torch_threads=1"]
+    assert core_layout(load_config(None, streaming), [0, 1]) == {"rest": [0], "actors": [[1]]}
+    two = load_config(None, [*streaming, "generation.num_actors=2", "generation.torch_threads=2"])
+    assert core_layout(two, list(range(8))) == {"rest": [0, 1, 2, 3], "actors": [[4, 5], [6, 7]]}
+    assert core_layout(load_config(), [0, 1]) is None  # on-policy: each side wants every core in turn
+    assert core_layout(load_config(None, ["algorithm.max_staleness=1"]), [0, 1]) is None  # 2 + 2 do not fit
+    assert core_layout(load_config(None, [*streaming, "cluster.pin_cores=false"]), [0, 1]) is None
+    assert core_layout(load_config(None, [*streaming, "cluster.address=10.0.0.1:6379"]), [0, 1]) is None
+
+
+PINNED = """
+import json, os, threading, time
+from core.affinity import pin_process
+started = threading.Event()
+worker = threading.Thread(target=lambda: (started.set(), time.sleep(2)), daemon=True)
+worker.start(); started.wait()
+pin_process([0])
+later = []
+threading.Thread(target=lambda: later.append(sorted(os.sched_getaffinity(0)))).start()
+time.sleep(0.2)
+tids = os.listdir("/proc/self/task")
+print(json.dumps({"threads": [sorted(os.sched_getaffinity(int(t))) for t in tids], "later": later}))
+"""
+
+
+def test_pin_process_moves_every_thread_and_later_ones_inherit():
+    out = json.loads(subprocess.run([sys.executable, "-c", PINNED], capture_output=True, text=True, check=True,
+                                    timeout=60).stdout)
+    assert len(out["threads"]) >= 2 and all(cores == [0] for cores in out["threads"])  # the running thread too
+    assert out["later"] == [[0]]
 
 
 @pytest.fixture
