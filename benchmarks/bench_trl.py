@@ -243,6 +243,8 @@ def main() -> None:
     p.add_argument("--configs", default="default,streaming,heavy", help=f"comma-separated, of {list(CONFIGS)}")
     p.add_argument("--reuse-trl", action="store_true", help="compare with the TRL runs stored in results.json for "
                    "the same task instead of running TRL again")
+    p.add_argument("--trl-from", help="compare with the TRL run stored under this configuration (e.g. default, "
+                   "measured in the same session); --reuse-trl alone takes the last stored run of each task")
     p.add_argument("--trl-fp32", action="store_true", help="TRL without its bf16 autocast and gradient "
                    "checkpointing defaults (the stored runs used the defaults)")
     p.add_argument("--trl-path", default=os.environ.get("TRL_PATH"), help="a directory holding trl (pip --target)")
@@ -259,6 +261,9 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), args.trl_path,
                                                                    os.environ.get("PYTHONPATH")])))
     trl_runs = {json.dumps(c["overrides"]): c["trl"] for c in results["configs"].values()} if args.reuse_trl else {}
+    if args.trl_from:  # one stored configuration's TRL run, for every configuration of the same task
+        stored = results["configs"][args.trl_from]
+        trl_runs[json.dumps(stored["overrides"])] = stored["trl"]
     for name in args.configs.split(","):
         overrides, loop = CONFIGS[name]
         evaluate = not overrides  # the default task: held-out score against time
@@ -273,7 +278,7 @@ def main() -> None:
             print(f"{name}, TRL: {trl_runs[key]['steps']} steps, median {trl_runs[key]['step_s']:.3f} s", flush=True)
         if evaluate and args.relay_eval_every:  # stored apart from runs at Relay's own cadence
             loop, name = [*loop, f"train.eval_every={args.relay_eval_every}"], f"{name}-eval{args.relay_eval_every}"
-        r = {"overrides": overrides, "relay_overrides": loop, "trl": trl_runs[key],
+        r = {"overrides": overrides, "relay_overrides": loop, "trl": trl_runs[key], "date": time.strftime("%Y-%m-%d"),
              "relay": relay_run(name, overrides + loop, seconds, evaluate=evaluate)}
         print(f"{name}, Relay: {r['relay']['steps']} steps, median {r['relay']['step_s']:.3f} s", flush=True)
         compare(r)
