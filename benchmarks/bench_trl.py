@@ -241,10 +241,10 @@ def main() -> None:
     p.add_argument("--relay-eval-every", type=int, help="Relay's held-out evaluation every this many steps "
                    "(train.eval_every; default: Relay's own; 50 is about TRL's 30 s snapshots at Relay's step times)")
     p.add_argument("--configs", default="default,streaming,heavy", help=f"comma-separated, of {list(CONFIGS)}")
-    p.add_argument("--reuse-trl", action="store_true", help="compare with the TRL runs stored in results.json for "
-                   "the same task instead of running TRL again")
+    p.add_argument("--reuse-trl", action="store_true", help="compare with the newest TRL run stored in results.json "
+                   "for the same task instead of running TRL again")
     p.add_argument("--trl-from", help="compare with the TRL run stored under this configuration (e.g. default, "
-                   "measured in the same session); --reuse-trl alone takes the last stored run of each task")
+                   "measured in the same session); --reuse-trl alone takes the newest stored run of each task")
     p.add_argument("--trl-fp32", action="store_true", help="TRL without its bf16 autocast and gradient "
                    "checkpointing defaults (the stored runs used the defaults)")
     p.add_argument("--trl-path", default=os.environ.get("TRL_PATH"), help="a directory holding trl (pip --target)")
@@ -260,7 +260,8 @@ def main() -> None:
     results.update(machine=f"{os.cpu_count()} cores, no GPU", date=time.strftime("%Y-%m-%d"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), args.trl_path,
                                                                    os.environ.get("PYTHONPATH")])))
-    trl_runs = {json.dumps(c["overrides"]): c["trl"] for c in results["configs"].values()} if args.reuse_trl else {}
+    newest_last = sorted(results["configs"].values(), key=lambda c: c.get("date", ""))  # rows before dates first
+    trl_runs = {json.dumps(c["overrides"]): c["trl"] for c in newest_last} if args.reuse_trl else {}
     if args.trl_from:  # one stored configuration's TRL run, for every configuration of the same task
         stored = results["configs"][args.trl_from]
         trl_runs[json.dumps(stored["overrides"])] = stored["trl"]
