@@ -791,8 +791,19 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
 def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> dict:
     cores = process_cores()
     layout = None if ray.is_initialized() else core_layout(cfg, cores)
-    connected = init_ray(cfg.cluster, log=log, log_to_driver=cfg.metrics.log_to_driver,
-                         cores=layout and layout["rest"])
+    if layout:  # before a local Ray starts: its daemons and workers inherit this mask
+        pin_process(layout["rest"])
+        log(f"pinned the driver, the learner, the reward replicas and Ray's daemons to cores {layout['rest']}, "
+            f"the generation actors to {layout['actors']} (cluster.pin_cores)")
+    try:
+        return _run_on_ray(cfg, data, resume_from, log, layout)
+    finally:
+        if layout:
+            pin_process(cores)  # this process may outlive the run (tests, notebooks)
+
+
+def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, layout: dict | None) -> dict:
+    connected = init_ray(cfg.cluster, log=log, log_to_driver=cfg.metrics.log_to_driver)
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
         if warning := oversubscription_warning(cfg):
@@ -810,8 +821,6 @@ def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> di
     finally:
         if connected:
             ray.shutdown()
-        if layout:
-            pin_process(cores)  # this process may outlive the run (tests, notebooks)
 
 
 def _resume_point(cfg: RelayConfig, log) -> Path:

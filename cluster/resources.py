@@ -7,21 +7,19 @@ import os
 import ray
 
 from cluster.config import ClusterConfig, RelayConfig
-from core.affinity import pin_process
 
 
 class ResourceError(RuntimeError):
     """The configuration asks for more than the cluster has."""
 
 
-def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False, cores: list[int] | None = None) -> bool:
+def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False) -> bool:
     """Join ``cfg.address`` (or the job's cluster under ``ray job submit``), else start a local Ray.
 
     The actors' and reward replicas' stdout/stderr go to files in the Ray session's log directory (named once
     through ``log``), and also to this console with ``log_to_driver`` (``metrics.log_to_driver``): vLLM's and
-    Serve's lines would otherwise interleave with the progress line. ``cores`` (``core_layout``'s ``rest``):
-    a local Ray starts pinned to them, and so do its daemons and workers, which inherit the mask; this process
-    stays there until ``unpin_driver``.
+    Serve's lines would otherwise interleave with the progress line. A local Ray's daemons and workers
+    inherit this process's CPU mask (``core_layout``).
     Returns whether this call connected (so the caller disconnects); False if Ray was already up.
     """
     if ray.is_initialized():
@@ -34,10 +32,6 @@ def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False, cores: 
         # Generation and learning alternate on-policy, so logical CPUs may exceed physical cores.
         num_cpus = cfg.local_num_cpus or max(4, os.cpu_count() or 1)
         kwargs = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
-        if cores:
-            pin_process(cores)
-            log(f"pinned the driver, the learner, the reward replicas and Ray's daemons to cores {cores}; the "
-                "generation actors get their own (cluster.pin_cores)")
         # address="local": always a new Ray here, never one another process left in /tmp/ray/ray_current_cluster
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
                            **kwargs)
