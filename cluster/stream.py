@@ -61,9 +61,9 @@ class RolloutStream:
         of the chunk). While a ``take`` waits, the groups it will remove do not count against the room: the
         next chunk is launched before the step's last chunk lands, so the actors do not idle while the driver
         scores it and starts the learner (the actor's process was busy 87% of a streaming run without this, 91%
-        with; one 110 s run each on 2 cores). Such a chunk
-        is sampled by the version the learner holds now and is taken at most ``max_staleness`` steps later:
-        AReaL's launch rule, at most (version + s + 1) batches launched (Fu et al. 2025, arXiv:2505.24298)."""
+        with; one 110 s run each on 2 cores). Such a chunk is sampled by the version the learner holds now and
+        is taken at most ``max_staleness`` steps later: AReaL's launch rule, at most (version + s + 1) batches
+        launched (Fu et al. 2025, arXiv:2505.24298)."""
         while len(self.inflight) < INFLIGHT:
             free = self.buffer.room() + self.promised - sum(len(picks) for picks, _, _ in self.inflight)
             if free <= 0:
