@@ -17,7 +17,7 @@ def pin_process(cores: list[int]) -> None:
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), cores)
-        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile, or one not ours to move
             continue
 
 
