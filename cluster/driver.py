@@ -32,6 +32,7 @@ from cluster.progress import Progress
 from cluster.resources import check_resources, core_layout, init_ray, oversubscription_warning
 from cluster.rollout_buffer import Group, RolloutBuffer, by_group
 from cluster.stream import RolloutStream
+from core import heap
 from core.affinity import pin_process, process_cores
 from core.data import DataConfig, DataError, Example, Splits, format_prompt, load_splits
 from core.metrics import JsonlLogger, MetricSink
@@ -335,7 +336,7 @@ class Driver:
         self.last_checkpoint_time = start
         progress = Progress(cfg.train.steps, started_at=start - self.elapsed_before,
                             time_limit_s=cfg.train.time_limit_s) if cfg.metrics.progress else None
-        with _graceful_stop(self):
+        with _graceful_stop(self), heap.frozen():  # start-up's objects out of the collector's full passes
             while self.step < cfg.train.steps and not self._stop:
                 elapsed = self.elapsed_before + time.time() - start
                 if cfg.train.time_limit_s and elapsed > cfg.train.time_limit_s:

@@ -65,6 +65,7 @@ class LearnerGroup:
         self.pg = None
         if m == 1:
             self.actors = [cls.options(runtime_env=runtime_env).remote(*args, **kwargs)]
+            self.actors[0].freeze_heap.remote()  # queued behind the constructor
             return
         bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
         self.pg = placement_group([bundle] * m, strategy="PACK" if lc.placement == "pack" else "SPREAD")
@@ -84,6 +85,8 @@ class LearnerGroup:
         except BaseException:
             self.kill()  # the ranks that did start and the placement group go back
             raise
+        for a in self.actors:
+            a.freeze_heap.remote()
 
     # ---- calls -----------------------------------------------------------------------------------------
     def _all(self, method: str, *args, per_rank: list[tuple] | None = None, timeout_s: float | None = None) -> list:
