@@ -76,6 +76,89 @@ def bare(threads: int, repeats: int) -> dict:
             "hf_generate_s": hf, "tokens_per_step": med(tokens)}
 
 
+def corun(rounds: int) -> dict:
+    """One-thread generation (Relay's actor, no Ray hop) and learner, each pinned to a core of its own (the streaming layout), timed alone
+    and while the other works, alternating in windows: what a neighbour on the other core costs each side
+    here (shared cache and memory bandwidth), apart from anything Relay does. Needs 2 cores."""
+    import multiprocessing
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.sched_setaffinity(0, {0})
+    import torch
+
+    torch.set_num_threads(1)
+    from actors.generation import GenerationActor
+    from cluster.config import load_config
+    from cluster.driver import encode_data, resolve_policy
+    from core.data import exact_match, load_splits
+    from core.records import ScoredRollout
+
+    overrides = ["generation.torch_threads=1", "learner.torch_threads=1"]
+    cfg = load_config(overrides=overrides)
+    path = resolve_policy(cfg, log=lambda *_: None)
+    data = encode_data(cfg, load_splits(cfg.data, cfg.model.cache_dir, log=lambda *_: None), log=lambda *_: None)
+    per_step = cfg.train.prompts_per_step
+    actor = GenerationActor(cfg.generation, path, cfg.model.dtype)
+    batches = [data.train[i * per_step:(i + 1) * per_step] for i in range(4)]
+    scored = [ScoredRollout(r, float(exact_match(r.response_text, r.metadata["answer"])))
+              for r in actor.generate(batches[0]).rollouts]
+    ctx = multiprocessing.get_context("spawn")
+    mode, stop, times = ctx.Value("i", 0), ctx.Event(), ctx.Queue()  # mode: 0 idle, 1 learner alone, 2 both
+    child = ctx.Process(target=_learner_loop, args=(path, overrides, scored, mode, stop, times))
+    child.start()
+    try:
+        engine = {"alone": [], "both": []}
+        for _ in range(rounds):
+            for m, label in ((0, "alone"), (1, None), (2, "both")):
+                mode.value = m
+                time.sleep(1.0)  # the learner settles into (or out of) its steps
+                for prompts in batches:
+                    if label is None:
+                        time.sleep(0.3)  # learner alone: the engine waits
+                        continue
+                    t = time.perf_counter()
+                    actor.generate(prompts)
+                    engine[label].append(time.perf_counter() - t)
+        mode.value = 0
+        stop.set()
+        learner = times.get(timeout=600)
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+    med = statistics.median
+    return {"engine_alone_s": med(engine["alone"]), "engine_both_s": med(engine["both"]),
+            "learner_alone_s": med(learner["1"]), "learner_both_s": med(learner["2"])}
+
+
+def _learner_loop(path: str, overrides: list[str], scored: list, mode, stop, times) -> None:
+    """``corun``'s other side, on core 1: learner steps on one batch while ``mode`` is 1 or 2, each timed and
+    kept under the mode it ran in throughout."""
+    os.sched_setaffinity(0, {1})
+    import torch
+
+    torch.set_num_threads(1)
+    from cluster.config import load_config
+    from learner.learner import Learner
+
+    cfg = load_config(overrides=overrides)
+    g = cfg.generation
+    learner = Learner(path, cfg.algorithm, cfg.learner, cfg.model.dtype, g.temperature, g.max_tokens,
+                      reference_path=path, seed=0)
+    learner.train_step(scored)  # warm-up
+    out: dict[str, list[float]] = {"1": [], "2": []}
+    while not stop.is_set():
+        m = mode.value
+        if m == 0:
+            time.sleep(0.01)
+            continue
+        t = time.perf_counter()
+        learner.train_step(scored)
+        if mode.value == m:
+            out[str(m)].append(time.perf_counter() - t)
+    times.put(out)
+
+
 def hf_generate(path: str, prompts: list, g, threads: int, repeats: int = 3) -> float:
     """Hugging Face ``generate`` on the same batch (left-padded prompts, n samples each, same sampling)."""
     import torch
@@ -201,6 +284,18 @@ def table(results: dict) -> str:
                       f"two at 1 thread = {async_limit:.3f} s (the loop reaches "
                       f"**{100 * lim['streaming_of_limit']:.0f}%** of it). Streaming 1+1 against the default on-policy "
                       f"2+2: **{achieved:.2f}x** the steps per second (the limits alone would give {bound:.2f}x)."]
+        after = results.get("bare_after", {}).get("1")
+        if after:
+            limit_after = max(after["relay_actor_s"], after["learner_s"])
+            lim["async_limit_after_s"] = limit_after
+            lim["streaming_of_limit_after"] = limit_after / loops["streaming 1+1"]["step_s"]
+            lines.append(f"Measured again after the loops, the streaming limit was {limit_after:.3f} s (the loop "
+                         f"reaches {100 * lim['streaming_of_limit_after']:.0f}% of it).")
+    co = results.get("corun")
+    if co:
+        lines += ["", "| 1 thread each, own cores | alone | while the other works |", "|---|---|---|",
+                  f"| Relay `GenerationActor.generate` | {co['engine_alone_s']:.3f} s | {co['engine_both_s']:.3f} s |",
+                  f"| learner step | {co['learner_alone_s']:.3f} s | {co['learner_both_s']:.3f} s |"]
     if results.get("learning"):
         lines += ["", "| loop, default evaluations | steps | held-out start | last three evaluations | gain |",
                   "|---|---|---|---|---|"]
@@ -221,9 +316,13 @@ def main() -> None:
     p.add_argument("--learning", type=float, help="also run on-policy 2+2 and streaming 1+1 for this many seconds "
                    "with the default evaluations, and plot held-out score against wall time")
     p.add_argument("--bare-only", type=int, help=argparse.SUPPRESS)  # internal: one bare measurement, JSON out
+    p.add_argument("--corun-only", action="store_true", help=argparse.SUPPRESS)  # internal: as --bare-only
     args = p.parse_args()
     if args.bare_only:
         print(json.dumps(bare(args.bare_only, args.repeats)))
+        return
+    if args.corun_only:
+        print(json.dumps(corun(rounds=3)))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
@@ -237,12 +336,22 @@ def main() -> None:
             out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             results["bare"][str(threads)] = json.loads(out.strip().splitlines()[-1])
             print(f"bare, {threads} thread(s): {results['bare'][str(threads)]}", flush=True)
+        if (os.cpu_count() or 1) >= 2:
+            cmd = [sys.executable, __file__, "--corun-only"]
+            out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            results["corun"] = json.loads(out.strip().splitlines()[-1])
+            print(f"side by side, 1 thread each: {results['corun']}", flush=True)
     if not args.skip_loops:
         results.setdefault("loops", {})
         for name in args.loops.split(","):
             overrides = LOOPS[name]
             results["loops"][name] = loop(name.replace(" ", "_").replace("+", "-"), overrides, args.seconds)
             print(f"{name}: {results['loops'][name]}", flush=True)
+    if not args.skip_bare and not args.skip_loops:  # this machine's speed drifts by 10% over minutes
+        cmd = [sys.executable, __file__, "--bare-only", "1", "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        results["bare_after"] = {"1": json.loads(out.strip().splitlines()[-1])}
+        print(f"bare again after the loops, 1 thread: {results['bare_after']['1']}", flush=True)
     if args.learning:
         results["learning"] = {name: learning(name.replace(" ", "_").replace("+", "-"), LOOPS[name], args.learning)
                                for name in ("on-policy 2+2", "streaming 1+1")}
