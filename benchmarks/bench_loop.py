@@ -77,9 +77,10 @@ def bare(threads: int, repeats: int) -> dict:
 
 
 def corun(rounds: int) -> dict:
-    """One-thread generation (Relay's actor, no Ray hop) and learner, each pinned to a core of its own (the streaming layout), timed alone
-    and while the other works, alternating in windows: what a neighbour on the other core costs each side
-    here (shared cache and memory bandwidth), apart from anything Relay does. Needs 2 cores."""
+    """One-thread generation (Relay's actor, no Ray hop) and learner, each pinned to a core of its own (the
+    streaming layout), timed alone and while the other works, alternating in windows: what a neighbour on the
+    other core costs each side here (whatever the two share: caches, memory bandwidth, the host), apart from
+    anything Relay does. Needs 2 cores."""
     import multiprocessing
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
