@@ -32,26 +32,50 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "loop"
 
 
-def bare(threads: int, repeats: int) -> dict:
-    """Bare timings with ``threads`` torch threads (run in a fresh process: the thread count is global)."""
+def _config(threads: int):
+    from cluster.config import load_config
+
+    return load_config(overrides=[f"generation.torch_threads={threads}", f"learner.torch_threads={threads}"])
+
+
+def _setup(threads: int):
+    """Config, policy path, encoded data and a Relay generation actor (no Ray), with ``threads`` torch threads
+    for both sides (call in a fresh process: the thread count is global)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
 
     torch.set_num_threads(threads)
     from actors.generation import GenerationActor
-    from cluster.config import load_config
     from cluster.driver import encode_data, resolve_policy
-    from core.data import exact_match, load_splits
-    from core.records import ScoredRollout
-    from learner.learner import Learner
+    from core.data import load_splits
 
-    cfg = load_config(overrides=[f"generation.torch_threads={threads}", f"learner.torch_threads={threads}"])
+    cfg = _config(threads)
     path = resolve_policy(cfg, log=lambda *_: None)
     data = encode_data(cfg, load_splits(cfg.data, cfg.model.cache_dir, log=lambda *_: None), log=lambda *_: None)
+    return cfg, path, data, GenerationActor(cfg.generation, path, cfg.model.dtype)
+
+
+def _learner(cfg, path: str):
+    from learner.learner import Learner
+
+    g = cfg.generation
+    return Learner(path, cfg.algorithm, cfg.learner, cfg.model.dtype, g.temperature, g.max_tokens,
+                   reference_path=path, seed=0)
+
+
+def _scored(rollouts: list) -> list:
+    """The rollouts scored by exact match, as the default task's reward does."""
+    from core.data import exact_match
+    from core.records import ScoredRollout
+
+    return [ScoredRollout(r, float(exact_match(r.response_text, r.metadata["answer"]))) for r in rollouts]
+
+
+def bare(threads: int, repeats: int) -> dict:
+    """Bare timings with ``threads`` torch threads."""
+    cfg, path, data, actor = _setup(threads)
+    learner = _learner(cfg, path)
     g, per_step = cfg.generation, cfg.train.prompts_per_step
-    actor = GenerationActor(g, path, cfg.model.dtype)
-    learner = Learner(path, cfg.algorithm, cfg.learner, cfg.model.dtype, g.temperature, g.max_tokens,
-                      reference_path=path, seed=0)
     batches = [data.train[i * per_step:(i + 1) * per_step] for i in range(repeats + 1)]
     params = actor._sampling(g.samples_per_prompt, greedy=False)
     engine, relay, tokens, learn = [], [], [], []
@@ -63,8 +87,7 @@ def bare(threads: int, repeats: int) -> dict:
         t = time.perf_counter()
         result = actor.generate(prompts)
         relay.append(time.perf_counter() - t)
-        scored = [ScoredRollout(r, float(exact_match(r.response_text, r.metadata["answer"])))
-                  for r in result.rollouts]
+        scored = _scored(result.rollouts)
         t = time.perf_counter()
         learner.train_step(scored)
         learn.append(time.perf_counter() - t)
@@ -83,29 +106,14 @@ def corun(rounds: int) -> dict:
     anything Relay does. Needs 2 cores."""
     import multiprocessing
 
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.sched_setaffinity(0, {0})
-    import torch
-
-    torch.set_num_threads(1)
-    from actors.generation import GenerationActor
-    from cluster.config import load_config
-    from cluster.driver import encode_data, resolve_policy
-    from core.data import exact_match, load_splits
-    from core.records import ScoredRollout
-
-    overrides = ["generation.torch_threads=1", "learner.torch_threads=1"]
-    cfg = load_config(overrides=overrides)
-    path = resolve_policy(cfg, log=lambda *_: None)
-    data = encode_data(cfg, load_splits(cfg.data, cfg.model.cache_dir, log=lambda *_: None), log=lambda *_: None)
+    cfg, path, data, actor = _setup(1)
     per_step = cfg.train.prompts_per_step
-    actor = GenerationActor(cfg.generation, path, cfg.model.dtype)
     batches = [data.train[i * per_step:(i + 1) * per_step] for i in range(4)]
-    scored = [ScoredRollout(r, float(exact_match(r.response_text, r.metadata["answer"])))
-              for r in actor.generate(batches[0]).rollouts]
+    scored = _scored(actor.generate(batches[0]).rollouts)
     ctx = multiprocessing.get_context("spawn")
     mode, stop, times = ctx.Value("i", 0), ctx.Event(), ctx.Queue()  # mode: 0 idle, 1 learner alone, 2 both
-    child = ctx.Process(target=_learner_loop, args=(path, overrides, scored, mode, stop, times))
+    child = ctx.Process(target=_learner_loop, args=(path, scored, mode, stop, times))
     child.start()
     try:
         engine = {"alone": [], "both": []}
@@ -132,20 +140,14 @@ def corun(rounds: int) -> dict:
             "learner_alone_s": med(learner["1"]), "learner_both_s": med(learner["2"])}
 
 
-def _learner_loop(path: str, overrides: list[str], scored: list, mode, stop, times) -> None:
+def _learner_loop(path: str, scored: list, mode, stop, times) -> None:
     """``corun``'s other side, on core 1: learner steps on one batch while ``mode`` is 1 or 2, each timed and
     kept under the mode it ran in throughout."""
     os.sched_setaffinity(0, {1})
     import torch
 
     torch.set_num_threads(1)
-    from cluster.config import load_config
-    from learner.learner import Learner
-
-    cfg = load_config(overrides=overrides)
-    g = cfg.generation
-    learner = Learner(path, cfg.algorithm, cfg.learner, cfg.model.dtype, g.temperature, g.max_tokens,
-                      reference_path=path, seed=0)
+    learner = _learner(_config(1), path)
     learner.train_step(scored)  # warm-up
     out: dict[str, list[float]] = {"1": [], "2": []}
     while not stop.is_set():
@@ -158,6 +160,12 @@ def _learner_loop(path: str, overrides: list[str], scored: list, mode, stop, tim
         if mode.value == m:
             out[str(m)].append(time.perf_counter() - t)
     times.put(out)
+
+
+def _measure(*args: str) -> dict:
+    """One of this script's internal measurements in a fresh process; its JSON line."""
+    out = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def hf_generate(path: str, prompts: list, g, threads: int, repeats: int = 3) -> float:
@@ -333,14 +341,10 @@ def main() -> None:
     if not args.skip_bare:
         results["bare"] = {}
         for threads in (1, 2):
-            cmd = [sys.executable, __file__, "--bare-only", str(threads), "--repeats", str(args.repeats)]
-            out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-            results["bare"][str(threads)] = json.loads(out.strip().splitlines()[-1])
+            results["bare"][str(threads)] = _measure("--bare-only", str(threads), "--repeats", str(args.repeats))
             print(f"bare, {threads} thread(s): {results['bare'][str(threads)]}", flush=True)
         if (os.cpu_count() or 1) >= 2:
-            cmd = [sys.executable, __file__, "--corun-only"]
-            out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-            results["corun"] = json.loads(out.strip().splitlines()[-1])
+            results["corun"] = _measure("--corun-only")
             print(f"side by side, 1 thread each: {results['corun']}", flush=True)
     if not args.skip_loops:
         results.setdefault("loops", {})
@@ -349,9 +353,7 @@ def main() -> None:
             results["loops"][name] = loop(name.replace(" ", "_").replace("+", "-"), overrides, args.seconds)
             print(f"{name}: {results['loops'][name]}", flush=True)
     if not args.skip_bare and not args.skip_loops:  # this machine's speed drifts by 10% over minutes
-        cmd = [sys.executable, __file__, "--bare-only", "1", "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-        results["bare_after"] = {"1": json.loads(out.strip().splitlines()[-1])}
+        results["bare_after"] = {"1": _measure("--bare-only", "1", "--repeats", str(args.repeats))}
         print(f"bare again after the loops, 1 thread: {results['bare_after']['1']}", flush=True)
     if args.learning:
         results["learning"] = {name: learning(name.replace(" ", "_").replace("+", "-"), LOOPS[name], args.learning)
