@@ -166,8 +166,8 @@ def _load_direct(plan: list[_Target], tensors: dict[str, torch.Tensor]) -> None:
         if t.repack and param.numel() == 0:
             # vLLM dropped this weight after packing it for oneDNN: hand it a fresh one to pack (a copy, not the
             # object store's view), as its loader does; the packing drops it again.
-            value = value.clone() if len(new) == 1 else value
-            t.module.weight = torch.nn.Parameter(value.to(param.dtype), requires_grad=False)
+            fresh = value.to(param.dtype, copy=len(new) == 1)  # torch.cat already made one
+            t.module.weight = torch.nn.Parameter(fresh, requires_grad=False)
         elif t.padded:
             param[:value.shape[0]].copy_(value)
             param[value.shape[0]:].zero_()
