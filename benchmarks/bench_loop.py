@@ -8,13 +8,17 @@ Everything on the embedded default (tiny Qwen2, 64 prompts x 8 samples a step), 
   same call through Relay's ``GenerationActor.generate`` (the engine plus Relay's rollout building, no Ray
   hop); Hugging Face ``generate`` on the same model and batch; one learner step (``Learner.train_step``)
   on the batch, scored by exact match. Medians over ``--repeats`` batches.
-- loops, each a ``relay train`` of ``--seconds`` with evaluation only at the ends: on-policy with 2 + 2
-  threads (the default: generation and learning alternate, each gets both cores), on-policy with 1 + 1,
-  and streaming (``algorithm.max_staleness=1``) with 1 + 1 on disjoint cores. The median step time after
-  the first 10 steps.
+- bare, two engines: two processes, each pinned to a core of its own with one thread, each sampling its half
+  of every batch at the same moment (Relay's default fleet, without Ray); per batch the slower half.
+- loops, each a ``relay train`` of ``--seconds`` with evaluation only at the ends: on-policy as configured
+  by default (two single-thread engines, one per core, and a 2-thread learner: generation and learning
+  alternate), on-policy with one 2-thread engine (the default before), and streaming
+  (``algorithm.max_staleness=1``) with one engine thread and one learner thread on disjoint cores. The
+  median step time after the first 10 steps.
 
-The limits: on-policy, bare generation plus bare learner (2 threads each); streaming, the larger of the
-two with 1 thread each. Writes ``benchmarks/results/loop/results.json`` and ``results.md``.
+The limits: on-policy, bare two-engine generation plus the bare learner at 2 threads; streaming, the larger
+of one-thread generation and the one-thread learner. Writes ``benchmarks/results/loop/results.json`` and
+``results.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "loop"
+
+
+def machine() -> str:
+    """The cores and the CPU's model name (this project's machines differ between sessions)."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"{os.cpu_count()} cores ({model}), no GPU"
 
 
 def _config(threads: int):
@@ -162,6 +173,45 @@ def _learner_loop(path: str, scored: list, mode, stop, times) -> None:
     times.put(out)
 
 
+def two_engines(repeats: int) -> dict:
+    """Relay's default fleet without Ray: two single-thread engines on cores of their own, each sampling half
+    of every batch at once (a barrier starts each batch on both). Per batch the slower half: one step's
+    generation. Needs 2 cores."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, times = ctx.Barrier(2), ctx.Queue()
+    children = [ctx.Process(target=_half_engine, args=(i, repeats, barrier, times)) for i in range(2)]
+    for c in children:
+        c.start()
+    try:
+        halves = dict(times.get(timeout=900) for _ in children)
+    finally:
+        for c in children:
+            c.join(timeout=60)
+            if c.is_alive():
+                c.kill()
+    per_batch = [max(a, b) for a, b in zip(halves[0], halves[1], strict=True)]
+    return {"engines_s": statistics.median(per_batch), "half_s": [statistics.median(halves[i]) for i in (0, 1)]}
+
+
+def _half_engine(index: int, repeats: int, barrier, times) -> None:
+    """``two_engines``' side ``index``: pinned to core ``index``, one thread, the ``index``-th half of each batch."""
+    os.sched_setaffinity(0, {index})
+    cfg, _, data, actor = _setup(1)
+    per_step = cfg.train.prompts_per_step
+    out = []
+    for i in range(repeats + 1):
+        batch = data.train[i * per_step:(i + 1) * per_step]
+        half = batch[:per_step // 2] if index == 0 else batch[per_step // 2:]
+        barrier.wait(timeout=600)
+        t = time.perf_counter()
+        actor.generate(half)
+        if i:  # the first is the warm-up
+            out.append(time.perf_counter() - t)
+    times.put((index, out))
+
+
 def _measure(*args: str) -> dict:
     """One of this script's internal measurements in a fresh process; its JSON line."""
     out = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, check=True, capture_output=True, text=True)
@@ -251,10 +301,11 @@ def plot_learning(curves: dict[str, tuple[list, int]], path: Path, xlabel: str) 
     fig.savefig(path, dpi=110)
 
 
-LOOPS = {
-    "on-policy 2+2": [],
-    "on-policy 1+1": ["generation.torch_threads=1", "learner.torch_threads=1"],
-    "streaming 1+1": ["algorithm.max_staleness=1", "generation.torch_threads=1", "learner.torch_threads=1"],
+DEFAULT, ONE_ENGINE, STREAMING = "on-policy 2x1+2", "on-policy 1x2+2", "streaming 1+1"
+LOOPS = {  # engines x threads each + learner threads
+    DEFAULT: [],
+    ONE_ENGINE: ["generation.num_actors=1", "generation.torch_threads=2"],
+    STREAMING: ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"],
 }
 
 
@@ -278,26 +329,36 @@ def table(results: dict) -> str:
             fmt = lambda v: "" if v is None else f"{v:.3f} s"  # noqa: E731
             lines.append(f"| {name} | {r['steps']} | {fmt(r['step_s'])} | {fmt(r['learner_s'])} | {fmt(r['wait_s'])} "
                          f"| {fmt(r['swap_s'])} | {'' if r['staleness'] is None else int(r['staleness'])} |")
-    if b1 and b2 and "on-policy 2+2" in loops and "streaming 1+1" in loops:
-        sync_limit = b2["engine_s"] + b2["learner_s"]
+    two = results.get("two_engines")
+    if b1 and b2 and two:
+        lines += ["", f"Two single-thread engines on cores of their own, half of each batch each: "
+                      f"{two['engines_s']:.3f} s a batch (the halves {two['half_s'][0]:.3f} and "
+                      f"{two['half_s'][1]:.3f} s), "
+                      f"**{b2['relay_actor_s'] / two['engines_s']:.2f}x** one 2-thread engine."]
+    if b1 and b2 and two and DEFAULT in loops and STREAMING in loops:
+        sync_limit = two["engines_s"] + b2["learner_s"]
         async_limit = max(b1["relay_actor_s"], b1["learner_s"])
-        bound = sync_limit / async_limit
-        achieved = loops["on-policy 2+2"]["step_s"] / loops["streaming 1+1"]["step_s"]
-        results["limits"] = {"sync_limit_s": sync_limit, "async_limit_s": async_limit, "speedup_bound": bound,
-                             "speedup": achieved,
-                             "streaming_of_limit": async_limit / loops["streaming 1+1"]["step_s"],
-                             "on_policy_of_limit": sync_limit / loops["on-policy 2+2"]["step_s"]}
-        lim = results["limits"]
-        lines += ["", f"Limits per step: on-policy, bare generation + bare learner at 2 threads = {sync_limit:.3f} s "
-                      f"(the loop reaches {100 * lim['on_policy_of_limit']:.0f}% of it); streaming, the larger of the "
-                      f"two at 1 thread = {async_limit:.3f} s (the loop reaches "
-                      f"**{100 * lim['streaming_of_limit']:.0f}%** of it). Streaming 1+1 against the default on-policy "
-                      f"2+2: **{achieved:.2f}x** the steps per second (the limits alone would give {bound:.2f}x)."]
+        default, streaming = loops[DEFAULT]["step_s"], loops[STREAMING]["step_s"]
+        results["limits"] = lim = {
+            "sync_limit_s": sync_limit, "async_limit_s": async_limit, "speedup_bound": sync_limit / async_limit,
+            "speedup": default / streaming, "streaming_of_limit": async_limit / streaming,
+            "on_policy_of_limit": sync_limit / default}
+        lines += ["", f"Limits per step: on-policy, bare two-engine generation + the bare learner at 2 threads = "
+                      f"{sync_limit:.3f} s (the default loop reaches **{100 * lim['on_policy_of_limit']:.0f}%** of "
+                      f"it); "
+                      f"streaming, the larger of generation and learner at 1 thread = {async_limit:.3f} s (the loop "
+                      f"reaches **{100 * lim['streaming_of_limit']:.0f}%** of it). Streaming 1+1 against the default "
+                      f"on-policy loop: **{lim['speedup']:.2f}x** the steps per second (the limits alone would give "
+                      f"{lim['speedup_bound']:.2f}x)."]
+        if ONE_ENGINE in loops:
+            lim["default_over_one_engine"] = loops[ONE_ENGINE]["step_s"] / default
+            lines.append(f"The default on-policy loop against the same loop with one 2-thread engine: "
+                         f"**{lim['default_over_one_engine']:.2f}x** the steps per second.")
         after = results.get("bare_after", {}).get("1")
         if after:
             limit_after = max(after["relay_actor_s"], after["learner_s"])
             lim["async_limit_after_s"] = limit_after
-            lim["streaming_of_limit_after"] = limit_after / loops["streaming 1+1"]["step_s"]
+            lim["streaming_of_limit_after"] = limit_after / streaming
             lines.append(f"Measured again after the loops, the streaming limit was {limit_after:.3f} s (the loop "
                          f"reaches {100 * lim['streaming_of_limit_after']:.0f}% of it).")
     co = results.get("corun")
@@ -322,10 +383,11 @@ def main() -> None:
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-loops", action="store_true")
     p.add_argument("--loops", default=",".join(LOOPS), help="which loops to run (comma-separated names of LOOPS)")
-    p.add_argument("--learning", type=float, help="also run on-policy 2+2 and streaming 1+1 for this many seconds "
-                   "with the default evaluations, and plot held-out score against wall time")
+    p.add_argument("--learning", type=float, help="also run the default on-policy loop and streaming 1+1 for this "
+                   "many seconds with the default evaluations, and plot held-out score against wall time")
     p.add_argument("--bare-only", type=int, help=argparse.SUPPRESS)  # internal: one bare measurement, JSON out
     p.add_argument("--corun-only", action="store_true", help=argparse.SUPPRESS)  # internal: as --bare-only
+    p.add_argument("--two-engines-only", action="store_true", help=argparse.SUPPRESS)  # internal: as --bare-only
     args = p.parse_args()
     if args.bare_only:
         print(json.dumps(bare(args.bare_only, args.repeats)))
@@ -333,10 +395,13 @@ def main() -> None:
     if args.corun_only:
         print(json.dumps(corun(rounds=3)))
         return
+    if args.two_engines_only:
+        print(json.dumps(two_engines(args.repeats)))
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["machine"] = f"{os.cpu_count()} cores, no GPU"
+    results["machine"] = machine()
     results["date"] = time.strftime("%Y-%m-%d")
     if not args.skip_bare:
         results["bare"] = {}
@@ -344,6 +409,8 @@ def main() -> None:
             results["bare"][str(threads)] = _measure("--bare-only", str(threads), "--repeats", str(args.repeats))
             print(f"bare, {threads} thread(s): {results['bare'][str(threads)]}", flush=True)
         if (os.cpu_count() or 1) >= 2:
+            results["two_engines"] = _measure("--two-engines-only", "--repeats", str(args.repeats))
+            print(f"bare, two single-thread engines: {results['two_engines']}", flush=True)
             results["corun"] = _measure("--corun-only")
             print(f"side by side, 1 thread each: {results['corun']}", flush=True)
     if not args.skip_loops:
@@ -357,7 +424,7 @@ def main() -> None:
         print(f"bare again after the loops, 1 thread: {results['bare_after']['1']}", flush=True)
     if args.learning:
         results["learning"] = {name: learning(name.replace(" ", "_").replace("+", "-"), LOOPS[name], args.learning)
-                               for name in ("on-policy 2+2", "streaming 1+1")}
+                               for name in (DEFAULT, STREAMING)}
         plot_learning({name: (run["curve"], run["summary"]["steps"]) for name, run in results["learning"].items()},
                       OUT / "learning.png", "seconds of RL (when the evaluated step was trained)")
     md = table(results)

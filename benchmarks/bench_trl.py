@@ -11,12 +11,13 @@ Three configurations, TRL first, then Relay, each in its own process with the ma
 - default: the embedded task and model (tiny Qwen2, 64 prompts x 8 samples a step, 6-token responses,
   lr 1e-4 with 50 warm-up steps, clip 0.2, no KL, group-normalised advantages, token-mean loss). TRL
   keeps its own defaults of bf16 autocast and gradient checkpointing unless ``--trl-fp32`` (Relay's learner
-  trains in float32); it generates with Hugging Face ``generate``; Relay with its vLLM actor in the default
-  on-policy loop. Each trains ``--seconds``. Relay evaluates in its loop (counted in its wall time); TRL's weights are
+  trains in float32); it generates with Hugging Face ``generate``; Relay with its vLLM actors in the default
+  on-policy loop (two single-thread engines, one per core; ``default-1x2``: one 2-thread engine). Each
+  trains ``--seconds``. Relay evaluates in its loop (counted in its wall time); TRL's weights are
   snapshotted every ``--snapshot-every`` seconds (the copy's time is not counted) and evaluated afterwards
   on the same 500 held-out prompts, greedy, with Hugging Face ``generate``.
-- streaming: the same task, Relay's streaming loop (``algorithm.max_staleness=1``, one thread for
-  generation and one for the learner), against the same TRL run (``--reuse-trl`` takes a stored one).
+- streaming: the same task, Relay's streaming loop (``algorithm.max_staleness=1``, one engine with one
+  thread and a one-thread learner), against the same TRL run (``--reuse-trl`` takes a stored one).
 - heavy: a generation-heavy configuration, a 25M-parameter model (hidden 512, 6 layers) and 128-token
   responses (both sides forbid end-of-sequence before 128 tokens), 16 prompts x 8 samples a step,
   ``--heavy-seconds`` each, steps per second only. No response is correct at that length, so Relay is told
@@ -40,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_loop import eval_curve, plot_learning, relay_train
+from bench_loop import eval_curve, machine, plot_learning, relay_train
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "trl"
@@ -48,9 +49,10 @@ HEAVY = ["model.tiny.hidden_size=512", "model.tiny.num_layers=6", "model.tiny.nu
          "model.tiny.intermediate_size=2048", "model.tiny.max_position_embeddings=256", "sft.steps=60",
          "generation.max_tokens=128", "generation.min_tokens=128", "generation.max_model_len=192",
          "train.prompts_per_step=16"]
-STREAMING = ["algorithm.max_staleness=1", "generation.torch_threads=1", "learner.torch_threads=1"]
+STREAMING = ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"]
 CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
-    "default": ([], []),
+    "default": ([], []),  # on-policy, two single-thread engines (one per core) and a 2-thread learner
+    "default-1x2": ([], ["generation.num_actors=1", "generation.torch_threads=2"]),  # the default before 12-06 (4th)
     "streaming": ([], STREAMING),  # the default task, Relay's streaming loop with 1 + 1 threads
     # Every 128-token response scores 0, so every group is uniform: Relay would skip the update (its default
     # drops such groups), TRL does it with zero advantages. Relay does it too here, so both do the same work.
@@ -257,7 +259,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"configs": {}}
-    results.update(machine=f"{os.cpu_count()} cores, no GPU", date=time.strftime("%Y-%m-%d"))
+    results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), args.trl_path,
                                                                    os.environ.get("PYTHONPATH")])))
     newest_last = sorted(results["configs"].values(), key=lambda c: c.get("date", ""))  # rows before dates first

@@ -155,5 +155,6 @@ def oversubscription_warning(cfg: RelayConfig, cores: int | None = None) -> str 
         return None
     return (f"algorithm.max_staleness={cfg.algorithm.max_staleness} runs generation and learning at once, with "
             f"{threads} torch threads on {cores} cores; oversubscribed, both slow down (2 + 2 threads on 2 cores: "
-            f"3.1x slower than on-policy). Set generation.torch_threads and learner.torch_threads to sum to at most "
-            f"{cores} (1 + 1 on 2 cores: 1.24x faster than on-policy)")
+            f"3.1x slower than on-policy). Keep generation.num_actors x generation.torch_threads + "
+            f"learner.torch_threads at most {cores} (on 2 cores: generation.num_actors=1, generation.torch_threads=1, "
+            f"learner.torch_threads=1)")

@@ -24,15 +24,15 @@ def test_staleness_with_more_threads_than_cores_warns(monkeypatch):
     assert oversubscription_warning(load_config(), cores=2) is None  # on-policy: they alternate
     stale = load_config(None, ["algorithm.max_staleness=1"])
     message = oversubscription_warning(stale, cores=2)
-    assert message and "4 torch threads on 2 cores" in message and "generation.torch_threads" in message
-    fits = load_config(None, ["algorithm.max_staleness=1", "generation.torch_threads=1", "learner.torch_threads=1"])
+    assert message and "4 torch threads on 2 cores" in message and "generation.num_actors=1" in message
+    fits = load_config(None, ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"])
     assert oversubscription_warning(fits, cores=2) is None
     assert oversubscription_warning(stale, cores=8) is None
 
 
 def test_core_layout_gives_generation_its_own_cores_only_where_they_overlap(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    streaming = ["algorithm.max_staleness=1", "generation.torch_threads=1", "learner.torch_threads=1"]
+    streaming = ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"]
     assert core_layout(load_config(None, streaming), [0, 1]) == {"rest": [0], "actors": [[1]]}
     two = load_config(None, [*streaming, "generation.num_actors=2", "generation.torch_threads=2"])
     assert core_layout(two, list(range(8))) == {"rest": [0, 1, 2, 3], "actors": [[4, 5], [6, 7]]}
