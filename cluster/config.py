@@ -121,7 +121,8 @@ class ClusterConfig(Section):
     address: str | None = Field(None, description="Ray address; null = join the job's cluster if there is one, "
                                 "else start a local Ray")
     local_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (null = all cores, "
-                                       "at least 4 logical so the default placement fits)")
+                                       "at least 6 logical so the default placements fit, the pipeline's reward "
+                                       "model included)")
     metrics_export_port: int | None = Field(None, ge=1, le=65535, description="local Ray's metrics port; null = Ray's")
     pin_cores: bool = Field(True, description="a local CPU run that generates and learns at once (max_staleness >= "
                             "1) pins each generation actor to cores of its own and the learner, driver, reward "

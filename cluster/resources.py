@@ -30,7 +30,7 @@ def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False) -> bool
         log(f"joined Ray cluster at {address}")
     else:
         # Generation and learning alternate on-policy, so logical CPUs may exceed physical cores.
-        num_cpus = cfg.local_num_cpus or max(4, os.cpu_count() or 1)
+        num_cpus = cfg.local_num_cpus or max(6, os.cpu_count() or 1)
         kwargs = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
         # address="local": always a new Ray here, never one another process left in /tmp/ray/ray_current_cluster
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,

@@ -175,7 +175,7 @@ def test_stopped_job_continues_when_resubmitted_with_resume(head, tmp_path):
 
 def test_job_asking_for_missing_gpus_fails_fast(head, tmp_path):
     started = time.monotonic()
-    job_id = submit(head, tmp_path / "run", "generation.num_gpus=1")
+    job_id = submit(head, tmp_path / "run", "generation.num_actors=1", "generation.num_gpus=1")
     state = wait_for_end(head, job_id, 120)
     seconds = time.monotonic() - started
     logs = job_logs(head, job_id)
