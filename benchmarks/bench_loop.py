@@ -279,7 +279,7 @@ def learning(name: str, overrides: list[str], seconds: float) -> dict:
     run_dir = Path("/tmp/relay-bench-loop") / f"learn-{name}"
     rows = relay_train(run_dir, seconds, overrides)
     return {"overrides": overrides, "summary": json.loads((run_dir / "summary.json").read_text()),
-            "curve": eval_curve(rows)}
+            "curve": eval_curve(rows), "date": time.strftime("%Y-%m-%d")}
 
 
 def plot_learning(curves: dict[str, tuple[list, int]], path: Path, xlabel: str) -> None:
@@ -367,12 +367,12 @@ def table(results: dict) -> str:
                   f"| Relay `GenerationActor.generate` | {co['engine_alone_s']:.3f} s | {co['engine_both_s']:.3f} s |",
                   f"| learner step | {co['learner_alone_s']:.3f} s | {co['learner_both_s']:.3f} s |"]
     if results.get("learning"):
-        lines += ["", "| loop, default evaluations | steps | held-out start | last three evaluations | gain |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| loop, default evaluations | run on | steps | held-out start | last three evaluations | gain |",
+                  "|---|---|---|---|---|---|"]
         for name, run in results["learning"].items():
             sm = run["summary"]
-            lines.append(f"| {name} | {sm['steps']} | {sm['eval_start']:.3f} | {sm['eval_last3_mean']:.3f} | "
-                         f"{sm['eval_gain_points']:+.1f} |")
+            lines.append(f"| {name} | {run.get('date', '')} | {sm['steps']} | {sm['eval_start']:.3f} | "
+                         f"{sm['eval_last3_mean']:.3f} | {sm['eval_gain_points']:+.1f} |")
     return "\n".join(lines)
 
 
@@ -414,7 +414,7 @@ def main() -> None:
             results["corun"] = _measure("--corun-only")
             print(f"side by side, 1 thread each: {results['corun']}", flush=True)
     if not args.skip_loops:
-        results.setdefault("loops", {})
+        results["loops"] = {k: v for k, v in results.get("loops", {}).items() if k in LOOPS}  # drop retired layouts
         for name in args.loops.split(","):
             overrides = LOOPS[name]
             results["loops"][name] = loop(name.replace(" ", "_").replace("+", "-"), overrides, args.seconds)
