@@ -9,8 +9,8 @@ from core.section import Section
 
 class GenerationConfig(Section):
     num_actors: int = Field(2, ge=1, description="vLLM generation actors; prompts are sharded across them. 2 suits "
-                            "the 2-core default: one single-thread engine per core samples a batch 1.47x as fast as "
-                            "one engine with 2 threads (measured)")
+                            "the 2-core default: one single-thread engine per core samples a batch about 1.4x as fast "
+                            "as one engine with 2 threads (measured, benchmarks/bench_loop.py)")
     max_num_actors: int | None = Field(None, ge=1, description="grow the fleet up to this many actors while the "
                                        "job runs, one whenever the cluster has room (a node joined); null = num_actors")
     num_cpus: float = Field(1.0, ge=0, description="logical CPUs per generation actor")
