@@ -38,8 +38,11 @@ OUT = ROOT / "benchmarks" / "results" / "loop"
 
 def machine() -> str:
     """The cores and the CPU's model name (this project's machines differ between sessions)."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
     return f"{os.cpu_count()} cores ({model}), no GPU"
 
 
@@ -143,9 +146,7 @@ def corun(rounds: int) -> dict:
         stop.set()
         learner = times.get(timeout=600)
     finally:
-        child.join(timeout=60)
-        if child.is_alive():
-            child.kill()
+        _reap([child])
     med = statistics.median
     return {"engine_alone_s": med(engine["alone"]), "engine_both_s": med(engine["both"]),
             "learner_alone_s": med(learner["1"]), "learner_both_s": med(learner["2"])}
@@ -187,29 +188,36 @@ def two_engines(repeats: int) -> dict:
     try:
         halves = dict(times.get(timeout=900) for _ in children)
     finally:
-        for c in children:
-            c.join(timeout=60)
-            if c.is_alive():
-                c.kill()
+        _reap(children)
     per_batch = [max(a, b) for a, b in zip(halves[0], halves[1], strict=True)]
     return {"engines_s": statistics.median(per_batch), "half_s": [statistics.median(halves[i]) for i in (0, 1)]}
 
 
 def _half_engine(index: int, repeats: int, barrier, times) -> None:
-    """``two_engines``' side ``index``: pinned to core ``index``, one thread, the ``index``-th half of each batch."""
+    """``two_engines``' side ``index``: pinned to core ``index``, one thread, the ``index``-th of two shards of
+    each batch, as the fleet splits it."""
+    from cluster.fleet import contiguous_shards
+
     os.sched_setaffinity(0, {index})
     cfg, _, data, actor = _setup(1)
     per_step = cfg.train.prompts_per_step
     out = []
     for i in range(repeats + 1):
-        batch = data.train[i * per_step:(i + 1) * per_step]
-        half = batch[:per_step // 2] if index == 0 else batch[per_step // 2:]
+        half = contiguous_shards(data.train[i * per_step:(i + 1) * per_step], 2)[index]
         barrier.wait(timeout=600)
         t = time.perf_counter()
         actor.generate(half)
         if i:  # the first is the warm-up
             out.append(time.perf_counter() - t)
     times.put((index, out))
+
+
+def _reap(children: list) -> None:
+    """Join this script's measurement processes; kill one that does not end."""
+    for c in children:
+        c.join(timeout=60)
+        if c.is_alive():
+            c.kill()
 
 
 def _measure(*args: str) -> dict:
@@ -307,6 +315,11 @@ LOOPS = {  # engines x threads each + learner threads
     ONE_ENGINE: ["generation.num_actors=1", "generation.torch_threads=2"],
     STREAMING: ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"],
 }
+
+
+def _run_name(loop_name: str) -> str:
+    """A loop's name as a run directory: ``on-policy 2x1+2`` -> ``on-policy_2x1-2``."""
+    return loop_name.replace(" ", "_").replace("+", "-")
 
 
 def table(results: dict) -> str:
@@ -417,13 +430,13 @@ def main() -> None:
         results["loops"] = {k: v for k, v in results.get("loops", {}).items() if k in LOOPS}  # drop retired layouts
         for name in args.loops.split(","):
             overrides = LOOPS[name]
-            results["loops"][name] = loop(name.replace(" ", "_").replace("+", "-"), overrides, args.seconds)
+            results["loops"][name] = loop(_run_name(name), overrides, args.seconds)
             print(f"{name}: {results['loops'][name]}", flush=True)
     if not args.skip_bare and not args.skip_loops:  # this machine's speed drifts by 10% over minutes
         results["bare_after"] = {"1": _measure("--bare-only", "1", "--repeats", str(args.repeats))}
         print(f"bare again after the loops, 1 thread: {results['bare_after']['1']}", flush=True)
     if args.learning:
-        results["learning"] = {name: learning(name.replace(" ", "_").replace("+", "-"), LOOPS[name], args.learning)
+        results["learning"] = {name: learning(_run_name(name), LOOPS[name], args.learning)
                                for name in (DEFAULT, STREAMING)}
         plot_learning({name: (run["curve"], run["summary"]["steps"]) for name, run in results["learning"].items()},
                       OUT / "learning.png", "seconds of RL (when the evaluated step was trained)")
