@@ -67,10 +67,13 @@ CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
 }
 
 
-def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, fp32: bool = False) -> dict:
+def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, fp32: bool = False,
+            micro_batch: int | None = None) -> dict:
     """TRL's ``GRPOTrainer`` on Relay's model, prompts and reward for ``seconds`` (run in a fresh process).
     ``fp32``: turn off two of GRPOConfig's defaults, bf16 autocast and gradient checkpointing (Relay's learner
-    trains in float32 without checkpointing)."""
+    trains in float32 without checkpointing). ``micro_batch``: completions per forward/backward, the step's
+    batch accumulated over several (one optimizer step and one generation a step, as without it); None = the
+    whole batch in one pass."""
     import torch
 
     torch.set_num_threads(2)
@@ -90,6 +93,8 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, 
     assert tokenizer(text=[data.train[0].text])["input_ids"][0] == data.train[0].token_ids, "TRL tokenises differently"
     g, lc, algo = cfg.generation, cfg.learner, cfg.algorithm
     per_step = cfg.train.prompts_per_step * g.samples_per_prompt
+    micro_batch = micro_batch or per_step
+    assert per_step % micro_batch == 0, f"--trl-micro-batch must divide the step's {per_step} completions"
     train = Dataset.from_list([{"prompt": p.text, "answer": p.metadata["answer"]} for p in data.train])
 
     def reward(completions: list[str], answer: list[str], **_) -> list[float]:
@@ -123,7 +128,8 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, 
 
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="relay-bench-trl-"), use_cpu=True, seed=cfg.train.seed,
-        per_device_train_batch_size=per_step, gradient_accumulation_steps=1, steps_per_generation=1,
+        per_device_train_batch_size=micro_batch, gradient_accumulation_steps=per_step // micro_batch,
+        steps_per_generation=per_step // micro_batch,
         num_generations=g.samples_per_prompt, max_completion_length=g.max_tokens, temperature=g.temperature,
         top_p=g.top_p, generation_kwargs={"min_new_tokens": g.min_tokens} if g.min_tokens else None,
         learning_rate=lc.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=lc.warmup_steps,
@@ -221,6 +227,10 @@ def table(all_results: dict) -> str:
         lines.append(f"| {name} | {trl['step_s']:.3f} s ({trl['steps']} steps) | {relay['step_s']:.3f} s "
                      f"({relay['steps']} steps) | **{r['steps_per_s_ratio']:.2f}x**; {r['run_steps_ratio']:.2f}x "
                      + reach)
+        for micro in (k for k in r if k.startswith("trl_micro")):
+            n = micro.removeprefix("trl_micro")
+            lines.append(f"| {name}, TRL {n} completions a pass | {r[micro]['step_s']:.3f} s ({r[micro]['steps']} "
+                         f"steps) | | **{r[f'steps_per_s_ratio_{micro}']:.2f}x** | | | | |")
     return "\n".join(lines)
 
 
@@ -233,6 +243,13 @@ def plot(configs: dict, path: Path) -> None:
         curves["TRL GRPOTrainer"] = (trl[0]["curve"], trl[0]["steps"])
     if curves:
         plot_learning(curves, path, "seconds of training")
+
+
+def trl_subprocess(spec: dict, env: dict) -> dict:
+    """``trl_run(**spec)`` in a fresh process (its torch threads and memory are its own)."""
+    run = subprocess.run([sys.executable, __file__, "--trl-only", json.dumps(spec)], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -249,12 +266,16 @@ def main() -> None:
                    "measured in the same session); --reuse-trl alone takes the newest stored run of each task")
     p.add_argument("--trl-fp32", action="store_true", help="TRL without its bf16 autocast and gradient "
                    "checkpointing defaults (the stored runs used the defaults)")
+    p.add_argument("--trl-micro-batch", type=int, help="TRL's completions per forward/backward (its "
+                   "per_device_train_batch_size, gradient accumulation over the step's batch); stored beside the run "
+                   "with its whole batch in one pass, as trl_micro<N>")
     p.add_argument("--trl-path", default=os.environ.get("TRL_PATH"), help="a directory holding trl (pip --target)")
     p.add_argument("--trl-only", help=argparse.SUPPRESS)  # internal: one TRL run (JSON args), JSON out
     args = p.parse_args()
     if args.trl_only:
         spec = json.loads(args.trl_only)
-        print(json.dumps(trl_run(spec["overrides"], spec["seconds"], spec["snapshot_every"], spec["fp32"])))
+        print(json.dumps(trl_run(spec["overrides"], spec["seconds"], spec["snapshot_every"], spec["fp32"],
+                                 spec.get("micro_batch"))))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
@@ -272,18 +293,22 @@ def main() -> None:
         evaluate = not overrides  # the default task: held-out score against time
         seconds = args.seconds if evaluate else args.heavy_seconds
         key = json.dumps(overrides)
+        spec = {"overrides": overrides, "seconds": seconds, "fp32": args.trl_fp32,
+                "snapshot_every": args.snapshot_every if evaluate else None}
         if key not in trl_runs:
-            spec = {"overrides": overrides, "seconds": seconds, "fp32": args.trl_fp32,
-                    "snapshot_every": args.snapshot_every if evaluate else None}
-            run = subprocess.run([sys.executable, __file__, "--trl-only", json.dumps(spec)], cwd=ROOT, env=env,
-                                 check=True, capture_output=True, text=True)
-            trl_runs[key] = json.loads(run.stdout.strip().splitlines()[-1])
+            trl_runs[key] = trl_subprocess(spec, env)
             print(f"{name}, TRL: {trl_runs[key]['steps']} steps, median {trl_runs[key]['step_s']:.3f} s", flush=True)
         if evaluate and args.relay_eval_every:  # stored apart from runs at Relay's own cadence
             loop, name = [*loop, f"train.eval_every={args.relay_eval_every}"], f"{name}-eval{args.relay_eval_every}"
         r = {"overrides": overrides, "relay_overrides": loop, "trl": trl_runs[key], "date": time.strftime("%Y-%m-%d"),
              "relay": relay_run(name, overrides + loop, seconds, evaluate=evaluate)}
         print(f"{name}, Relay: {r['relay']['steps']} steps, median {r['relay']['step_s']:.3f} s", flush=True)
+        if args.trl_micro_batch:
+            micro = f"trl_micro{args.trl_micro_batch}"
+            r[micro] = trl_subprocess({**spec, "micro_batch": args.trl_micro_batch}, env)
+            r[f"steps_per_s_ratio_{micro}"] = r[micro]["step_s"] / r["relay"]["step_s"]
+            print(f"{name}, TRL with {args.trl_micro_batch} completions a pass: {r[micro]['steps']} steps, median "
+                  f"{r[micro]['step_s']:.3f} s", flush=True)
         compare(r)
         results["configs"][name] = r
         path.write_text(json.dumps(results, indent=2) + "\n")
