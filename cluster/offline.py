@@ -372,7 +372,7 @@ def train_offline(run_class: type[DPORun], cfg: RelayConfig, log: Callable[[str]
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         run = run_class(cfg, log, resume_from)
         run.prepare()
-        connected = init_ray(cfg.cluster, log=log, log_to_driver=cfg.metrics.log_to_driver)
+        connected = init_ray(cfg, log=log, log_to_driver=cfg.metrics.log_to_driver)
         try:
             check_resources(cfg.model_copy(update={"generation": cfg.generation.model_copy(
                 update={"num_actors": 0})}))  # no generation actors offline

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import ray
 
-from cluster.config import ClusterConfig, RelayConfig
+from cluster.config import RelayConfig
 
 
 class ResourceError(RuntimeError):
     """The configuration asks for more than the cluster has."""
 
 
-def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False) -> bool:
-    """Join ``cfg.address`` (or the job's cluster under ``ray job submit``), else start a local Ray.
+def init_ray(cfg: RelayConfig, log=print, log_to_driver: bool = False) -> bool:
+    """Join ``cluster.address`` (or the job's cluster under ``ray job submit``), else start a local Ray sized by
+    ``local_cpus``.
 
     The actors' and reward replicas' stdout/stderr go to files in the Ray session's log directory (named once
     through ``log``), and also to this console with ``log_to_driver`` (``metrics.log_to_driver``): vLLM's and
@@ -24,14 +26,14 @@ def init_ray(cfg: ClusterConfig, log=print, log_to_driver: bool = False) -> bool
     """
     if ray.is_initialized():
         return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         context = ray.init(address=address, log_to_driver=log_to_driver)
         log(f"joined Ray cluster at {address}")
     else:
-        # Generation and learning alternate on-policy, so logical CPUs may exceed physical cores.
-        num_cpus = cfg.local_num_cpus or max(6, os.cpu_count() or 1)
-        kwargs = {"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}
+        num_cpus = cfg.cluster.local_num_cpus or local_cpus(cfg)
+        port = cfg.cluster.metrics_export_port
+        kwargs = {"_metrics_export_port": port} if port else {}
         # address="local": always a new Ray here, never one another process left in /tmp/ray/ray_current_cluster
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
                            **kwargs)
@@ -96,15 +98,24 @@ def component_logs_line(session_dir: str | None, joined: bool, shown: bool) -> s
     return f"component logs (actors, reward replicas, Serve): {where}{nodes}{also}"
 
 
-def requested(cfg: RelayConfig) -> dict[str, float]:
-    """Total CPUs/GPUs the learner, generation actors and reward replicas (the eval reward's too) ask for."""
+def local_cpus(cfg: RelayConfig) -> int:
+    """Logical CPUs of a local Ray: the machine's cores, or all that the run's actors and replicas ask for
+    (``requested``, autoscaled reward sources at their most replicas) where that is more. Generation and learning
+    alternate on-policy, so logical CPUs may exceed physical cores."""
+    return max(os.cpu_count() or 1, math.ceil(requested(cfg, most=True)["CPU"] - 1e-9))
+
+
+def requested(cfg: RelayConfig, most: bool = False) -> dict[str, float]:
+    """Total CPUs/GPUs the learner, generation actors and reward replicas (the eval reward's too) ask for;
+    ``most``: autoscaled reward sources at their most replicas, not their fewest."""
     g, lc = cfg.generation, cfg.learner
     eval_sources = cfg.train.eval_reward or []
     cpus = (lc.num_cpus * lc.num_workers + g.num_actors * g.num_cpus
             + cfg.reward.ingress_num_cpus * (1 + bool(eval_sources)))
     gpus = lc.num_gpus * lc.num_workers + g.num_actors * g.num_gpus
     for s in [*cfg.reward.sources, *eval_sources]:
-        replicas = s.autoscaling.min_replicas if s.autoscaling else (s.num_replicas or 1)
+        scale = s.autoscaling
+        replicas = (scale.max_replicas if most else scale.min_replicas) if scale else (s.num_replicas or 1)
         cpus += replicas * s.num_cpus
         gpus += replicas * s.num_gpus
     return {"CPU": cpus, "GPU": gpus}

@@ -30,7 +30,7 @@ def test_grpo_fits_the_prompts_it_trains_on(tmp_path):
     ])
     if ray.is_initialized():
         ray.shutdown()
-    init_ray(cfg.cluster)
+    init_ray(cfg)
     try:
         driver = Driver(cfg, resolve_policy(cfg))
         driver.train_prompts = driver.train_prompts[:64]

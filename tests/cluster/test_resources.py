@@ -2,6 +2,7 @@
 needed: ray.init is replaced)."""
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -10,7 +11,7 @@ import pytest
 import ray
 
 from cluster.config import load_config
-from cluster.resources import core_layout, init_ray, oversubscription_warning, requested
+from cluster.resources import core_layout, init_ray, local_cpus, oversubscription_warning, requested
 
 
 def test_requested_sums_learner_actors_and_replicas():
@@ -78,14 +79,30 @@ def fake_ray_init(monkeypatch):
     return calls
 
 
+def test_local_ray_holds_what_the_run_asks_for(fake_ray_init, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # learner 1 + two actors x 1 + ingress 0.1 + exact_match 0.5 = 3.6
+    assert local_cpus(load_config()) == 4
+    # a source of 2 CPUs a replica, autoscaled from 1 to 3: 1 + 2 + 0.1 + 2 at the fewest, + 3 x 2 = 9.1 at the most
+    scaled = load_config(None, ["reward.sources=[{name: rm, kind: rule, rule: length_penalty, num_cpus: 2, "
+                                "autoscaling: {min_replicas: 1, max_replicas: 3}}]"])
+    assert requested(scaled)["CPU"] == 1 + 2 + 0.1 + 2 and local_cpus(scaled) == 10
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert local_cpus(load_config()) == 64  # a big machine: every core, as before
+    init_ray(load_config(None, ["cluster.local_num_cpus=3"]), log=lambda _: None)
+    assert fake_ray_init[-1]["num_cpus"] == 3  # named: taken as it is
+    init_ray(load_config(), log=lambda _: None)
+    assert fake_ray_init[-1]["num_cpus"] == 64
+
+
 def test_component_output_stays_in_files_unless_asked(fake_ray_init):
     lines = []
-    assert init_ray(load_config().cluster, log=lines.append)
+    assert init_ray(load_config(), log=lines.append)
     assert fake_ray_init[-1]["log_to_driver"] is False
     assert lines[-1].startswith("component logs (actors, reward replicas, Serve): /tmp/ray/session_x/logs;")
     assert "metrics.log_to_driver=true" in lines[-1]
 
-    init_ray(load_config(None, ["cluster.address=10.0.0.1:6379"]).cluster, log=lines.append, log_to_driver=True)
+    init_ray(load_config(None, ["cluster.address=10.0.0.1:6379"]), log=lines.append, log_to_driver=True)
     assert fake_ray_init[-1] == {"address": "10.0.0.1:6379", "log_to_driver": True}
     assert lines[-2] == "joined Ray cluster at 10.0.0.1:6379"
     assert "/tmp/ray/session_x/logs on each node" in lines[-1] and "also printed here" in lines[-1]
