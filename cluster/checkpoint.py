@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 DRIVER_STATE = "driver_state.json"
@@ -173,3 +174,15 @@ def check_writable(run_dir: str | Path) -> None:
     except OSError as e:
         raise CheckpointError(f"train.run_dir {str(path)!r} is not writable ({e.strerror}); "
                               "choose a directory you can write to") from e
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``<name>-<its config's time>`` (``.1``, ``.2`` ... if taken); returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((run_dir / "config.json").stat().st_mtime)) \
+        if (run_dir / "config.json").exists() else time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}-{stamp}")
+    n = 1
+    while target.exists():
+        target, n = run_dir.with_name(f"{run_dir.name}-{stamp}.{n}"), n + 1
+    run_dir.rename(target)
+    return target

@@ -24,7 +24,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _train(args) -> int:
     from cluster.config import resume_config
-    from cluster.driver import train
+    from cluster.train import train
 
     if args.resume is None:
         cfg = load_config(args.config, args.overrides)

@@ -1,6 +1,6 @@
 """The driver: places actors, runs the loop, logs every step, checkpoints.
 
-Runs in the process that ``relay train`` starts, locally or under ``ray job submit``.
+Runs in the process that ``relay train`` starts (``cluster/train.py``), locally or under ``ray job submit``.
 On-policy (``algorithm.max_staleness: 0``), per step: shard prompts across generation actors ->
 score through the reward service -> one learner update -> publish weights once -> every actor
 loads them. Streaming (``max_staleness`` s >= 1): the fleet samples all the time and groups are
@@ -29,11 +29,9 @@ from cluster import checkpoint
 from cluster.config import RelayConfig
 from cluster.fleet import Fleet, Launch
 from cluster.progress import Progress
-from cluster.resources import check_resources, core_layout, init_ray, oversubscription_warning
 from cluster.rollout_buffer import Group, RolloutBuffer, by_group
 from cluster.stream import RolloutStream
 from core import heap
-from core.affinity import pin_process, process_cores
 from core.data import DataConfig, DataError, Example, Splits, format_prompt, load_splits
 from core.metrics import JsonlLogger, MetricSink
 from core.records import Prompt, Rollout, ScoredRollout
@@ -756,104 +754,3 @@ def _driver_exports(key: str) -> bool:
     from core.metrics import METRICS, split_key
 
     return split_key(key)[0] in METRICS and not key.startswith(_EXPORTED_ELSEWHERE)
-
-
-def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
-    """``relay train``: build or find the policy, start Ray, run the loop, return the summary. ``resume``:
-    continue the run in ``train.run_dir`` from its latest complete checkpoint."""
-    check_model_path(cfg)
-    from core.report import check_available
-
-    check_available(cfg.metrics.report_to)  # a missing tracker package fails now, not after minutes of start-up
-    splits = load_splits(cfg.data, cfg.model.cache_dir, log=log)  # bad data fails here, before Ray starts
-    data = encode_data(cfg, splits, log=log)  # and prompts too long for the context
-    run_dir = Path(cfg.train.run_dir)
-    checkpoint.check_writable(run_dir)
-    lock = checkpoint.RunDirLock(run_dir)
-    lock.acquire()  # a second job on this run_dir fails here, before it touches anything
-    try:
-        resume_from = _resume_point(cfg, log) if resume else None
-        if resume_from is None and checkpoint.latest(run_dir) is not None:
-            lock.release()
-            moved = _move_aside(run_dir)
-            log(f"train.run_dir {run_dir} held an earlier run; moved it to {moved} (continue that one with "
-                f"relay train --resume {moved})")
-            checkpoint.check_writable(run_dir)
-            lock.acquire()
-        if resume_from is not None and resume_from.name == "final" \
-                and checkpoint.read_state(resume_from)["step"] >= cfg.train.steps:
-            log(f"the run in {run_dir} already finished train.steps={cfg.train.steps}; raise it to train further")
-            return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-        return _train(cfg, data, resume_from, log)
-    finally:
-        lock.release()
-
-
-def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> dict:
-    cores = process_cores()
-    layout = None if ray.is_initialized() else core_layout(cfg, cores)
-    if layout:  # before a local Ray starts: its daemons and workers inherit this mask
-        pin_process(layout["rest"])
-        log(f"pinned the driver, the learner, the reward replicas and Ray's daemons to cores {layout['rest']}, "
-            f"the generation actors to {layout['actors']} (cluster.pin_cores)")
-    try:
-        return _run_on_ray(cfg, data, resume_from, log, layout)
-    finally:
-        if layout:
-            pin_process(cores)  # this process may outlive the run (tests, notebooks)
-
-
-def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, layout: dict | None) -> dict:
-    connected = init_ray(cfg, log=log, log_to_driver=cfg.metrics.log_to_driver)
-    try:
-        check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
-        if warning := oversubscription_warning(cfg):
-            log(f"warning: {warning}")
-        policy_path = resolve_policy(cfg, log=log)
-        if resume_from is not None:
-            _check_same_model(resume_from, policy_path)
-        driver = Driver(cfg, policy_path, data, log=log, resume_from=resume_from,
-                        actor_cores=layout and layout["actors"])
-        driver.start()
-        try:
-            return driver.run()
-        finally:
-            driver.shutdown()
-    finally:
-        if connected:
-            ray.shutdown()
-
-
-def _resume_point(cfg: RelayConfig, log) -> Path:
-    run_dir = Path(cfg.train.run_dir)
-    found = checkpoint.latest(run_dir)
-    if found is None:
-        staged = sorted(p.name for p in checkpoint.checkpoints_dir(run_dir).glob(".*")) \
-            if checkpoint.checkpoints_dir(run_dir).is_dir() else []
-        raise RunError(f"--resume: {run_dir} has no complete checkpoint to continue from"
-                       + (f" (only unfinished writes: {staged})" if staged else "")
-                       + "; start the run without --resume")
-    log(f"resuming from {found}")
-    return found
-
-
-def _move_aside(run_dir: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((run_dir / "config.json").stat().st_mtime)) \
-        if (run_dir / "config.json").exists() else time.strftime("%Y%m%d-%H%M%S")
-    target = run_dir.with_name(f"{run_dir.name}-{stamp}")
-    n = 1
-    while target.exists():
-        target, n = run_dir.with_name(f"{run_dir.name}-{stamp}.{n}"), n + 1
-    run_dir.rename(target)
-    return target
-
-
-def _check_same_model(ckpt: Path, reference: str) -> None:
-    """A checkpoint must be of the model the run starts from (same architecture and sizes)."""
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    ours = json.loads((ckpt / "config.json").read_text())
-    theirs = json.loads((Path(reference) / "config.json").read_text())
-    diff = [f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in keys if ours.get(k) != theirs.get(k)]
-    if diff:
-        raise RunError(f"checkpoint {ckpt} is of another model than {reference} ({'; '.join(diff)}); resume it with "
-                       "the model it was trained from, or start a new train.run_dir")

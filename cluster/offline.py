@@ -284,7 +284,7 @@ class DPORun:
 
 
 class RWRRun(DPORun):
-    """``relay rwr``: (prompt, response, reward) records, each step's weights ``algos.rwr_weights`` over its batch
+    """``relay rwr``: (prompt, response, reward) records, each step's weights ``losses.rwr_weights`` over its batch
     (rewards whitened, then exp(z / beta) normalised to mean 1; ``rwr.whiten: false``: exp(r / beta) of the raw
     rewards), the loss their weighted sequence log-likelihood. No reference; the evaluation is the greedy score.
     ``self.pairs`` holds the records (the loop is DPO's)."""
@@ -322,7 +322,7 @@ class RWRRun(DPORun):
     def train_step(self, picked: list[int]) -> dict[str, float]:
         import torch
 
-        from learner.algos import rwr_weights
+        from learner.losses import rwr_weights
 
         r = self.cfg.rwr
         rewards = torch.tensor([self.pairs[i].reward for i in picked])
@@ -361,10 +361,8 @@ def train_offline(run_class: type[DPORun], cfg: RelayConfig, log: Callable[[str]
         if resume and resume_from is None:
             raise RunError(f"nothing to resume in {run_dir}: no complete checkpoint; start it without --resume")
         if not resume and (run_dir / "config.json").exists():  # never mix a new run with an earlier one's pairs
-            from cluster.driver import _move_aside
-
             lock.release()
-            moved = _move_aside(run_dir)
+            moved = checkpoint.move_aside(run_dir)
             log(f"train.run_dir {run_dir} held an earlier run; moved it to {moved}")
             run_dir.mkdir(parents=True)
             lock = checkpoint.RunDirLock(run_dir)

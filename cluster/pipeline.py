@@ -146,7 +146,7 @@ def rl_config(cfg: RelayConfig) -> RelayConfig:
 
 def _rl_stage(cfg: RelayConfig, out: Path, log: Callable[[str], object], resume: bool = False) -> dict:
     from cluster.config import check_resumable, load_config
-    from cluster.driver import train
+    from cluster.train import train
 
     rl = rl_config(cfg)
     if resume:  # the cut-off run must be continued with what it was started with

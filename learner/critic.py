@@ -5,7 +5,7 @@ reward-model checkpoint, from that model's backbone and head: Ouyang et al. (202
 value function from the reward model, so that V(s) starts near the score the episode will get.
 A reward-model checkpoint (``reward_service.models``) is a backbone plus a Linear(hidden, 1) head,
 the same shape as this critic. The critic must read the policy's token ids, so a checkpoint with
-another tokenizer is refused. Trained with the clipped value loss from ``learner/algos.py``.
+another tokenizer is refused. Trained with the clipped value loss from ``learner/losses.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
-from learner import algos
+from learner import losses
 from learner.batch import RolloutBatch
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.distributed import autocast, is_sharded
@@ -98,8 +98,8 @@ class Critic(torch.nn.Module):
             mask = part.response_mask.to(device)
             weight = float(mask.sum()) / norm["value_tokens"]
             values = self(part, device)
-            loss, clipped = algos.value_loss(values, part.values.to(device), part.returns.to(device), mask,
-                                             clip=self.lc.value_clip)
+            loss, clipped = losses.value_loss(values, part.values.to(device), part.returns.to(device), mask,
+                                              clip=self.lc.value_clip)
             (loss * weight * norm.get("scale", 1.0)).backward()
             loss_sum += loss.item() * weight
             clipped_sum += float(clipped) * len(idx) / norm["rows"]

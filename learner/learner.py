@@ -2,7 +2,8 @@
 
 A plain class, one rank of a learner group (``learner/group.py`` makes M of them Ray actors that form
 a torch.distributed group; M = 1 is the same code with no collectives). Surface: ``train_step``,
-``publish``, ``save``, ``load_state``, ``sequence_logprobs``. All math comes from ``learner/algos.py``.
+``publish``, ``save``, ``load_state``, ``sequence_logprobs``. All math comes from ``learner/algos.py`` and
+``learner/losses.py``.
 Every forward pass computes each distinct prompt of a micro-batch once and its samples' responses on its
 cached keys and values (``learner/shared_prompt.py``, ``learner.share_prompts``).
 
@@ -38,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core import heap
 from core.metrics import METRICS, MetricSink
 from core.records import PreferencePair, RewardedSequence, ScoredRollout
-from learner import algos, shared_prompt
+from learner import algos, losses, shared_prompt
 from learner import distributed as D
 from learner.batch import RolloutBatch, collate, collate_pairs, collate_rewarded, padded_tokens, token_budget_split
 from learner.config import AlgorithmConfig, LearnerConfig
@@ -296,8 +297,8 @@ class Learner:
         if self.critic is not None:
             values = self.critic.values(batch, self.device, self._plan, self._dummy)
         if self.alg.rollout_correction == "masked_is":  # tokens outside the band leave the loss
-            _, kept, _ = algos.rollout_correction(current, batch.behaviour_logprobs.to(self.device), loss_mask,
-                                                  "masked_is", low=self.alg.is_low, high=self.alg.is_high)
+            _, kept, _ = losses.rollout_correction(current, batch.behaviour_logprobs.to(self.device), loss_mask,
+                                                   "masked_is", low=self.alg.is_low, high=self.alg.is_high)
             loss_mask = kept.to(mask.dtype)
         batch = batch.with_fields(loss_mask=loss_mask, old_logprobs=current if separate_old else None,
                                   ref_logprobs=ref_logprobs, values=values)
@@ -441,7 +442,7 @@ class Learner:
         out["learner/padding_fraction"] = 1.0 - real / padded if padded else 0.0
         if batch.values is not None and updates:
             all_sum = self.dist.all_sum if self.dist.active else None
-            out["learner/explained_variance"] = algos.explained_variance(
+            out["learner/explained_variance"] = losses.explained_variance(
                 batch.values, batch.returns, batch.response_mask.to(self.device), all_sum=all_sum).item()
         return out
 
@@ -467,7 +468,7 @@ class Learner:
         mask, loss_mask = micro.response_mask.to(d), micro.loss_mask.to(d)
         logprobs, entropy, values = self._token_logprobs(self.policy, micro, with_entropy=True, with_values=shared)
         old = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs.to(d)
-        is_weights, keep, correction = algos.rollout_correction(
+        is_weights, keep, correction = losses.rollout_correction(
             old, micro.behaviour_logprobs.to(d), loss_mask, self.alg.rollout_correction,
             cap=self.alg.tis_cap, low=self.alg.is_low, high=self.alg.is_high)
         in_loss = keep.to(mask.dtype)  # the policy's tokens: without truncated samples or masked_is rejects
@@ -477,24 +478,24 @@ class Learner:
         by_seq = self.alg.loss_agg != "token-mean"
         w_policy = (float(in_loss.bool().any(-1).sum()) / norm["seqs"]) if by_seq else tokens / norm["tokens"]
         w_tokens, w_rows = tokens / norm["tokens"], len(micro) / norm["rows"]
-        loss, pstats = algos.get_policy_loss(self.alg.policy_loss)(
+        loss, pstats = losses.get_policy_loss(self.alg.policy_loss)(
             logprobs, old, micro.advantages.to(d), in_loss, clip_low=self.alg.clip_low,
             clip_high=self.alg.clip_high, dual_clip=self.alg.dual_clip, agg_mode=self.alg.loss_agg,
             loss_norm_constant=self.max_tokens, is_weights=is_weights,
         )
         stats = {"learner/policy_loss": loss.item() * w_policy}
         loss = loss * w_policy
-        entropy_mean = algos.aggregate_loss(entropy, in_loss, "token-mean")
+        entropy_mean = losses.aggregate_loss(entropy, in_loss, "token-mean")
         if self.alg.entropy_coef > 0:
             loss = loss - self.alg.entropy_coef * entropy_mean * w_tokens
         if self.alg.kl_in == "loss":
-            kl = algos.kl_loss(logprobs, micro.ref_logprobs.to(d), in_loss, self.alg.kl_kind, self.alg.loss_agg,
-                               loss_norm_constant=self.max_tokens)
+            kl = losses.kl_loss(logprobs, micro.ref_logprobs.to(d), in_loss, self.alg.kl_kind, self.alg.loss_agg,
+                                loss_norm_constant=self.max_tokens)
             loss = loss + self.kl_ctl.value * kl * w_policy
         if shared:
             w_value = float(mask.sum()) / norm["value_tokens"]
-            vloss, vclipped = algos.value_loss(values, micro.values.to(d), micro.returns.to(d), mask,
-                                               clip=self.lc.value_clip)
+            vloss, vclipped = losses.value_loss(values, micro.values.to(d), micro.returns.to(d), mask,
+                                                clip=self.lc.value_clip)
             loss = loss + self.lc.value_coef * vloss * w_value
             stats.update({"learner/value_loss": vloss.item() * w_value,
                           "learner/value_clip_fraction": float(vclipped) * w_rows})
@@ -541,7 +542,7 @@ class Learner:
     def _pair_logps(self, micro: RolloutBatch, length_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence log-probs (summed over response tokens, or their mean) of a micro-batch's chosen and rejected."""
         logprobs, _, _ = self._token_logprobs(self.policy, micro)
-        seq = algos.sequence_logprobs(logprobs, micro.response_mask.to(self.device), length_normalize)
+        seq = losses.sequence_logprobs(logprobs, micro.response_mask.to(self.device), length_normalize)
         k = len(micro) // 2
         return seq[:k], seq[k:]
 
@@ -585,8 +586,8 @@ class Learner:
             idx = rows[: len(rows) // 2].to(self.device)
             with torch.enable_grad() if train else torch.no_grad():
                 chosen, rejected = self._pair_logps(batch.select(rows), cfg.length_normalize)
-                loss, r_chosen, r_rejected = algos.dpo_loss(chosen, rejected, ref[idx, 0], ref[idx, 1], beta=cfg.beta,
-                                                            label_smoothing=smoothing, loss_type=loss_type)
+                loss, r_chosen, r_rejected = losses.dpo_loss(chosen, rejected, ref[idx, 0], ref[idx, 1], beta=cfg.beta,
+                                                             label_smoothing=smoothing, loss_type=loss_type)
             w = len(idx) / n_total
             if train:
                 (loss * w * scale).backward()
@@ -605,7 +606,7 @@ class Learner:
                           width: int | None = None) -> dict[str, float]:
         """Offline reward-weighted regression (Peters & Schaal 2007): one step on loss = -sum_i w_i log pi(y_i | x_i)
         / N over all ranks' N samples, log pi summed over the response tokens; ``weights`` (this rank's) come from
-        ``algos.rwr_weights`` over the whole batch. ``train=False`` only measures. Returns ``offline/loss`` and
+        ``losses.rwr_weights`` over the whole batch. ``train=False`` only measures. Returns ``offline/loss`` and
         ``offline/nll`` (the unweighted mean negative log-likelihood)."""
         n = len(samples)
         n_total = max(self.dist.sum_floats([float(n)])[0], 1.0)
@@ -624,7 +625,7 @@ class Learner:
             micro = batch.select(idx)
             with torch.enable_grad() if train else torch.no_grad():
                 logprobs, _, _ = self._token_logprobs(self.policy, micro)
-                seq = algos.sequence_logprobs(logprobs, micro.response_mask.to(self.device))
+                seq = losses.sequence_logprobs(logprobs, micro.response_mask.to(self.device))
                 loss = -(w[idx.to(self.device)] * seq).sum() / n_total
             if train:
                 (loss * scale).backward()

@@ -1,7 +1,7 @@
 """Offline reward-model training on preference pairs (Bradley-Terry).
 
 ``train_reward_model`` fits a scalar-head reward model (``reward_service.models.RewardModel``) on
-JSONL pairs ``{prompt, chosen, rejected}`` with ``learner.algos.bradley_terry_loss``, logs train and
+JSONL pairs ``{prompt, chosen, rejected}`` with ``learner.losses.bradley_terry_loss``, logs train and
 held-out pairwise accuracy each epoch, and saves a checkpoint directory that the reward service's
 model deployment loads by path.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from core.data import AdditionConfig, Example, exact_match, make_addition
-from learner.algos import bradley_terry_loss, pairwise_accuracy
+from learner.losses import bradley_terry_loss, pairwise_accuracy
 from learner.sft import sample_responses
 from reward_service.config import RewardModelTrainConfig
 from reward_service.models import RewardModel, ensemble_reward, join_text

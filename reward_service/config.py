@@ -333,7 +333,7 @@ class RewardModelTrainConfig(BaseModel):
                                  "improved for this many epochs and keep the best epoch's weights (epochs is then "
                                  "the most); null = train all epochs")
     batch_size: int = Field(64, ge=1, description="pairs per optimiser step")
-    margin: float | None = Field(None, description="optional Bradley-Terry margin (see learner.algos)")
+    margin: float | None = Field(None, description="optional Bradley-Terry margin (see learner.losses)")
     freeze_embeddings: bool = Field(False, description="keep the backbone's token embeddings fixed (faster steps "
                                                        "and less overfitting for a large backbone like MiniLM)")
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads; more than the free cores slows "

@@ -250,7 +250,8 @@ def test_check_writable_refuses_a_read_only_directory(tmp_path):
 
 
 def test_checkpoint_of_another_model_size_is_refused(tmp_path):
-    from cluster.driver import RunError, _check_same_model
+    from cluster.driver import RunError
+    from cluster.train import check_same_model
 
     ckpt, reference = tmp_path / "ckpt", tmp_path / "ref"
     for path, hidden in ((ckpt, 128), (reference, 256)):
@@ -258,6 +259,6 @@ def test_checkpoint_of_another_model_size_is_refused(tmp_path):
         (path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": hidden,
                                                       "num_hidden_layers": 4, "vocab_size": 260}))
     with pytest.raises(RunError, match=r"another model .*hidden_size 128 vs 256"):
-        _check_same_model(ckpt, str(reference))
+        check_same_model(ckpt, str(reference))
     (reference / "config.json").write_text((ckpt / "config.json").read_text())
-    _check_same_model(ckpt, str(reference))  # the same sizes resume
+    check_same_model(ckpt, str(reference))  # the same sizes resume

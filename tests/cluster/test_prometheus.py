@@ -3,7 +3,7 @@
 A local Ray exports metrics every second on a port we pick, and a real ``prometheus`` binary scrapes it
 every second from before anything runs. Two workloads run one after the other in that Ray:
 
-1. ``training_run``: ``cluster.driver.train`` in this process, tiny (6 PPO steps, 2 generation actors).
+1. ``training_run``: ``cluster.train.train`` in this process, tiny (6 PPO steps, 2 generation actors).
    Its driver joins our Ray (``init_ray`` returns early when Ray is initialised). Instant queries about
    it are evaluated at the moment ``train`` returned: series of actors that have exited go stale in
    Prometheus soon after (Ray stops exporting a dead worker's gauges), so "now" would be too late.
@@ -171,7 +171,7 @@ def training_run(prometheus, ray_metrics_port, tmp_path_factory):
     import yaml
 
     from cluster.config import load_config
-    from cluster.driver import train
+    from cluster.train import train
 
     run_dir = tmp_path_factory.mktemp("run")
     config = run_dir / "relay.yaml"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cluster.config import load_config
-from learner import algos
+from learner import algos, losses
 from learner.batch import collate
 from learner.bootstrap import TinyModelConfig, build_tiny_model, build_tokenizer
 from learner.critic import Critic
@@ -45,16 +45,16 @@ def test_critic_value_loss_falls_on_a_fixed_batch(policy_dir):
     returns = algos.discounted_returns(returns, mask, gamma=1.0)  # (B, T) the reward at every response position
     norm = {"value_tokens": float(mask.sum()), "rows": float(len(batch))}
     halves = list(torch.arange(len(batch)).chunk(2))  # two micro-batches: the loss is still the token mean of all
-    losses, variances = [], []
+    value_losses, variances = [], []
     for _ in range(15):
         old = critic.values(batch, "cpu").detach()  # re-anchored each step, as each train_step does
         stats = critic.update(batch.with_fields(values=old, returns=returns), halves, norm, cfg.algorithm,
                               Collective(), None)
-        losses.append(stats["learner/value_loss"])
-        variances.append(algos.explained_variance(old, returns, mask).item())
-    assert losses[-1] < 0.5 * losses[0], losses
+        value_losses.append(stats["learner/value_loss"])
+        variances.append(losses.explained_variance(old, returns, mask).item())
+    assert value_losses[-1] < 0.5 * value_losses[0], value_losses
     assert variances[-1] > variances[0]
-    assert all(math.isfinite(x) for x in losses)
+    assert all(math.isfinite(x) for x in value_losses)
 
 
 def _fake_policy():
@@ -165,8 +165,8 @@ def test_shared_critic_learns_values_on_the_policy_backbone(policy_dir, tmp_path
     scored = scored_rollouts()
     before = [p.detach().clone() for p in learner.policy.parameters()]
     stats = [learner.train_step(scored) for _ in range(12)]
-    losses = [s["learner/value_loss"] for s in stats]
-    assert losses[-1] < 0.5 * losses[0], losses
+    value_losses = [s["learner/value_loss"] for s in stats]
+    assert value_losses[-1] < 0.5 * value_losses[0], value_losses
     assert stats[-1]["learner/explained_variance"] > stats[0]["learner/explained_variance"]
     assert all(math.isfinite(v) for s in stats for v in s.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, learner.policy.parameters(), strict=True))

@@ -141,7 +141,7 @@ def test_pairs_from_samples_and_split_by_prompt():
 
 def test_rwr_weights_and_weighted_likelihood_by_hand():
     """Online RWR: weights exp(z / beta) over the batch, mean 1; the nll loss is -sum w log pi / tokens."""
-    from learner import algos
+    from learner import algos, losses
 
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
@@ -153,10 +153,10 @@ def test_rwr_weights_and_weighted_likelihood_by_hand():
     assert torch.equal(w * (1 - mask), torch.zeros_like(w))
     raw, _ = algos.get_advantage_estimator("rwr")(token_rewards=token_rewards, mask=mask, beta=1.0, whiten=False)
     torch.testing.assert_close(raw[:, 0], torch.exp(rewards) / torch.exp(rewards).mean())
-    torch.testing.assert_close(w[:, 0], algos.rwr_weights(rewards, beta=0.5))  # the offline helper agrees
+    torch.testing.assert_close(w[:, 0], losses.rwr_weights(rewards, beta=0.5))  # the offline helper agrees
 
     logprobs = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-3.0, -1.0], [-2.0, 0.0]], requires_grad=True)
-    loss, stats = algos.get_policy_loss("nll")(logprobs, logprobs.detach(), w, mask)
+    loss, stats = losses.get_policy_loss("nll")(logprobs, logprobs.detach(), w, mask)
     hand = -(w * logprobs * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, hand)
     loss.backward()
@@ -167,7 +167,7 @@ def test_rwr_weights_and_weighted_likelihood_by_hand():
 
 def test_offline_rwr_gradient_equals_a_plain_formulation(policy_dir):
     from core.records import RewardedSequence
-    from learner import algos
+    from learner import losses
 
     tokenizer = build_tokenizer()
     eos = [tokenizer.eos_token_id]
@@ -175,7 +175,7 @@ def test_offline_rwr_gradient_equals_a_plain_formulation(policy_dir):
                                 tokenizer.encode(text, add_special_tokens=False) + eos, reward, i)
                for i, (r, text, reward) in enumerate([(ROWS[0], "42", 1.0), (ROWS[0], "41", 0.0), (ROWS[1], "56", 1.0),
                                                       (ROWS[2], "99", 0.0), (ROWS[3], "66", 1.0)])]
-    weights = algos.rwr_weights(torch.tensor([s.reward for s in samples]), beta=0.5)
+    weights = losses.rwr_weights(torch.tensor([s.reward for s in samples]), beta=0.5)
     learner = _learner(policy_dir, ["learner.lr=1e-30", "learner.max_grad_norm=1e9", "learner.micro_batch_tokens=20"])
     stats = learner.weighted_nll_step(samples, weights.tolist())
 

@@ -1,6 +1,6 @@
-"""Tests for the objectives of issue 14 in learner/algos.py: the policy-loss registry (ppo, gspo,
-gspo_token, cispo), rollout correction (none, tis, seq_tis, masked_is) and REINFORCE++ (with and
-without baseline). Each is checked against hand-computed values and against a second formulation
+"""Tests for the objectives of issue 14: the policy-loss registry (ppo, gspo, gspo_token, cispo) and rollout
+correction (none, tis, seq_tis, masked_is) in learner/losses.py, and REINFORCE++ (with and without baseline) in
+learner/algos.py. Each is checked against hand-computed values and against a second formulation
 written here as plain loops over sequences and tokens (values and autograd gradients, float64)."""
 
 import math
@@ -12,34 +12,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner import algos
+from learner import algos, losses
 from learner.config import AlgorithmConfig
+from tests.learner.tensors import GARBAGE, random_mask, t, with_garbage
 
 pytestmark = pytest.mark.usefixtures("float64")  # the whole module (tests/learner/conftest.py)
 
 
-GARBAGE = 1e4  # what padded positions hold in the "padding is ignored" tests (large, NaN-free)
 LOSSES = ["ppo", "gspo", "gspo_token", "cispo"]
-AGG_MODES = list(algos.AGG_MODES)
+AGG_MODES = list(losses.AGG_MODES)
 LN2, LN3 = math.log(2.0), math.log(3.0)
-
-
-def t(x):
-    return torch.tensor(x, dtype=torch.float64)
 
 
 def close(actual, expected):
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
-
-
-def random_mask(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """Right-padded response mask, every row at least one token."""
-    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
-    return torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
-
-
-def with_garbage(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.bool(), x, GARBAGE)
 
 
 def random_batch(seed: int, batch: int = 4, length: int = 6, spread: float = 0.3):
@@ -56,7 +42,7 @@ def random_batch(seed: int, batch: int = 4, length: int = 6, spread: float = 0.3
 def run_loss(name, lp0, old, adv, mask, **kw):
     """Loss, d loss / d logprobs and stats of the registered loss `name`."""
     lp = lp0.detach().clone().requires_grad_()
-    loss, stats = algos.get_policy_loss(name)(lp, old, adv, mask, **kw)
+    loss, stats = losses.get_policy_loss(name)(lp, old, adv, mask, **kw)
     loss.backward()
     return loss, lp.grad, stats
 
@@ -65,12 +51,12 @@ def run_loss(name, lp0, old, adv, mask, **kw):
 
 
 def test_policy_loss_registry_names_and_lookup():
-    assert sorted(algos.POLICY_LOSSES) == ["cispo", "gspo", "gspo_token", "nll", "ppo"]
-    assert algos.get_policy_loss("ppo") is algos.policy_loss  # existing callers keep the same function
+    assert sorted(losses.POLICY_LOSSES) == ["cispo", "gspo", "gspo_token", "nll", "ppo"]
+    assert losses.get_policy_loss("ppo") is losses.policy_loss  # existing callers keep the same function
     with pytest.raises(ValueError, match="cispo, gspo, gspo_token, nll, ppo"):
-        algos.get_policy_loss("grpo")
+        losses.get_policy_loss("grpo")
     with pytest.raises(ValueError, match="twice"):
-        algos.register_policy_loss("ppo")(lambda *a, **kw: None)
+        losses.register_policy_loss("ppo")(lambda *a, **kw: None)
 
 
 def test_every_config_name_has_an_implementation():
@@ -78,8 +64,8 @@ def test_every_config_name_has_an_implementation():
     for name in typing.get_args(fields["name"].annotation):
         algos.get_advantage_estimator("gae" if name == "ppo" else name)  # ppo = critic + GAE
     literal, none = typing.get_args(fields["policy_loss"].annotation)  # null: chosen by algorithm.name
-    assert none is type(None) and set(typing.get_args(literal)) == set(algos.POLICY_LOSSES)
-    assert set(typing.get_args(fields["rollout_correction"].annotation)) == set(algos.ROLLOUT_CORRECTIONS)
+    assert none is type(None) and set(typing.get_args(literal)) == set(losses.POLICY_LOSSES)
+    assert set(typing.get_args(fields["rollout_correction"].annotation)) == set(losses.ROLLOUT_CORRECTIONS)
 
 
 def test_config_defaults_keep_todays_behaviour():
@@ -175,7 +161,7 @@ def test_gspo_token_equals_gspo_with_sequence_advantages(agg_mode, correction, s
     """GSPO paper, sec. 4.3: with A_{i,t} = A_i the two are identical in value, clipping and gradient
     (also under a correction weight that is one number per sequence)."""
     mask, old, new, adv, behaviour = random_batch(seed, batch=6)
-    weights, kept, _ = algos.rollout_correction(old, behaviour, mask, correction, cap=1.5)
+    weights, kept, _ = losses.rollout_correction(old, behaviour, mask, correction, cap=1.5)
     kw = {"clip_low": 0.05, "clip_high": 0.08, "agg_mode": agg_mode, "is_weights": weights}
     loss_s, grad_s, stats_s = run_loss("gspo", new, old, adv, kept, **kw)
     loss_t, grad_t, _ = run_loss("gspo_token", new, old, adv, kept, **kw)
@@ -303,7 +289,7 @@ def test_losses_match_loop_formulation(name, per_token_adv, agg_mode, seed):
     mask, old, new, adv, behaviour = random_batch(seed, batch=5, length=5, spread=0.4)
     if per_token_adv:
         adv = torch.randn(adv.shape, generator=torch.Generator().manual_seed(seed + 7))
-    weights, _, _ = algos.rollout_correction(old, behaviour, mask, "tis", cap=1.5)
+    weights, _, _ = losses.rollout_correction(old, behaviour, mask, "tis", cap=1.5)
     clip = {"clip_low": 0.05, "clip_high": 0.08} if name.startswith("gspo") else {"clip_low": 0.2, "clip_high": 0.28}
     dual = 2.0 if name == "ppo" else None
     loss, grad, _ = run_loss(name, new, old, adv, mask, agg_mode=agg_mode, is_weights=weights, dual_clip=dual, **clip)
@@ -321,7 +307,7 @@ def test_at_ratio_one_every_loss_is_the_vanilla_policy_gradient(name, agg_mode):
     of token t, for all four losses (GSPO's length normalisation and CISPO's weight both become 1)."""
     mask, old, _, adv, _ = random_batch(3)
     _, grad, stats = run_loss(name, old, old, adv, mask, agg_mode=agg_mode)
-    agg_weight = torch.autograd.functional.jacobian(lambda x: algos.aggregate_loss(x, mask, agg_mode), old)
+    agg_weight = torch.autograd.functional.jacobian(lambda x: losses.aggregate_loss(x, mask, agg_mode), old)
     close(grad, -adv * agg_weight)
     assert stats.clip_fraction.item() == 0.0 and stats.approx_kl.item() == 0.0
 
@@ -345,19 +331,19 @@ def test_losses_ignore_padding(name, agg_mode):
 @pytest.mark.parametrize("name", ["gspo", "gspo_token", "cispo"])
 def test_dual_clip_is_ppo_only(name):
     with pytest.raises(ValueError, match="ppo"):
-        algos.get_policy_loss(name)(t([[0.0]]), t([[0.0]]), t([[1.0]]), t([[1]]), dual_clip=3.0)
+        losses.get_policy_loss(name)(t([[0.0]]), t([[0.0]]), t([[1.0]]), t([[1]]), dual_clip=3.0)
 
 
 def test_behaviour_logprobs_and_is_weights_are_one_correction():
     mask, old, new, adv, behaviour = random_batch(6)
-    weights, _, _ = algos.rollout_correction(old, behaviour, mask, "tis", cap=2.0)
+    weights, _, _ = losses.rollout_correction(old, behaviour, mask, "tis", cap=2.0)
     for name in LOSSES:
         via_behaviour = run_loss(name, new, old, adv, mask, behaviour_logprobs=behaviour, tis_cap=2.0)
         via_weights = run_loss(name, new, old, adv, mask, is_weights=weights)
         close(via_weights[0], via_behaviour[0])
         close(via_weights[1], via_behaviour[1])
         with pytest.raises(ValueError, match="not both"):
-            algos.get_policy_loss(name)(new, old, adv, mask, behaviour_logprobs=behaviour, is_weights=weights)
+            losses.get_policy_loss(name)(new, old, adv, mask, behaviour_logprobs=behaviour, is_weights=weights)
 
 
 # ---------------------------------------------------------------------------- rollout correction
@@ -370,7 +356,7 @@ E1, E2 = math.exp(0.1), math.exp(0.2)
 
 
 def correct(mode, **kw):
-    return algos.rollout_correction(t(RC_OLD), t(RC_BEHAVIOUR), t(RC_MASK), mode, **kw)
+    return losses.rollout_correction(t(RC_OLD), t(RC_BEHAVIOUR), t(RC_MASK), mode, **kw)
 
 
 def test_rollout_correction_hand_values():
@@ -411,7 +397,7 @@ def test_rollout_correction_errors():
 
 def test_seq_tis_does_not_overflow():
     old, behaviour, mask = torch.zeros(1, 400), torch.full((1, 400), -5.0), torch.ones(1, 400)  # exp(2000)
-    w, _, stats = algos.rollout_correction(old, behaviour, mask, "seq_tis", cap=2.0)
+    w, _, stats = losses.rollout_correction(old, behaviour, mask, "seq_tis", cap=2.0)
     assert torch.isfinite(w).all() and (w == 2.0).all() and stats.corrected_fraction.item() == 1.0
 
 
@@ -439,14 +425,14 @@ def loop_correction(old, behaviour, mask, mode, cap, low, high):
     return weights, kept
 
 
-@pytest.mark.parametrize("mode", list(algos.ROLLOUT_CORRECTIONS))
+@pytest.mark.parametrize("mode", list(losses.ROLLOUT_CORRECTIONS))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rollout_correction_matches_loops_and_ignores_padding(mode, seed):
     mask, old, _, _, behaviour = random_batch(seed, batch=5, length=6)
     behaviour = old + 0.4 * torch.randn(old.shape, generator=torch.Generator().manual_seed(seed))
     old = old.requires_grad_()  # the weights must come back detached anyway
     kw = {"cap": 1.5, "low": 0.7, "high": 1.4}
-    w, m, stats = algos.rollout_correction(old, behaviour, mask, mode, **kw)
+    w, m, stats = losses.rollout_correction(old, behaviour, mask, mode, **kw)
     exp_w, exp_m = loop_correction(old.tolist(), behaviour.tolist(), mask.tolist(), mode, **kw)
     close(w, t(exp_w))
     assert m.tolist() == exp_m and m.dtype == torch.bool and not w.requires_grad
@@ -455,8 +441,8 @@ def test_rollout_correction_matches_loops_and_ignores_padding(mode, seed):
     assert stats.logprob_gap_mean.item() == pytest.approx(statistics.mean(gaps))
     assert stats.logprob_gap_max.item() == pytest.approx(max(gaps))
     # padding holding +GARBAGE and -GARBAGE (a gap of 2e4, exp overflows) changes nothing
-    w2, m2, stats2 = algos.rollout_correction(with_garbage(old, mask), with_garbage(-behaviour, mask).neg(), mask,
-                                              mode, **kw)
+    w2, m2, stats2 = losses.rollout_correction(with_garbage(old, mask), with_garbage(-behaviour, mask).neg(), mask,
+                                               mode, **kw)
     close(w2, w)
     assert torch.equal(m2, m)
     for field in ("logprob_gap_mean", "logprob_gap_max", "corrected_fraction", "weight_mean"):
@@ -466,7 +452,7 @@ def test_rollout_correction_matches_loops_and_ignores_padding(mode, seed):
 def test_masked_tokens_leave_the_policy_gradient():
     mask, old, new, adv, behaviour = random_batch(4)
     behaviour = old + t([[1.0, -1.0, 0.0, 0.0, 0.0, 0.0]] * 4)  # ratios e^-1 and e^1 outside [0.5, 2]
-    w, kept, _ = algos.rollout_correction(old, behaviour, mask, "masked_is", low=0.5, high=2.0)
+    w, kept, _ = losses.rollout_correction(old, behaviour, mask, "masked_is", low=0.5, high=2.0)
     new = old + 0.01 * torch.randn(old.shape, generator=torch.Generator().manual_seed(4))  # inside every clip
     for name in LOSSES:
         _, grad, stats = run_loss(name, new, old, adv, kept, is_weights=w, clip_low=0.2, clip_high=0.2)
