@@ -30,7 +30,7 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
     lock = checkpoint.RunDirLock(run_dir)
     lock.acquire()  # a second job on this run_dir fails here, before it touches anything
     try:
-        resume_from = resume_point(cfg, log) if resume else None
+        resume_from = _resume_point(cfg, log) if resume else None
         if resume_from is None and checkpoint.latest(run_dir) is not None:
             lock.release()
             moved = checkpoint.move_aside(run_dir)
@@ -82,7 +82,7 @@ def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, 
             ray.shutdown()
 
 
-def resume_point(cfg: RelayConfig, log) -> Path:
+def _resume_point(cfg: RelayConfig, log) -> Path:
     run_dir = Path(cfg.train.run_dir)
     found = checkpoint.latest(run_dir)
     if found is None:
