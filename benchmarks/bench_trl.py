@@ -23,6 +23,10 @@ Three configurations, TRL first, then Relay, each in its own process with the ma
   ``--heavy-seconds`` each, steps per second only. No response is correct at that length, so Relay is told
   to train on uniform groups as TRL does (its default skips them).
 
+``--trl-micro-batch N`` adds a TRL run that splits each step's batch into passes of N completions (gradient
+accumulation; one optimiser step and one generation a step, as before), stored beside the run that does the
+whole batch in one pass.
+
 Reported: steps per second (the median step after warm-up, and steps over the run) as Relay / TRL, and the
 wall time each needs to first reach TRL's held-out score after ``--seconds`` (mean of its last three
 snapshots) as TRL / Relay. Writes ``benchmarks/results/trl/results.json``, ``results.md`` and
@@ -273,9 +277,7 @@ def main() -> None:
     p.add_argument("--trl-only", help=argparse.SUPPRESS)  # internal: one TRL run (JSON args), JSON out
     args = p.parse_args()
     if args.trl_only:
-        spec = json.loads(args.trl_only)
-        print(json.dumps(trl_run(spec["overrides"], spec["seconds"], spec["snapshot_every"], spec["fp32"],
-                                 spec.get("micro_batch"))))
+        print(json.dumps(trl_run(**json.loads(args.trl_only))))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
