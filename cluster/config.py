@@ -121,8 +121,9 @@ class ClusterConfig(Section):
     address: str | None = Field(None, description="Ray address; null = join the job's cluster if there is one, "
                                 "else start a local Ray")
     local_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray (null = the cores, "
-                                       "or what the learner, actors and reward replicas ask for where that is "
-                                       "more: autoscaled sources at their most replicas)")
+                                       "or the most the learner, actors and reward replicas may ask for where "
+                                       "that is more: generation.max_num_actors, autoscaled sources at their most "
+                                       "replicas)")
     metrics_export_port: int | None = Field(None, ge=1, le=65535, description="local Ray's metrics port; null = Ray's")
     pin_cores: bool = Field(True, description="a local CPU run that generates and learns at once (max_staleness >= "
                             "1) pins each generation actor to cores of its own and the learner, driver, reward "

@@ -99,20 +99,22 @@ def component_logs_line(session_dir: str | None, joined: bool, shown: bool) -> s
 
 
 def local_cpus(cfg: RelayConfig) -> int:
-    """Logical CPUs of a local Ray: the machine's cores, or all that the run's actors and replicas ask for
-    (``requested``, autoscaled reward sources at their most replicas) where that is more. Generation and learning
-    alternate on-policy, so logical CPUs may exceed physical cores."""
+    """Logical CPUs of a local Ray: the machine's cores, or the most the run's actors and replicas may ask for
+    (``requested(most=True)``) where that is more. Generation and learning alternate on-policy, so logical CPUs
+    may exceed physical cores."""
     return max(os.cpu_count() or 1, math.ceil(requested(cfg, most=True)["CPU"] - 1e-9))
 
 
 def requested(cfg: RelayConfig, most: bool = False) -> dict[str, float]:
-    """Total CPUs/GPUs the learner, generation actors and reward replicas (the eval reward's too) ask for;
-    ``most``: autoscaled reward sources at their most replicas, not their fewest."""
+    """Total CPUs/GPUs the learner, generation actors and reward replicas (the eval reward's too) ask for at the
+    start; ``most``: the most they may ask for, the fleet grown to ``generation.max_num_actors`` and autoscaled
+    reward sources at their most replicas."""
     g, lc = cfg.generation, cfg.learner
+    actors = (g.max_num_actors or g.num_actors) if most else g.num_actors
     eval_sources = cfg.train.eval_reward or []
-    cpus = (lc.num_cpus * lc.num_workers + g.num_actors * g.num_cpus
+    cpus = (lc.num_cpus * lc.num_workers + actors * g.num_cpus
             + cfg.reward.ingress_num_cpus * (1 + bool(eval_sources)))
-    gpus = lc.num_gpus * lc.num_workers + g.num_actors * g.num_gpus
+    gpus = lc.num_gpus * lc.num_workers + actors * g.num_gpus
     for s in [*cfg.reward.sources, *eval_sources]:
         scale = s.autoscaling
         replicas = (scale.max_replicas if most else scale.min_replicas) if scale else (s.num_replicas or 1)

@@ -87,6 +87,8 @@ def test_local_ray_holds_what_the_run_asks_for(fake_ray_init, monkeypatch):
     scaled = load_config(None, ["reward.sources=[{name: rm, kind: rule, rule: length_penalty, num_cpus: 2, "
                                 "autoscaling: {min_replicas: 1, max_replicas: 3}}]"])
     assert requested(scaled)["CPU"] == 1 + 2 + 0.1 + 2 and local_cpus(scaled) == 10
+    grows = load_config(None, ["generation.max_num_actors=4"])  # room for the fleet to grow to 4: 1 + 4 + 0.6
+    assert requested(grows)["CPU"] == 3.6 and local_cpus(grows) == 6
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert local_cpus(load_config()) == 64  # a big machine: every core, as before
     init_ray(load_config(None, ["cluster.local_num_cpus=3"]), log=lambda _: None)
