@@ -176,8 +176,10 @@ def check_writable(run_dir: str | Path) -> None:
                               "choose a directory you can write to") from e
 
 
-def move_aside(run_dir: Path) -> Path:
-    """Rename ``run_dir`` to ``<name>-<its config's time>`` (``.1``, ``.2`` ... if taken); returns the new path."""
+def move_aside(run_dir: Path, lock: RunDirLock) -> Path:
+    """Move the earlier run in ``run_dir``, which ``lock`` holds, to ``<name>-<its config's time>`` (``.1``, ``.2``
+    ... if taken), and hold ``run_dir`` again, empty; returns the new path."""
+    lock.release()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((run_dir / "config.json").stat().st_mtime)) \
         if (run_dir / "config.json").exists() else time.strftime("%Y%m%d-%H%M%S")
     target = run_dir.with_name(f"{run_dir.name}-{stamp}")
@@ -185,4 +187,6 @@ def move_aside(run_dir: Path) -> Path:
     while target.exists():
         target, n = run_dir.with_name(f"{run_dir.name}-{stamp}.{n}"), n + 1
     run_dir.rename(target)
+    check_writable(run_dir)
+    lock.acquire()
     return target

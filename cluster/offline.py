@@ -361,12 +361,8 @@ def train_offline(run_class: type[DPORun], cfg: RelayConfig, log: Callable[[str]
         if resume and resume_from is None:
             raise RunError(f"nothing to resume in {run_dir}: no complete checkpoint; start it without --resume")
         if not resume and (run_dir / "config.json").exists():  # never mix a new run with an earlier one's pairs
-            lock.release()
-            moved = checkpoint.move_aside(run_dir)
+            moved = checkpoint.move_aside(run_dir, lock)
             log(f"train.run_dir {run_dir} held an earlier run; moved it to {moved}")
-            run_dir.mkdir(parents=True)
-            lock = checkpoint.RunDirLock(run_dir)
-            lock.acquire()
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         run = run_class(cfg, log, resume_from)
         run.prepare()

@@ -32,12 +32,9 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
     try:
         resume_from = _resume_point(cfg, log) if resume else None
         if resume_from is None and checkpoint.latest(run_dir) is not None:
-            lock.release()
-            moved = checkpoint.move_aside(run_dir)
+            moved = checkpoint.move_aside(run_dir, lock)
             log(f"train.run_dir {run_dir} held an earlier run; moved it to {moved} (continue that one with "
                 f"relay train --resume {moved})")
-            checkpoint.check_writable(run_dir)
-            lock.acquire()
         if resume_from is not None and resume_from.name == "final" \
                 and checkpoint.read_state(resume_from)["step"] >= cfg.train.steps:
             log(f"the run in {run_dir} already finished train.steps={cfg.train.steps}; raise it to train further")

@@ -222,6 +222,23 @@ def test_lock_is_released_and_taken_again_in_one_process(tmp_path):
     again.release()
 
 
+def test_move_aside_keeps_the_earlier_run_and_holds_the_directory_again(tmp_path):
+    run_dir = tmp_path / "run"
+    lock = RunDirLock(run_dir)
+    lock.acquire()
+    (run_dir / "config.json").write_text("{}\n")
+    first = checkpoint.move_aside(run_dir, lock)
+    assert first.name.startswith("run-") and (first / "config.json").read_text() == "{}\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # empty but for the lock, held again
+    with pytest.raises(CheckpointError, match="is in use"):
+        RunDirLock(run_dir).acquire()
+    (run_dir / "config.json").write_text("{}\n")
+    os.utime(run_dir / "config.json", ((first / "config.json").stat().st_mtime,) * 2)  # same stamp: name taken
+    second = checkpoint.move_aside(run_dir, lock)
+    assert second.name == f"{first.name}.1"
+    lock.release()
+
+
 # ---- check_writable ----------------------------------------------------------------------------
 
 
