@@ -164,3 +164,40 @@ def test_shared_pass_with_lora_and_min_tokens(policy_dir, bucket_rows):
     full.train_step(rows)
     shared.train_step(rows)
     _assert_same_gradients(grads_shared, grads_full)
+
+
+def test_attention_kernel_math_for_short_rows_on_cpu():
+    """On CPU the math kernel up to ``CPU_MATH_ATTENTION_MAX`` tokens, PyTorch's flash kernel above; the backward
+    pass follows the forward's choice."""
+    import torch.nn.functional as F
+
+    from learner.distributed import CPU_MATH_ATTENTION_MAX, attention_kernel
+
+    def backward_of(width: int) -> str:
+        q = torch.randn(2, 2, width, 8, requires_grad=True)
+        with attention_kernel(torch.device("cpu"), width):
+            out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return type(out.grad_fn).__name__
+
+    assert "Flash" not in backward_of(CPU_MATH_ATTENTION_MAX)
+    assert "Flash" in backward_of(CPU_MATH_ATTENTION_MAX + 1)
+
+
+def test_update_is_the_same_under_either_attention_kernel(policy_dir, monkeypatch):
+    """The math kernel the learner picks for these short rows against PyTorch's flash kernel: the same logprobs
+    and gradients within float rounding."""
+    from learner import distributed
+
+    math_kernel, flash_kernel = _learner(policy_dir, True), _learner(policy_dir, True)
+    batch = collate(ROWS, 0)
+    mask = batch.response_mask.bool()
+    grads_math, grads_flash = _gradients(math_kernel), _gradients(flash_kernel)
+    with torch.no_grad():
+        a = math_kernel._token_logprobs(math_kernel.policy, batch)[0]
+    math_kernel.train_step(ROWS)
+    monkeypatch.setattr(distributed, "CPU_MATH_ATTENTION_MAX", 0)
+    with torch.no_grad():
+        b = flash_kernel._token_logprobs(flash_kernel.policy, batch)[0]
+    flash_kernel.train_step(ROWS)
+    torch.testing.assert_close(a[mask], b[mask], atol=1e-5, rtol=0)
+    _assert_same_gradients(grads_math, grads_flash)
