@@ -68,6 +68,10 @@ CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
     "heavy-bf16": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16"]),
     "heavy-bf16-engine": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16",
                                   "model.dtype=bfloat16"]),
+    # and vLLM runs its model compiled by torch.compile (generation.enforce_eager=false, as cluster/gpu.yaml sets):
+    # about 30 s at an engine's first start here, vLLM's compile cache after that
+    "heavy-bf16-compiled": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16",
+                                    "model.dtype=bfloat16", "generation.enforce_eager=false"]),
 }
 
 
