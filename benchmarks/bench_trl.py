@@ -72,6 +72,9 @@ CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
     # about 30 s at an engine's first start here, vLLM's compile cache after that
     "heavy-bf16-compiled": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16",
                                     "model.dtype=bfloat16", "generation.enforce_eager=false"]),
+    "heavy-bf16-compiled-1x2": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16",
+                                        "model.dtype=bfloat16", "generation.enforce_eager=false",
+                                        "generation.num_actors=1", "generation.torch_threads=2"]),
 }
 
 
