@@ -67,7 +67,8 @@ class Critic(torch.nn.Module):
 
     def forward(self, batch: RolloutBatch, device) -> torch.Tensor:
         """Values ``(B, T)`` at prediction positions: V(s_t) for the state ending at token t."""
-        with autocast(self.lc.mixed_precision, device), attention_kernel(device, batch.input_ids.shape[1]):
+        kernel = attention_kernel(device, batch.input_ids.shape[1], self.lc.gradient_checkpointing)
+        with autocast(self.lc.mixed_precision, device), kernel:
             hidden = self.backbone(input_ids=batch.input_ids.to(device),
                                    attention_mask=batch.attention_mask.to(device)).last_hidden_state
         return self.head(hidden[:, :-1].float()).squeeze(-1)
