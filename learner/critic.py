@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 from learner import losses
 from learner.batch import RolloutBatch
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.distributed import attention_kernel, autocast, is_sharded
+from learner.distributed import forward_pass, is_sharded
 from reward_service.models import HEAD_FILE
 
 
@@ -67,8 +67,7 @@ class Critic(torch.nn.Module):
 
     def forward(self, batch: RolloutBatch, device) -> torch.Tensor:
         """Values ``(B, T)`` at prediction positions: V(s_t) for the state ending at token t."""
-        kernel = attention_kernel(device, batch.input_ids.shape[1], self.lc.gradient_checkpointing)
-        with autocast(self.lc.mixed_precision, device), kernel:
+        with forward_pass(self.lc, device, batch.input_ids.shape[1]):
             hidden = self.backbone(input_ids=batch.input_ids.to(device),
                                    attention_mask=batch.attention_mask.to(device)).last_hidden_state
         return self.head(hidden[:, :-1].float()).squeeze(-1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime
 import socket
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,14 @@ def attention_kernel(device: torch.device | str, width: int, checkpointed: bool 
 
         return sdpa_kernel(SDPBackend.MATH)
     return nullcontext()
+
+
+@contextmanager
+def forward_pass(lc, device: torch.device | str, width: int):
+    """The context of a forward pass of the learner's models (policy, reference, critic; ``lc`` the
+    ``LearnerConfig``) over rows of ``width`` tokens: its precision and its attention kernel."""
+    with autocast(lc.mixed_precision, device), attention_kernel(device, width, lc.gradient_checkpointing):
+        yield
 
 
 def free_port() -> tuple[str, int]:

@@ -193,8 +193,7 @@ class Learner(OfflineSteps):
             return self._shared_prompt_logprobs(model, batch, split, with_entropy, with_values)
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
-        kernel = D.attention_kernel(self.device, ids.shape[1], self.lc.gradient_checkpointing)
-        with D.autocast(self.lc.mixed_precision, self.device), kernel:
+        with D.forward_pass(self.lc, self.device, ids.shape[1]):
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=with_values)
         logits = out.logits[:, :-1].float() / self.temperature
         if self.min_tokens:
@@ -208,8 +207,7 @@ class Learner(OfflineSteps):
                                 with_entropy: bool, with_values: bool):
         """``_token_logprobs`` with each distinct prompt computed once (``learner/shared_prompt.py``): the same
         values at the response positions, 0 elsewhere (every caller masks to the response)."""
-        width = batch.input_ids.shape[1]  # (gradient checkpointing turns the shared-prompt pass off)
-        with D.autocast(self.lc.mixed_precision, self.device), D.attention_kernel(self.device, width):
+        with D.forward_pass(self.lc, self.device, batch.input_ids.shape[1]):
             logits, targets, mask, hidden = shared_prompt.forward(model, batch, split, self.device, with_values)
         logits = logits.float() / self.temperature
         if self.min_tokens:
