@@ -54,6 +54,8 @@ HEAVY = ["model.tiny.hidden_size=512", "model.tiny.num_layers=6", "model.tiny.nu
          "generation.max_tokens=128", "generation.min_tokens=128", "generation.max_model_len=192",
          "train.prompts_per_step=16"]
 STREAMING = ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"]
+HEAVY_BF16 = ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16"]  # Relay's loop, heavy-bf16*
+HEAVY_COMPILED = HEAVY_BF16 + ["model.dtype=bfloat16", "generation.enforce_eager=false"]
 CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
     "default": ([], []),  # on-policy, two single-thread engines (one per core) and a 2-thread learner
     "default-1x2": ([], ["generation.num_actors=1", "generation.torch_threads=2"]),  # the default before 12-06 (4th)
@@ -65,16 +67,12 @@ CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
     # runs vLLM in bfloat16 (the learner publishes its float32 weights cast to it)
     "default-bf16": ([], ["learner.mixed_precision=bf16"]),
     "streaming-bf16": ([], STREAMING + ["learner.mixed_precision=bf16"]),
-    "heavy-bf16": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16"]),
-    "heavy-bf16-engine": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16",
-                                  "model.dtype=bfloat16"]),
+    "heavy-bf16": (HEAVY, HEAVY_BF16),
+    "heavy-bf16-engine": (HEAVY, HEAVY_BF16 + ["model.dtype=bfloat16"]),
     # and vLLM runs its model compiled by torch.compile (generation.enforce_eager=false, as cluster/gpu.yaml sets):
     # about 30 s at an engine's first start here, vLLM's compile cache after that
-    "heavy-bf16-compiled": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16",
-                                    "model.dtype=bfloat16", "generation.enforce_eager=false"]),
-    "heavy-bf16-compiled-1x2": (HEAVY, ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16",
-                                        "model.dtype=bfloat16", "generation.enforce_eager=false",
-                                        "generation.num_actors=1", "generation.torch_threads=2"]),
+    "heavy-bf16-compiled": (HEAVY, HEAVY_COMPILED),
+    "heavy-bf16-compiled-1x2": (HEAVY, HEAVY_COMPILED + ["generation.num_actors=1", "generation.torch_threads=2"]),
 }
 
 
