@@ -105,6 +105,7 @@ class Learner(OfflineSteps):
         mixed = self.lc.mixed_precision == "bf16"
         master = torch.float32 if mixed else dtype
         self.publish_dtype = dtype if dtype != master else None
+        self._pack_buffers: dict[str, torch.Tensor] = {}  # publish's host buffers, filled again each version
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
         self.policy = self._load_policy(policy_path, reference_path, master).eval()  # train mode only in updates
         self.published = [n for n, _ in self._base().named_parameters() if "lora_" not in n]
@@ -580,7 +581,7 @@ class Learner(OfflineSteps):
         if self.dist.rank != 0:
             return self.version, [], {}
         gathered = time.perf_counter() - start
-        packed: PackedWeights = pack_weights(named, self.version, self.publish_dtype)
+        packed: PackedWeights = pack_weights(named, self.version, self.publish_dtype, reuse=self._pack_buffers)
         ref = ray.put(packed)
         stats = {"sync/publish_seconds": time.perf_counter() - start, "sync/gather_seconds": gathered,
                  "sync/bytes": float(packed.nbytes)}

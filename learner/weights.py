@@ -49,10 +49,17 @@ class PackedWeights:
         return sum(b.nbytes for b in self.buffers.values())
 
 
-def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int,
-                 dtype: torch.dtype | None = None) -> PackedWeights:
-    """Copy parameters once into contiguous per-dtype buffers (the only copy on the learner); ``dtype``: cast
-    every parameter to it in that copy (a mixed-precision learner's float32 weights for bfloat16 engines)."""
+def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int, dtype: torch.dtype | None = None,
+                 reuse: dict[str, torch.Tensor] | None = None) -> PackedWeights:
+    """Copy parameters once into contiguous per-dtype buffers (the only copy on the learner; a GPU tensor goes
+    straight into the host buffer); ``dtype``: cast every parameter to it in that copy (a mixed-precision
+    learner's float32 weights for bfloat16 engines).
+
+    ``reuse``: buffers kept from the last pack (dtype key -> flat tensor), filled in here and used again while
+    the sizes stay the same. Memory the process touches for the first time costs a page fault every 4 KiB:
+    measured here, copying 1 GiB into fresh memory took 0.28-0.36 s and into the same memory again 0.07-0.09 s.
+    The buffers then stay allocated between publishes, and the ``PackedWeights`` returned is valid only until
+    the next pack with the same ``reuse``: ``ray.put`` it (which copies it into the object store) first."""
     named = [(n, t.detach()) for n, t in named]
     sizes: dict[str, int] = OrderedDict()
     index = []
@@ -63,9 +70,19 @@ def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int,
         key = _CARRIERS[target][0]
         index.append(TensorSlot(name, key, tuple(t.shape), sizes.get(key, 0)))
         sizes[key] = sizes.get(key, 0) + t.numel()
-    flats = {key: torch.empty(n, dtype=_BY_KEY[key]) for key, n in sizes.items()}
+    flats = {}
+    for key, n in sizes.items():
+        flat = reuse.get(key) if reuse is not None else None
+        if flat is None or flat.numel() != n:
+            flat = torch.empty(n, dtype=_BY_KEY[key])
+            if reuse is not None:
+                reuse[key] = flat
+        flats[key] = flat
+    if reuse is not None:  # a dtype this pack no longer has
+        for key in [k for k in reuse if k not in flats]:
+            del reuse[key]
     for slot, (_, t) in zip(index, named, strict=True):
-        flats[slot.dtype][slot.offset : slot.offset + t.numel()].copy_(t.reshape(-1).cpu())
+        flats[slot.dtype][slot.offset : slot.offset + t.numel()].copy_(t.reshape(-1))
     buffers = {}
     for key, flat in flats.items():
         carrier = _CARRIERS[_BY_KEY[key]][1]

@@ -59,3 +59,24 @@ def test_version_store_keeps_the_last_k():
         store.add(v, f"ref{v}")
     assert store.latest() == (3, "ref3")
     assert list(store._refs) == [2, 3]
+
+
+def test_reused_buffers_give_each_version_its_own_values():
+    """``reuse`` keeps the host buffers between packs: the second pack writes the same memory, and what was put
+    before it (a copy) keeps the first version's values; a pack of other sizes or dtypes gets new buffers."""
+    buffers: dict[str, torch.Tensor] = {}
+    first = pack_weights(named(), version=1, reuse=buffers)
+    ptr = first.buffers["float32"].ctypes.data
+    put = {k: v.copy() for k, v in first.buffers.items()}  # what ray.put would hold
+    doubled = [(n, 2 * t) for n, t in named()]
+    second = pack_weights(doubled, version=2, reuse=buffers)
+    assert second.buffers["float32"].ctypes.data == ptr
+    out = dict(unpack_weights(second))
+    for name, t in doubled:
+        assert torch.equal(out[name], t)
+    kept = dict(unpack_weights(type(first)(1, put, first.index)))
+    for name, t in named():
+        assert torch.equal(kept[name], t)
+    cast = pack_weights(named(), version=3, dtype=torch.bfloat16, reuse=buffers)
+    assert set(buffers) == {"bfloat16"} and buffers["bfloat16"].numel() == 12 + 5 + 6 + 7
+    assert cast.buffers["bfloat16"].ctypes.data == buffers["bfloat16"].data_ptr()
