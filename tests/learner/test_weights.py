@@ -80,3 +80,23 @@ def test_reused_buffers_give_each_version_its_own_values():
     cast = pack_weights(named(), version=3, dtype=torch.bfloat16, reuse=buffers)
     assert set(buffers) == {"bfloat16"} and buffers["bfloat16"].numel() == 12 + 5 + 6 + 7
     assert cast.buffers["bfloat16"].ctypes.data == buffers["bfloat16"].data_ptr()
+
+
+def test_what_ray_put_holds_survives_the_next_pack_into_the_same_buffers():
+    """The learner packs each version into the buffers of the last one, which is safe only because ``ray.put``
+    copies: an object inlined in the owner's memory (small) and one in the shared-memory store (large)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        buffers: dict[str, torch.Tensor] = {}
+        for size in (10, 300_000):
+            ref = ray.put(pack_weights([("w", torch.arange(size, dtype=torch.float32))], 1, reuse=buffers))
+            pack_weights([("w", -torch.arange(size, dtype=torch.float32))], 2, reuse=buffers)
+            got = dict(unpack_weights(ray.get(ref, timeout=60)))["w"]
+            assert torch.equal(got, torch.arange(size, dtype=torch.float32))
+    finally:
+        if started:
+            ray.shutdown()
