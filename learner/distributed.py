@@ -40,13 +40,13 @@ def autocast(mode: str, device: torch.device) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16" else nullcontext()
 
 
-def attention_kernel(device: torch.device | str, width: int, checkpointed: bool = False) -> AbstractContextManager:
+def attention_kernel(device: torch.device, width: int, checkpointed: bool = False) -> AbstractContextManager:
     """The scaled-dot-product attention kernel for a forward pass over rows of ``width`` tokens: on CPU the math
     kernel up to ``CPU_MATH_ATTENTION_MAX`` tokens, otherwise PyTorch's own choice (flash or memory-efficient
     attention, whose memory does not grow with the square of the width). The backward pass runs the kernel the
     forward pass chose. ``checkpointed`` (gradient checkpointing): the backward pass runs the forward again
     outside this context, which must pick the same kernel, so PyTorch's choice is kept."""
-    if not checkpointed and torch.device(device).type == "cpu" and width <= CPU_MATH_ATTENTION_MAX:
+    if not checkpointed and device.type == "cpu" and width <= CPU_MATH_ATTENTION_MAX:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel(SDPBackend.MATH)
@@ -56,7 +56,9 @@ def attention_kernel(device: torch.device | str, width: int, checkpointed: bool 
 @contextmanager
 def forward_pass(lc, device: torch.device | str, width: int):
     """The context of a forward pass of the learner's models (policy, reference, critic; ``lc`` the
-    ``LearnerConfig``) over rows of ``width`` tokens: its precision and its attention kernel."""
+    ``LearnerConfig``) over rows of ``width`` tokens: its precision and its attention kernel. ``device``: a
+    device or its name (the critic is called with either)."""
+    device = torch.device(device)
     with autocast(lc.mixed_precision, device), attention_kernel(device, width, lc.gradient_checkpointing):
         yield
 

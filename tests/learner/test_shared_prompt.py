@@ -183,6 +183,24 @@ def test_attention_kernel_math_for_short_rows_on_cpu():
     assert "Flash" in backward_of(CPU_MATH_ATTENTION_MAX + 1)
 
 
+def test_forward_pass_takes_a_device_or_its_name():
+    """The critic's forward is called with the device or its name; in mixed precision both give bf16 autocast
+    and the math kernel for short rows."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from learner.distributed import forward_pass
+
+    lc = SimpleNamespace(mixed_precision="bf16", gradient_checkpointing=False)
+    for device in ("cpu", torch.device("cpu")):
+        q = torch.randn(2, 2, 16, 8, requires_grad=True)
+        with forward_pass(lc, device, 16):
+            assert torch.is_autocast_enabled("cpu")
+            out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        assert "Flash" not in type(out.grad_fn).__name__
+
+
 def test_update_is_the_same_under_either_attention_kernel(policy_dir, monkeypatch):
     """The math kernel the learner picks for these short rows against PyTorch's flash kernel: the same logprobs
     and gradients within float rounding."""
