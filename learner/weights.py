@@ -70,17 +70,12 @@ def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int, dtype:
         key = _CARRIERS[target][0]
         index.append(TensorSlot(name, key, tuple(t.shape), sizes.get(key, 0)))
         sizes[key] = sizes.get(key, 0) + t.numel()
-    flats = {}
-    for key, n in sizes.items():
-        flat = reuse.get(key) if reuse is not None else None
-        if flat is None or flat.numel() != n:
-            flat = torch.empty(n, dtype=_BY_KEY[key])
-            if reuse is not None:
-                reuse[key] = flat
-        flats[key] = flat
-    if reuse is not None:  # a dtype this pack no longer has
-        for key in [k for k in reuse if k not in flats]:
-            del reuse[key]
+    kept = reuse if reuse is not None else {}
+    flats = {key: kept[key] if key in kept and kept[key].numel() == n else torch.empty(n, dtype=_BY_KEY[key])
+             for key, n in sizes.items()}
+    if reuse is not None:  # exactly this pack's buffers: a dtype it no longer has is let go
+        reuse.clear()
+        reuse.update(flats)
     for slot, (_, t) in zip(index, named, strict=True):
         flats[slot.dtype][slot.offset : slot.offset + t.numel()].copy_(t.reshape(-1))
     buffers = {}
