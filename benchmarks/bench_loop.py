@@ -343,7 +343,7 @@ def table(results: dict) -> str:
             fmt = lambda v: "" if v is None else f"{v:.3f} s"  # noqa: E731
             lines.append(f"| {name} | {r['steps']} | {fmt(r['step_s'])} | {fmt(r['learner_s'])} | {fmt(r['wait_s'])} "
                          f"| {fmt(r['swap_s'])} | {'' if r['staleness'] is None else int(r['staleness'])} |")
-    two = results.get("two_engines")
+    two, co = results.get("two_engines"), results.get("corun")
     if b1 and b2 and two:
         lines += ["", f"Two single-thread engines on cores of their own, half of each batch each: "
                       f"{two['engines_s']:.3f} s a batch (the halves {two['half_s'][0]:.3f} and "
@@ -378,13 +378,11 @@ def table(results: dict) -> str:
                          f"before it, {limit_after:.3f} s right after (the loop reaches "
                          f"{100 * lim['streaming_of_limit_after']:.0f}% of the second, **"
                          f"{100 * lim['streaming_of_limit_mean']:.0f}%** of their mean).")
-        co = results.get("corun")
         if co:  # what generation can do while the learner works on the other core
             lim["streaming_of_corun"] = co["engine_both_s"] / streaming
             lines.append(f"Against one-thread generation beside a working learner ({co['engine_both_s']:.3f} s, "
                          f"measured before the loops; {co['engine_alone_s']:.3f} s alone then) the loop reaches "
                          f"{100 * lim['streaming_of_corun']:.0f}%.")
-    co = results.get("corun")
     if co:
         lines += ["", "| 1 thread each, own cores | alone | while the other works |", "|---|---|---|",
                   f"| Relay `GenerationActor.generate` | {co['engine_alone_s']:.3f} s | {co['engine_both_s']:.3f} s |",
