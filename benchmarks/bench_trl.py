@@ -87,8 +87,8 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, 
 
     torch.set_num_threads(2)
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
 
     from cluster.config import load_config
     from cluster.driver import encode_data, resolve_policy
@@ -100,7 +100,7 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, 
     data = encode_data(cfg, load_splits(cfg.data, cfg.model.cache_dir, log=lambda *_: None), tokenizer,
                        log=lambda *_: None)
     assert tokenizer(text=[data.train[0].text])["input_ids"][0] == data.train[0].token_ids, "TRL tokenises differently"
-    g, lc, algo = cfg.generation, cfg.learner, cfg.algorithm
+    g = cfg.generation
     per_step = cfg.train.prompts_per_step * g.samples_per_prompt
     micro_batch = micro_batch or per_step
     assert per_step % micro_batch == 0, f"--trl-micro-batch must divide the step's {per_step} completions"
@@ -109,9 +109,28 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, 
     def reward(completions: list[str], answer: list[str], **_) -> list[float]:
         return [float(exact_match(c, a)) for c, a in zip(completions, answer, strict=True)]
 
-    class Clock(TrainerCallback):
-        """Step end times; weight snapshots every ``snapshot_every`` s (their copy time is not counted); stop."""
+    args = _grpo_config(cfg, per_step, micro_batch, fp32)
+    clock = _trl_clock(seconds, snapshot_every)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=train,
+                          processing_class=tokenizer, callbacks=[clock])
+    trainer.train()
+    steps = len(clock.ends)
+    step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
+    out = {"steps": steps, "seconds": clock.ends[-1], "step_s": statistics.median(step_s[warmup(steps):]),
+           "response_tokens": statistics.mean(clock.lengths) if clock.lengths else None}
+    if snapshot_every:
+        out["curve"] = score_snapshots(path, tokenizer, next(iter(data.eval_sets.values())), g.max_tokens,
+                                       clock.snaps)
+    return out
 
+
+def _trl_clock(seconds: float, snapshot_every: float | None):
+    """A TrainerCallback that records step end times, takes weight snapshots every ``snapshot_every`` s of
+    training (their copy time is not counted) and stops the run after ``seconds``."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
         def __init__(self):
             self.t0 = self.last = 0.0  # last: training seconds at the last snapshot
             self.paused, self.ends, self.snaps, self.lengths = 0.0, [], [], []
@@ -135,7 +154,15 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, 
             if logs and "completions/mean_length" in logs:
                 self.lengths.append(float(logs["completions/mean_length"]))
 
-    args = GRPOConfig(
+    return Clock()
+
+
+def _grpo_config(cfg, per_step: int, micro_batch: int, fp32: bool):
+    """TRL's GRPOConfig for Relay's task, batch, sampling and optimiser settings (see ``trl_run``)."""
+    from trl import GRPOConfig
+
+    g, lc, algo = cfg.generation, cfg.learner, cfg.algorithm
+    return GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="relay-bench-trl-"), use_cpu=True, seed=cfg.train.seed,
         per_device_train_batch_size=micro_batch, gradient_accumulation_steps=per_step // micro_batch,
         steps_per_generation=per_step // micro_batch,
@@ -146,19 +173,6 @@ def trl_run(overrides: list[str], seconds: float, snapshot_every: float | None, 
         beta=0.0, epsilon=algo.clip_low, epsilon_high=algo.clip_high, loss_type="dapo", scale_rewards="group",
         max_steps=10**6, logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
         bf16=not fp32, gradient_checkpointing=not fp32)
-    clock = Clock()
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=train,
-                          processing_class=tokenizer, callbacks=[clock])
-    trainer.train()
-    steps = len(clock.ends)
-    step_s = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
-    out = {"steps": steps, "seconds": clock.ends[-1], "step_s": statistics.median(step_s[warmup(steps):]),
-           "response_tokens": statistics.mean(clock.lengths) if clock.lengths else None}
-    if snapshot_every:
-        out["curve"] = score_snapshots(path, tokenizer, next(iter(data.eval_sets.values())), g.max_tokens,
-                                       clock.snaps)
-    return out
 
 
 def score_snapshots(path: str, tokenizer, eval_set: list, max_tokens: int, snaps: list) -> list:
