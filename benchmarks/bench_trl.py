@@ -73,6 +73,8 @@ CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
     # about 30 s at an engine's first start here, vLLM's compile cache after that
     "heavy-bf16-compiled": (HEAVY, HEAVY_COMPILED),
     "heavy-bf16-compiled-1x2": (HEAVY, HEAVY_COMPILED + ["generation.num_actors=1", "generation.torch_threads=2"]),
+    # the learner's decoder layers compiled (learner.compile), the engines eager as in heavy-bf16-engine
+    "heavy-bf16-learner-compiled": (HEAVY, HEAVY_BF16 + ["model.dtype=bfloat16", "learner.compile=true"]),
 }
 
 

@@ -128,14 +128,18 @@ class LearnerConfig(Section):
                                     "in one pass of 32768 (activations beyond the caches); cluster/gpu.yaml sets 16384")
     share_prompts: bool = Field(True, description="forward each distinct prompt of a micro-batch once and the "
                                 "responses of its samples on its cached keys and values (Prefix Grouper, Liu et al. "
-                                "2025): the same logprobs and gradients with fewer tokens. Off with FSDP or "
-                                "gradient checkpointing; false = one pass over each full row")
+                                "2025): the same logprobs and gradients with fewer tokens. Off with FSDP, "
+                                "gradient checkpointing or compile; false = one pass over each full row")
     mixed_precision: Literal["none", "bf16"] = Field(
         "none", description="bf16 = forward passes under torch.autocast in bfloat16 with float32 weights, gradients "
                             "and AdamW state (as TRL's bf16=True); the frozen reference is held in bfloat16 and the "
                             "engines get model.dtype. On CPU it pays only with bf16 instructions (avx512_bf16, AMX)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                          "memory, about a third more compute)")
+    compile: bool = Field(False, description="torch.compile the policy's decoder layers (as verl's "
+                          "use_torch_compile): on 2 CPU cores a 25M model's bf16 step took 5.7 s against 6.7-7.0 "
+                          "eager, after about 50 s compiling at the first step. Keeps the one-pass forward "
+                          "(share_prompts off)")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters (peft) instead of every weight; the "
                                     "actors get the merged weights. null = full fine-tuning")
     num_workers: int = Field(1, ge=1, description="learner ranks: actors in one placement group that form a "

@@ -96,9 +96,11 @@ class Learner(OfflineSteps):
         self.device = torch.device("cuda" if self.lc.num_gpus > 0 else "cpu")
         self.dist = D.Collective(rank, world_size, address, self.device, self.lc.collective_timeout_s)
         self.sharded = self.dist.active and self.lc.strategy == "fsdp"
-        # FSDP ranks must run the same forward passes (a shared-prompt micro-batch takes two, a dummy one), and
-        # gradient checkpointing turns the key-value cache off, so both keep the one-pass forward.
-        self.share_prompts = self.lc.share_prompts and not self.sharded and not self.lc.gradient_checkpointing
+        # FSDP ranks must run the same forward passes (a shared-prompt micro-batch takes two, a dummy one),
+        # gradient checkpointing turns the key-value cache off, and compiled layers would trace the cache's
+        # Python objects, so all three keep the one-pass forward.
+        self.share_prompts = (self.lc.share_prompts and not self.sharded and not self.lc.gradient_checkpointing
+                              and not self.lc.compile)
         dtype = DTYPES[dtype]
         # Mixed precision keeps float32 master weights (and a float32 critic) and computes in bfloat16; the frozen
         # reference only computes, so it is held in bfloat16. The engines get model.dtype (see publish).
@@ -128,6 +130,8 @@ class Learner(OfflineSteps):
                     D.shard(model, self.lc.fsdp_offload)
             if self.critic is not None:
                 D.shard(self.critic, self.lc.fsdp_offload)
+        if self.lc.compile:  # after sharding, as FSDP2 wants
+            compile_layers(self.policy)
         if self.critic is not None:
             self.critic.make_optimizer()
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": self.lc.lr}]
@@ -688,6 +692,21 @@ class Learner(OfflineSteps):
         """Leave the objects of start-up out of later full collections (``core.heap``): otherwise 0.3 s pauses,
         three in an 80 s streaming run. The group calls it once the learner lives in a process of its own."""
         heap.freeze()
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` each decoder layer of a Hugging Face model in place (``nn.Module.compile``); returns how
+    many. The layers share one forward, so one graph serves them all (PyTorch inlines their parameters as inputs);
+    the embedding, the head and the loss stay eager. A new width recompiles once, then shapes are dynamic."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"learner.compile: {type(model).__name__} has no decoder layers that transformers marks "
+                         "(GradientCheckpointingLayer); set learner.compile=false for this model")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def _total(norm) -> float:
