@@ -199,7 +199,8 @@ class Learner(OfflineSteps):
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
         with D.forward_pass(self.lc, self.device, ids.shape[1]):
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=with_values)
+            # no key-value cache: nothing reads it, and compiled layers would recompile on its state
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=with_values, use_cache=False)
         logits = out.logits[:, :-1].float() / self.temperature
         if self.min_tokens:
             logits = algos.mask_early_stop(logits, batch.response_mask.to(self.device), self.stop_ids, self.min_tokens)
