@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -223,16 +224,23 @@ def test_update_is_the_same_under_either_attention_kernel(policy_dir, monkeypatc
 
 def test_compiled_layers_give_the_eager_update(policy_dir):
     """learner.compile: every decoder layer compiled (and the one-pass forward), then two updates over batches of
-    different widths (the second recompiles): the same gradients and statistics as the eager learner."""
+    different widths: the same gradients and statistics as the eager learner, from one graph for both layers and
+    one recompile at the second, wider one (a key-value cache in the forward made each layer recompile on its state)."""
+    from torch._dynamo.utils import counters
+
     eager, compiled = _learner(policy_dir, False), _learner(policy_dir, True, ["learner.compile=true"])
+    graphs_before = counters["stats"]["unique_graphs"]
     assert not compiled.share_prompts  # compile keeps the one-pass forward
     layers = [m for m in compiled.policy.modules() if type(m).__name__.endswith("DecoderLayer")]
     assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
     grads_eager, grads_compiled = _gradients(eager), _gradients(compiled)
-    for rows in (ROWS, _rollouts(seed=11)):
+    wider = _rollouts(seed=11) + [ScoredRollout(replace(ROWS[0].rollout, response_ids=[5] * 12,
+                                                                sampling_logprobs=[-math.log(258)] * 12), 0.5)]
+    for rows, graphs in ((ROWS, 1), (wider, 2)):
         stats_eager, stats_compiled = eager.train_step(rows), compiled.train_step(rows)
         for key in ("learner/policy_loss", "learner/entropy", "learner/grad_norm"):
             assert stats_compiled[key] == pytest.approx(stats_eager[key], rel=1e-4, abs=1e-6), key
+        assert counters["stats"]["unique_graphs"] - graphs_before == graphs
     _assert_same_gradients(grads_compiled, grads_eager)
 
 
