@@ -137,8 +137,8 @@ class LearnerConfig(Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
                                          "memory, about a third more compute)")
     compile: bool = Field(False, description="torch.compile the policy's decoder layers (as verl's "
-                          "use_torch_compile): on 2 CPU cores a 25M model's bf16 step took 5.7 s against 6.7-7.0 "
-                          "eager, after about 50 s compiling at the first step. Keeps the one-pass forward "
+                          "use_torch_compile): in the loop on 2 CPU cores a 25M model's bf16 step took 6.2-6.4 s "
+                          "against 7.4-7.8 eager, its first step 30-46 s against 15. Keeps the one-pass forward "
                           "(share_prompts off)")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters (peft) instead of every weight; the "
                                     "actors get the merged weights. null = full fine-tuning")
