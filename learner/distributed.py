@@ -156,6 +156,18 @@ def shard(model: torch.nn.Module, offload: bool = False) -> torch.nn.Module:
     return model
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place (``nn.Module.compile``), the blocks ``shard`` shards. The
+    layers share one forward, so one graph serves them all (PyTorch inlines their parameters as inputs); the
+    embedding, the head and the loss stay eager. A new width recompiles once, then shapes are dynamic."""
+    blocks = _blocks(model)
+    if not blocks:
+        raise ValueError(f"learner.compile: found no decoder layers (a `layers` ModuleList) in "
+                         f"{type(model).__name__}; set learner.compile=false for this model")
+    for block in blocks:
+        block.compile()
+
+
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers of a Hugging Face model (``model.layers`` / ``layers``), whatever wraps them."""
     for module in model.modules():

@@ -131,7 +131,7 @@ class Learner(OfflineSteps):
             if self.critic is not None:
                 D.shard(self.critic, self.lc.fsdp_offload)
         if self.lc.compile:  # after sharding, as FSDP2 wants
-            compile_layers(self.policy)
+            D.compile_blocks(self.policy)
         if self.critic is not None:
             self.critic.make_optimizer()
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": self.lc.lr}]
@@ -693,21 +693,6 @@ class Learner(OfflineSteps):
         """Leave the objects of start-up out of later full collections (``core.heap``): otherwise 0.3 s pauses,
         three in an 80 s streaming run. The group calls it once the learner lives in a process of its own."""
         heap.freeze()
-
-
-def compile_layers(model: torch.nn.Module) -> int:
-    """``torch.compile`` each decoder layer of a Hugging Face model in place (``nn.Module.compile``); returns how
-    many. The layers share one forward, so one graph serves them all (PyTorch inlines their parameters as inputs);
-    the embedding, the head and the loss stay eager. A new width recompiles once, then shapes are dynamic."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise ValueError(f"learner.compile: {type(model).__name__} has no decoder layers that transformers marks "
-                         "(GradientCheckpointingLayer); set learner.compile=false for this model")
-    for layer in layers:
-        layer.compile()
-    return len(layers)
 
 
 def _total(norm) -> float:

@@ -245,7 +245,7 @@ def test_compiled_layers_give_the_eager_update(policy_dir):
 
 
 def test_compile_names_a_model_without_marked_layers():
-    from learner.learner import compile_layers
+    from learner.distributed import compile_blocks
 
     with pytest.raises(ValueError, match="learner.compile=false"):
-        compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
