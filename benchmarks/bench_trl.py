@@ -55,7 +55,8 @@ HEAVY = ["model.tiny.hidden_size=512", "model.tiny.num_layers=6", "model.tiny.nu
          "train.prompts_per_step=16"]
 STREAMING = ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"]
 HEAVY_BF16 = ["algorithm.drop_uniform_groups=false", "learner.mixed_precision=bf16"]  # Relay's loop, heavy-bf16*
-HEAVY_COMPILED = HEAVY_BF16 + ["model.dtype=bfloat16", "generation.enforce_eager=false"]
+HEAVY_ENGINE = HEAVY_BF16 + ["model.dtype=bfloat16"]  # and vLLM in bfloat16 (heavy-bf16-engine and after)
+HEAVY_COMPILED = HEAVY_ENGINE + ["generation.enforce_eager=false"]
 CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
     "default": ([], []),  # on-policy, two single-thread engines (one per core) and a 2-thread learner
     "default-1x2": ([], ["generation.num_actors=1", "generation.torch_threads=2"]),  # the default before 12-06 (4th)
@@ -68,13 +69,13 @@ CONFIGS = {  # name: (the task and model, for both; Relay's loop settings)
     "default-bf16": ([], ["learner.mixed_precision=bf16"]),
     "streaming-bf16": ([], STREAMING + ["learner.mixed_precision=bf16"]),
     "heavy-bf16": (HEAVY, HEAVY_BF16),
-    "heavy-bf16-engine": (HEAVY, HEAVY_BF16 + ["model.dtype=bfloat16"]),
+    "heavy-bf16-engine": (HEAVY, HEAVY_ENGINE),
     # and vLLM runs its model compiled by torch.compile (generation.enforce_eager=false, as cluster/gpu.yaml sets):
     # about 30 s at an engine's first start here, vLLM's compile cache after that
     "heavy-bf16-compiled": (HEAVY, HEAVY_COMPILED),
     "heavy-bf16-compiled-1x2": (HEAVY, HEAVY_COMPILED + ["generation.num_actors=1", "generation.torch_threads=2"]),
     # the learner's decoder layers compiled (learner.compile), the engines eager as in heavy-bf16-engine
-    "heavy-bf16-learner-compiled": (HEAVY, HEAVY_BF16 + ["model.dtype=bfloat16", "learner.compile=true"]),
+    "heavy-bf16-learner-compiled": (HEAVY, HEAVY_ENGINE + ["learner.compile=true"]),
 }
 
 
