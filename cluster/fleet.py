@@ -92,6 +92,7 @@ class Fleet:
         self.resampled: dict[str, int] = {}  # prompts sampled again, by reason, since the last take_counts()
         self.swap_seconds: dict[int, float] = {}  # by slot: time lost to hidden-sync swaps since take_counts()
         self.staging: list[tuple[Member, object]] = []  # stage_weights calls not yet seen to finish
+        self.fetch_seconds: float | None = None  # the slowest of them seen to finish since take_counts()
         # The streaming loop's background evaluation launches work from a second driver thread: membership
         # changes (launch, failure, retirement, growth) take this lock; waiting on results does not.
         self.lock = threading.RLock()
@@ -258,18 +259,19 @@ class Fleet:
     # ---- weights --------------------------------------------------------------------------------
     def load(self, version: int, ref) -> dict[str, float]:
         """Every live actor loads ``version`` (published as ``ref``, already in the store); returns the
-        slowest fetch + load."""
+        slowest fetch + load and the slowest fetch alone."""
         members = self.live
         refs = [m.handle.update_weights.remote(version, [ref]) for m in members]
-        slowest = 0.0
+        slowest = fetch = 0.0
         for m, r in zip(members, refs, strict=True):
             try:
                 stats = ray.get(r, timeout=self.cfg.timeout_s)
                 slowest = max(slowest, stats["sync/load_seconds"] + stats["sync/fetch_seconds"])
+                fetch = max(fetch, stats["sync/fetch_seconds"])
                 m.version = version
             except (RayActorError, RayTaskError, GetTimeoutError) as e:  # it catches up when it rejoins
                 self._fail(m, e)
-        return {"sync/load_seconds": slowest}
+        return {"sync/load_seconds": slowest, "sync/fetch_seconds": fetch}
 
     def stage(self, version: int, ref) -> None:
         """Hidden sync: every live actor starts fetching ``version`` in the background and swaps it in between
@@ -289,7 +291,8 @@ class Fleet:
         finished = set(done)
         for m, ref in [(m, r) for m, r in self.staging if r in finished]:
             try:
-                ray.get(ref, timeout=0)
+                seconds = ray.get(ref, timeout=0)["sync/fetch_seconds"]
+                self.fetch_seconds = max(self.fetch_seconds or 0.0, seconds)
             except (RayActorError, RayTaskError) as e:  # a dead actor fails its next generate call too
                 self.log(f"generation actor {m.slot}: background fetch failed ({_first_line(e)})")
         self.staging = [(m, r) for m, r in self.staging if r not in finished]
@@ -339,11 +342,13 @@ class Fleet:
 
     def take_counts(self) -> dict[str, float]:
         """Prompts sampled again since the last call, by reason, as metric keys; the slowest actor's time lost to
-        hidden-sync swaps; and the live fleet size."""
+        hidden-sync swaps and the slowest background fetch that finished; and the live fleet size."""
         out = {f"rollout/prompts_resampled_total{{reason={r}}}": float(v) for r, v in self.resampled.items()}
         if self.swap_seconds:
             out["sync/swap_seconds"] = max(self.swap_seconds.values())
-        self.resampled, self.swap_seconds = {}, {}
+        if self.fetch_seconds is not None:
+            out["sync/fetch_seconds"] = self.fetch_seconds
+        self.resampled, self.swap_seconds, self.fetch_seconds = {}, {}, None
         out["system/fleet_size"] = float(len(self.live))
         return out
 

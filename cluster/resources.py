@@ -162,12 +162,13 @@ def oversubscription_warning(cfg: RelayConfig, cores: int | None = None) -> str 
     overlapping = _overlapping_threads(cfg)
     if overlapping is None:
         return None
-    threads = sum(overlapping)
+    engines, learner = overlapping
+    threads = engines + cfg.learner.num_workers * learner  # every learner rank trains at once
     cores = cores or os.cpu_count() or 1
     if threads <= cores:
         return None
     return (f"algorithm.max_staleness={cfg.algorithm.max_staleness} runs generation and learning at once, with "
             f"{threads} torch threads on {cores} cores; oversubscribed, both slow down (2 + 2 threads on 2 cores: "
             f"3.1x slower than on-policy). Keep generation.num_actors x generation.torch_threads + "
-            f"learner.torch_threads at most {cores} (on 2 cores: generation.num_actors=1, generation.torch_threads=1, "
-            f"learner.torch_threads=1)")
+            f"learner.num_workers x learner.torch_threads at most {cores} (on 2 cores: generation.num_actors=1, "
+            f"generation.torch_threads=1, learner.torch_threads=1)")

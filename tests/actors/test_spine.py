@@ -273,13 +273,16 @@ def test_streaming_loop_trains_every_admitted_group_once_within_staleness(driver
         assert all(m["rollout/staleness_versions"] <= 1 for m in metrics)
         assert max(m["rollout/staleness_versions"] for m in metrics) == 1  # it really sampled ahead
         assert all("rollout/queue_depth" in m and m["sync/seconds"] > 0 for m in metrics)
+        # a background fetch is seen to finish at the next step's stage: its time is reported then
+        assert any(m.get("sync/fetch_seconds", -1.0) >= 0 for m in metrics[1:])
         counts = Counter(s.rollout.group_id for g in taken for s in g.samples)
         assert set(counts.values()) == {driver.cfg.generation.samples_per_prompt}
     finally:
         for _, _, launch in driver.stream.inflight:
             driver.fleet.collect(launch)
         driver.stream, driver.cfg.algorithm.max_staleness = None, 0
-        driver.sync()  # every actor on the latest version again, for the tests after
+        synced = driver.sync()  # every actor on the latest version again, for the tests after
+    assert synced["sync/fetch_seconds"] <= synced["sync/load_seconds"]  # the slowest fetch, and fetch + load
 
 
 def test_streaming_dynamic_sampling_stops_drawing_at_the_cap(driver):

@@ -89,6 +89,8 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="min_tokens applies to whole responses"):
         load_config(overrides=["generation.min_tokens=2", "generation.partial_rollouts=true",
                                "algorithm.max_staleness=1"])
+    with pytest.raises(ConfigError, match="Set max_staleness to 0, or deterministic to false"):
+        load_config(overrides=["train.deterministic=true", "algorithm.max_staleness=1"])
 
 
 def test_readme_config_reference_matches_the_schema():

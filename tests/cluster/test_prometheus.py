@@ -63,7 +63,7 @@ SYNTHETIC_ONLY = {
     "sum by (actor_id) (ray_relay_system_actor_restarts_total)": "no actor restarts (the counter starts at the first)",
     "sum(rate(ray_relay_reward_errors_total[$__rate_interval]))": "no reward errors (Ray drops 0 increments)",
     "sum(rate(ray_relay_reward_excluded_total[$__rate_interval]))": "PPO keeps every rollout, none errs",
-    "max(ray_relay_rollout_queue_depth)": "on-policy: nothing queues (no component exports it yet)",
+    "max(ray_relay_rollout_queue_depth)": "on-policy: nothing queues (the streaming loop's buffer exports it)",
 }
 
 

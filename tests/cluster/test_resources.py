@@ -29,6 +29,10 @@ def test_staleness_with_more_threads_than_cores_warns(monkeypatch):
     fits = load_config(None, ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"])
     assert oversubscription_warning(fits, cores=2) is None
     assert oversubscription_warning(stale, cores=8) is None
+    ranks = load_config(None, ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1",
+                               "learner.num_workers=2"])  # every rank trains at once: 1 + 2 x 1 threads
+    assert "3 torch threads on 2 cores" in oversubscription_warning(ranks, cores=2)
+    assert oversubscription_warning(ranks, cores=3) is None
 
 
 def test_core_layout_gives_generation_its_own_cores_only_where_they_overlap(monkeypatch):

@@ -58,3 +58,13 @@ def test_code_source_options():
     src = RewardSourceConfig(name="c", kind="code", num_cpus=4, concurrency=4, max_batch_size=8)
     opts = _source_options(src, RewardConfig())
     assert opts["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 0.0} and opts["num_replicas"] == 1
+
+
+def test_access_log_is_off_unless_asked():
+    """reward.access_log: the ingress and every source's replicas log a line per call only when it is true."""
+    for flag in (False, True):
+        cfg = RewardConfig(sources=[RewardSourceConfig(name="em", kind="rule", rule="exact_match")], access_log=flag)
+        ingress = build_app(cfg)._bound_deployment
+        source = ingress.init_args[1]["em"]._bound_deployment
+        for deployment in (ingress, source):
+            assert deployment.logging_config["enable_access_log"] is flag
