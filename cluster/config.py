@@ -99,7 +99,7 @@ class MetricsConfig(Section):
                         "its package (pip install 'relay-rl[report]')")
     log_to_driver: bool = Field(False, description="print the actors' and reward replicas' stdout/stderr on the "
                                 "driver's console too; by default they go only to files in the Ray session's log "
-                                "directory (printed at start)")
+                                "directory (printed at start; a local run links it as run_dir/logs)")
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import ray
 
@@ -14,14 +15,15 @@ class ResourceError(RuntimeError):
     """The configuration asks for more than the cluster has."""
 
 
-def init_ray(cfg: RelayConfig, log=print, log_to_driver: bool = False) -> bool:
+def init_ray(cfg: RelayConfig, log=print, log_to_driver: bool = False, link_logs: Path | None = None) -> bool:
     """Join ``cluster.address`` (or the job's cluster under ``ray job submit``), else start a local Ray sized by
     ``local_cpus``.
 
     The actors' and reward replicas' stdout/stderr go to files in the Ray session's log directory (named once
-    through ``log``), and also to this console with ``log_to_driver`` (``metrics.log_to_driver``): vLLM's and
-    Serve's lines would otherwise interleave with the progress line. A local Ray's daemons and workers
-    inherit this process's CPU mask (``core_layout``).
+    through ``log``; for a local Ray also linked as ``<link_logs>/logs``, the run directory's), and also to this
+    console with ``log_to_driver`` (``metrics.log_to_driver``): vLLM's and Serve's lines would otherwise
+    interleave with the progress line. A local Ray's daemons and workers inherit this process's CPU mask
+    (``core_layout``).
     Returns whether this call connected (so the caller disconnects); False if Ray was already up.
     """
     if ray.is_initialized():
@@ -39,7 +41,8 @@ def init_ray(cfg: RelayConfig, log=print, log_to_driver: bool = False) -> bool:
                            **kwargs)
         log(f"started a local Ray with {num_cpus} logical CPUs")
     session_dir = getattr(context, "address_info", {}).get("session_dir")  # a ray:// client's context has none
-    log(component_logs_line(session_dir, joined=bool(address), shown=log_to_driver))
+    linked = _link_logs(link_logs, session_dir) if link_logs is not None and session_dir and not address else None
+    log(component_logs_line(session_dir, joined=bool(address), shown=log_to_driver, linked=linked))
     if not log_to_driver:
         quiet_libraries()
     return True
@@ -89,9 +92,23 @@ def quiet_libraries() -> None:
         pass
 
 
-def component_logs_line(session_dir: str | None, joined: bool, shown: bool) -> str:
-    """Where the actors' and replicas' output is: ``<session_dir>/logs`` (on every node of a cluster)."""
+def _link_logs(run_dir: Path, session_dir: str) -> Path | None:
+    """``<run_dir>/logs``, a link to this session's log directory (a link an earlier session left is replaced;
+    anything else there is left alone, and None returned)."""
+    link = Path(run_dir) / "logs"
+    if link.exists() and not link.is_symlink():
+        return None
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(os.path.join(session_dir, "logs"), target_is_directory=True)
+    return link
+
+
+def component_logs_line(session_dir: str | None, joined: bool, shown: bool, linked: Path | None = None) -> str:
+    """Where the actors' and replicas' output is: ``<session_dir>/logs`` (on every node of a cluster), and the run
+    directory's link to it."""
     where = os.path.join(session_dir, "logs") if session_dir else "the Ray session's logs directory"
+    where += f" (linked as {linked})" if linked else ""
     nodes = " on each node (ray logs lists them)" if joined else ""
     also = "; also printed here (metrics.log_to_driver)" if shown else "; set metrics.log_to_driver=true to print " \
         "them here too"

@@ -59,7 +59,7 @@ def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> di
 
 
 def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, layout: dict | None) -> dict:
-    connected = init_ray(cfg, log=log, log_to_driver=cfg.metrics.log_to_driver)
+    connected = init_ray(cfg, log=log, log_to_driver=cfg.metrics.log_to_driver, link_logs=Path(cfg.train.run_dir))
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
         if warning := oversubscription_warning(cfg):

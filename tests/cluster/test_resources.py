@@ -113,3 +113,18 @@ def test_component_output_stays_in_files_unless_asked(fake_ray_init):
     assert lines[-2] == "joined Ray cluster at 10.0.0.1:6379"
     assert "/tmp/ray/session_x/logs on each node" in lines[-1] and "also printed here" in lines[-1]
     assert load_config().metrics.log_to_driver is False
+
+
+def test_a_local_run_links_the_component_logs_into_its_run_directory(fake_ray_init, tmp_path):
+    run = tmp_path / "run"
+    lines = []
+    for _ in range(2):  # a second session replaces the link the first left
+        init_ray(load_config(), log=lines.append, link_logs=run)
+        assert os.readlink(run / "logs") == "/tmp/ray/session_x/logs"
+        assert f"(linked as {run / 'logs'})" in lines[-1]
+    init_ray(load_config(None, ["cluster.address=10.0.0.1:6379"]), log=lines.append, link_logs=tmp_path / "joined")
+    assert not (tmp_path / "joined").exists()  # a cluster's logs are on its nodes
+    (run / "logs").unlink()
+    (run / "logs").mkdir()  # the user's own directory of that name is left alone
+    init_ray(load_config(), log=lines.append, link_logs=run)
+    assert (run / "logs").is_dir() and not (run / "logs").is_symlink() and "linked" not in lines[-1]
