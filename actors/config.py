@@ -31,9 +31,9 @@ class GenerationConfig(Section):
                                      "default (256 on CPU, 1024 on an H100)")
     enforce_eager: bool = Field(True, description="skip CUDA graph capture / compilation (faster start)")
     stream_chunk_prompts: int | None = Field(None, ge=1, description="streaming loop (algorithm.max_staleness >= 1): "
-                                             "prompts per generate launch, split over the actors; two launches are "
-                                             "kept in flight and weights are swapped in between them. null = half of "
-                                             "train.prompts_per_step")
+                                             "prompts per generate launch, each on one actor; every actor keeps two "
+                                             "launches in flight and weights are swapped in between them. null = "
+                                             "train.prompts_per_step / (2 x generation.num_actors)")
     partial_rollouts: bool = Field(False, description="streaming loop: sample in segments of partial_segment_tokens; "
                                    "between segments a newly published version is swapped in and unfinished samples "
                                    "continue from their prefix; each token records its version (token_versions)")

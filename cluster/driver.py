@@ -183,7 +183,8 @@ class Driver(Recovery):
         a, per_step = self.cfg.algorithm, self.cfg.train.prompts_per_step
         buffer = RolloutBuffer(capacity=a.max_staleness * per_step, max_staleness=a.max_staleness,
                                filters=("uniform",) if a.dynamic_sampling else ())
-        chunk = self.cfg.generation.stream_chunk_prompts or max(1, per_step // 2)
+        g = self.cfg.generation
+        chunk = g.stream_chunk_prompts or max(1, per_step // (2 * g.num_actors))  # a step in flight over the fleet
         return RolloutStream(self.fleet, buffer, self.next_prompts, self.score, min(chunk, buffer.capacity),
                              max_filtered=a.max_extra_prompts_per_step if a.dynamic_sampling else None)
 

@@ -189,14 +189,16 @@ class Fleet:
 
     # ---- work -----------------------------------------------------------------------------------
     def launch(self, prompts: list[Prompt], n: int | None = None, seeds: list[int] | None = None,
-               kind: str = "generate") -> Launch:
+               kind: str = "generate", slot: int | None = None) -> Launch:
         """Start ``kind`` (generate: ``n`` samples per prompt, one seed per prompt if given; greedy) of
-        ``prompts`` over the live actors, one contiguous shard each."""
+        ``prompts`` over the live actors, one contiguous shard each; ``slot``: all of it on that actor (the
+        streaming loop's launches), or over the live actors as before if it is not live."""
         with self.lock:
-            return self._launch(prompts, n, seeds, kind)
+            return self._launch(prompts, n, seeds, kind, slot)
 
-    def _launch(self, prompts: list[Prompt], n: int | None, seeds: list[int] | None, kind: str) -> Launch:
-        members = self.live
+    def _launch(self, prompts: list[Prompt], n: int | None, seeds: list[int] | None, kind: str,
+                slot: int | None = None) -> Launch:
+        members = [m for m in self.live if m.slot == slot] or self.live
         joining = [m for m in self.members if m.state == "joining"]
         while not members and joining:  # every actor is restarting: wait for the first back
             self._settle(joining.pop(0), wait=True)

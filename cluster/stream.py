@@ -2,12 +2,13 @@
 
 With ``algorithm.max_staleness`` s >= 1 the driver does not generate a batch, then train on it: the
 fleet samples all the time. ``RolloutStream`` keeps up to ``INFLIGHT`` chunks of
-``generation.stream_chunk_prompts`` prompts launched, gathers each with ``ray.wait`` as soon as it
-completes, scores it through the reward service at once, and admits its groups to the bounded
-``RolloutBuffer``. While the learner trains, the driver ``pump``s the stream; new weights reach the
-actors in the background (``Fleet.stage``) and are swapped in between chunks. The buffer holds at most
-s steps' worth of groups, so nothing it holds can grow more than s versions old before it is taken,
-and ``take`` drops (counted) whatever would.
+``generation.stream_chunk_prompts`` prompts launched on each actor (a chunk goes to one actor whole, so a
+slow actor holds back only its own chunks), gathers each with ``ray.wait`` as soon as it completes, scores
+it through the reward service at once, and admits its groups to the bounded ``RolloutBuffer``. While the
+learner trains, the driver ``pump``s the stream; new weights reach the actors in the background
+(``Fleet.stage``) and are swapped in between chunks. The buffer holds at most s steps' worth of groups, so
+nothing it holds can grow more than s versions old before it is taken, and ``take`` drops (counted) whatever
+would.
 
 On-policy (s = 0) and deterministic runs do not stream: they sample each step's batch in order
 (``Driver._step``), which is what makes them exact.
@@ -26,7 +27,8 @@ from cluster.rollout_buffer import Group, RolloutBuffer, by_group
 from core.records import Rollout, ScoredRollout
 
 INFLIGHT = 2
-"""chunks launched and not collected: one samples while the next waits, so an actor never idles between"""
+"""chunks launched and not collected, per actor: one samples while the next waits, so an actor never idles
+between them"""
 
 
 @dataclass
@@ -63,13 +65,20 @@ class RolloutStream:
         scores it and starts the learner (the actor's process was busy 87% of a streaming run without this, 91%
         with; one 110 s run each on 2 cores). Such a chunk is sampled by the version the learner holds now and
         is taken at most ``max_staleness`` steps later: AReaL's launch rule, at most (version + s + 1) batches
-        launched (Fu et al. 2025, arXiv:2505.24298)."""
-        while len(self.inflight) < INFLIGHT:
+        launched (Fu et al. 2025, arXiv:2505.24298). Each chunk goes to the live actor with the fewest in flight,
+        up to INFLIGHT each."""
+        while True:
             free = self.buffer.room() + self.promised - sum(len(picks) for picks, _, _ in self.inflight)
-            if free <= 0:
+            count = dict.fromkeys(self.fleet.versions, 0)  # live actors: chunks in flight on each
+            for _, _, launch in self.inflight:
+                for s in launch.slots:
+                    if s in count:
+                        count[s] += 1
+            slot = min(count, key=count.get, default=None)  # None: every actor is restarting
+            if free <= 0 or (slot is None and self.inflight) or (slot is not None and count[slot] >= INFLIGHT):
                 return
             picks, prompts = self.next_prompts(min(self.chunk, free), self.next_group)
-            self.inflight.append((picks, self.next_group, self.fleet.launch(prompts)))
+            self.inflight.append((picks, self.next_group, self.fleet.launch(prompts, slot=slot)))
             self.next_group += len(prompts)
 
     def pump(self, timeout: float, also: list | None = None) -> None:

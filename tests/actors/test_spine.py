@@ -244,7 +244,8 @@ def test_greedy_evaluation_is_deterministic(driver):
 
 def test_streaming_loop_trains_every_admitted_group_once_within_staleness(driver):
     """max_staleness 1: the fleet samples while the learner trains, groups are scored as they land; every
-    group the buffer admitted is trained on exactly once (or is still waiting), none older than 1 version."""
+    group the buffer admitted is trained on exactly once (or is still waiting, or was dropped as too old and
+    counted), none older than 1 version; each chunk is sampled by one actor whole, and both actors sample."""
     driver.cfg.algorithm.max_staleness = 1
     driver.stream = driver._build_stream()
     admitted, taken, steps = [], [], []
@@ -261,13 +262,35 @@ def test_streaming_loop_trains_every_admitted_group_once_within_staleness(driver
         taken.extend(out)
         return out
 
+    dropped, drop_stale = [], driver.stream.buffer.drop_stale
+
+    def recording_drop_stale(learner_version):  # a chunk sampled before its actor swapped in a new version
+        before = list(driver.stream.buffer.groups)
+        drop_stale(learner_version)
+        kept = {id(g) for g in driver.stream.buffer.groups}
+        dropped.extend(g for g in before if id(g) not in kept)
+
+    launched, launch = [], driver.fleet.launch
+
+    def recording_launch(*args, **kwargs):
+        out = launch(*args, **kwargs)
+        launched.append(out.slots)
+        return out
+
     driver.stream.buffer.add, driver.stream.buffer.take = recording_add, recording_take
+    driver.stream.buffer.drop_stale = recording_drop_stale
+    driver.fleet.launch = recording_launch
     try:
         metrics = [driver._stream_step() for _ in range(4)]
+        assert all(len(slots) == 1 for slots in launched)  # each chunk on one actor whole
+        assert {slots[0] for slots in launched} == {0, 1}  # and both actors sample
         ids = [s.rollout.group_id for g in taken for s in g.samples[:1]]
         assert len(ids) == len(set(ids)) == 4 * driver.cfg.train.prompts_per_step  # each group once
         left = list(driver.stream.buffer.groups)
-        assert {id(g) for g in admitted} == {id(g) for g in taken} | {id(g) for g in left}
+        # every admitted group is trained on, still waiting, or dropped as too old and counted
+        assert {id(g) for g in admitted} == {id(g) for g in taken} | {id(g) for g in left} | {id(g) for g in dropped}
+        assert sum(m.get("rollout/dropped_total{reason=stale}", 0.0) for m in metrics) == \
+            sum(len(g.samples) for g in dropped)
         for version, groups in steps:
             assert all(version - g.version <= 1 for g in groups)
         assert all(m["rollout/staleness_versions"] <= 1 for m in metrics)
@@ -278,8 +301,9 @@ def test_streaming_loop_trains_every_admitted_group_once_within_staleness(driver
         counts = Counter(s.rollout.group_id for g in taken for s in g.samples)
         assert set(counts.values()) == {driver.cfg.generation.samples_per_prompt}
     finally:
-        for _, _, launch in driver.stream.inflight:
-            driver.fleet.collect(launch)
+        del driver.fleet.launch
+        for _, _, inflight in driver.stream.inflight:
+            driver.fleet.collect(inflight)
         driver.stream, driver.cfg.algorithm.max_staleness = None, 0
         synced = driver.sync()  # every actor on the latest version again, for the tests after
     assert synced["sync/fetch_seconds"] <= synced["sync/load_seconds"]  # the slowest fetch, and fetch + load

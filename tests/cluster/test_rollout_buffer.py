@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from cluster.rollout_buffer import Group, RolloutBuffer
@@ -66,14 +68,17 @@ def test_token_staleness_by_hand():
 
 
 class _LaunchLog:
-    """Stands in for the fleet: records what the stream launches."""
+    """Stands in for the fleet of ``actors`` live actors: records what the stream launches, and on which."""
 
-    def __init__(self):
+    def __init__(self, actors: int = 1):
         self.launched: list[int] = []
+        self.on: list[int | None] = []
+        self.versions = dict.fromkeys(range(actors), 0)
 
-    def launch(self, prompts):
+    def launch(self, prompts, slot=None):
         self.launched.append(len(prompts))
-        return object()
+        self.on.append(slot)
+        return SimpleNamespace(slots=[slot] if slot in self.versions else list(self.versions))
 
 
 def test_stream_launches_ahead_only_for_the_groups_a_waiting_take_removes():
@@ -98,3 +103,22 @@ def test_stream_launches_ahead_only_for_the_groups_a_waiting_take_removes():
     stream.promised = 0
     stream._fill()
     assert fleet.launched == [4, 4, 4, 4]  # after the take: one more, the room is 8 with 4 in flight
+
+
+def test_stream_gives_each_chunk_to_one_actor_the_least_busy_first():
+    """Two actors: a chunk goes to one actor whole, to the one with the fewest in flight, two at most each; when
+    an actor's chunk lands only that actor gets the next; an actor gone from the fleet gets nothing."""
+    from cluster.stream import RolloutStream
+
+    fleet, buffer = _LaunchLog(actors=2), RolloutBuffer(capacity=16, max_staleness=1)
+    stream = RolloutStream(fleet, buffer, lambda n, first: (list(range(n)), [None] * n), score=None, chunk=2)
+    stream._fill()
+    assert fleet.on == [0, 1, 0, 1] and fleet.launched == [2, 2, 2, 2]  # two in flight on each
+    stream.inflight.pop(1)  # actor 1's first chunk lands
+    stream._fill()
+    assert fleet.on == [0, 1, 0, 1, 1]
+    del fleet.versions[1]  # actor 1 fails: its chunks are resampled by the fleet, it gets no new ones
+    stream.inflight = [item for item in stream.inflight if item[2].slots != [1]]
+    stream.inflight.pop(0)
+    stream._fill()
+    assert fleet.on[5:] == [0]
