@@ -18,9 +18,9 @@ and layers chosen for the bytes) loads a published version with the synchronous 
 actor's ``ray.get`` and the in-place load, generation stopped for both) and with hidden sync
 (``stage_weights`` fetches in the background while a request samples, the next request swaps it in). Per
 size: fetch and load (swap) seconds; a request's time alone; and the generation time a sync costs, with
-hidden sync off (two requests with a synchronous load between them, less two requests alone) and on (the
-first request sampling while the version is published and fetched, the second swapping it in, less two
-alone).
+hidden sync off (a request, the publish and a synchronous load, then a request: the actor idles through the
+publish too, less two requests alone) and on (the first request sampling while the version is published and
+fetched, the second swapping it in, less two alone).
 
 Writes ``benchmarks/results/weight_sync/results.json`` and ``results.md``.
 """
@@ -139,8 +139,8 @@ def engine_row(mb: int, repeats: int, prompts_per_call: int) -> dict:
         sync_fetch, sync_load, lost_off, lost_on, swaps, parts = [], [], [], [], [], []
         for _ in range(repeats):
             ray.get(generate(), timeout=600)
+            t0 = time.perf_counter()  # hidden sync off: published, the actor gets and loads, then samples
             v, ref = publish()
-            t0 = time.perf_counter()  # hidden sync off: the actor gets and loads, then samples
             stats = ray.get(actor.update_weights.remote(v, [ref]), timeout=600)
             ray.get(generate(), timeout=600)
             lost_off.append(time.perf_counter() - t0 - statistics.median(alone))
