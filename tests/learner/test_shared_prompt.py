@@ -75,6 +75,25 @@ def _assert_same_gradients(got: list[torch.Tensor], want: list[torch.Tensor]) ->
         torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=1e-4)
 
 
+LORA_KL = ["learner.lora.r=4", "learner.lora.alpha=8", "algorithm.kl_in=loss", "algorithm.kl_coef=0.1"]
+"""LoRA with the KL in the loss: every step also runs the reference pass, the base with its adapters off"""
+
+
+def _assert_same_reference_passes(got: Learner, want: Learner, batch) -> None:
+    """The no-grad pass with the adapters on and off (the policy and its LoRA reference) agree at every response
+    position."""
+    mask = batch.response_mask.bool()
+    for adapters_off in (False, True):
+        a = want._no_grad_pass(want.policy, batch, adapters_off=adapters_off)[0]
+        b = got._no_grad_pass(got.policy, batch, adapters_off=adapters_off)[0]
+        torch.testing.assert_close(b[mask], a[mask], atol=1e-5, rtol=0)
+
+
+def _assert_layers_compiled(learner: Learner) -> None:
+    layers = [m for m in learner.policy.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
+
+
 def test_split_prompts_finds_each_distinct_prompt():
     batch = collate(ROWS, 0)
     split = shared_prompt.split_prompts(batch)
@@ -151,16 +170,11 @@ def test_shared_pass_equals_the_full_rows(extra, policy_dir, bucket_rows):
 def test_shared_pass_with_lora_and_min_tokens(policy_dir, bucket_rows):
     """LoRA (the reference is the base with adapters off, through the same two passes) and the sampler's
     min_tokens mask (on the response-aligned logits)."""
-    lora = ["learner.lora.r=4", "learner.lora.alpha=8", "algorithm.kl_in=loss", "algorithm.kl_coef=0.1"]
-    full, shared = (_learner(policy_dir, share, lora, seed=0, min_tokens=2) for share in (False, True))
+    full, shared = (_learner(policy_dir, share, LORA_KL, seed=0, min_tokens=2) for share in (False, True))
     rows = [r for r in ROWS if len(r.rollout.response_ids) > 2]  # a stop token before min_tokens is impossible
     batch = collate(rows, 0)
     assert shared_prompt.split_prompts(batch) is not None
-    mask = batch.response_mask.bool()
-    for adapters_off in (False, True):
-        a = full._no_grad_pass(full.policy, batch, adapters_off=adapters_off)[0]
-        b = shared._no_grad_pass(shared.policy, batch, adapters_off=adapters_off)[0]
-        torch.testing.assert_close(b[mask], a[mask], atol=1e-5, rtol=0)
+    _assert_same_reference_passes(shared, full, batch)
     grads_full, grads_shared = _gradients(full), _gradients(shared)
     full.train_step(rows)
     shared.train_step(rows)
@@ -231,8 +245,7 @@ def test_compiled_layers_give_the_eager_update(policy_dir):
     eager, compiled = _learner(policy_dir, False), _learner(policy_dir, True, ["learner.compile=true"])
     graphs_before = counters["stats"]["unique_graphs"]
     assert not compiled.share_prompts  # compile keeps the one-pass forward
-    layers = [m for m in compiled.policy.modules() if type(m).__name__.endswith("DecoderLayer")]
-    assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
+    _assert_layers_compiled(compiled)
     grads_eager, grads_compiled = _gradients(eager), _gradients(compiled)
     wider = _rollouts(seed=11) + [ScoredRollout(replace(ROWS[0].rollout, response_ids=[5] * 12,
                                                                 sampling_logprobs=[-math.log(258)] * 12), 0.5)]
@@ -255,16 +268,10 @@ def test_compiled_layers_with_lora_give_the_eager_update(policy_dir):
     """learner.compile with LoRA (peft's adapters inside the compiled layers) and the KL in the loss, so every
     step also runs the reference pass with the adapters off: the same reference logprobs, gradients and
     statistics as the eager LoRA learner, and the merged weights it publishes match too."""
-    lora = ["learner.lora.r=4", "learner.lora.alpha=8", "algorithm.kl_in=loss", "algorithm.kl_coef=0.1"]
-    eager, compiled = _learner(policy_dir, False, lora), _learner(policy_dir, False, [*lora, "learner.compile=true"])
-    layers = [m for m in compiled.policy.modules() if type(m).__name__.endswith("DecoderLayer")]
-    assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
-    batch = collate(ROWS, 0)
-    mask = batch.response_mask.bool()
-    for adapters_off in (False, True):
-        a = eager._no_grad_pass(eager.policy, batch, adapters_off=adapters_off)[0]
-        b = compiled._no_grad_pass(compiled.policy, batch, adapters_off=adapters_off)[0]
-        torch.testing.assert_close(b[mask], a[mask], atol=1e-5, rtol=0)
+    eager = _learner(policy_dir, False, LORA_KL)
+    compiled = _learner(policy_dir, False, [*LORA_KL, "learner.compile=true"])
+    _assert_layers_compiled(compiled)
+    _assert_same_reference_passes(compiled, eager, collate(ROWS, 0))
     grads_eager, grads_compiled = _gradients(eager), _gradients(compiled)
     for _ in range(2):  # the second step's adapters are non-zero, so adapters on and off differ
         stats_eager, stats_compiled = eager.train_step(ROWS), compiled.train_step(ROWS)
