@@ -133,6 +133,8 @@ def requested(cfg: RelayConfig, most: bool = False) -> dict[str, float]:
             + cfg.reward.ingress_num_cpus * (1 + bool(eval_sources)))
     gpus = lc.num_gpus * lc.num_workers + actors * g.num_gpus
     for s in [*cfg.reward.sources, *eval_sources]:
+        if s.in_ingress:  # scored in the ingress replica: nothing of its own
+            continue
         scale = s.autoscaling
         replicas = (scale.max_replicas if most else scale.min_replicas) if scale else (s.num_replicas or 1)
         cpus += replicas * s.num_cpus

@@ -1,8 +1,9 @@
 """The reward service as one Ray Serve application.
 
-One deployment per source (``source-<name>``) and an ingress deployment (``RewardIngress``) that
-validates requests, fans them out to every source concurrently, and combines the answers
-(``reward_service.combine``). Plain classes are made deployments only in ``build_app``.
+An ingress deployment (``RewardIngress``) validates requests, fans them out to every source concurrently, and
+combines the answers (``reward_service.combine``). Each source is a deployment of its own (``source-<name>``),
+except a rule (``inline: true``, the default): a rule takes microseconds a sample, far less than the Serve hop to
+a replica of its own, so the ingress scores it itself. Plain classes are made deployments only in ``build_app``.
 
 A function source's ``.py`` file is read here, at deploy time, and its text travels to the replicas as a
 deployment argument: Serve keeps deployment arguments in its controller's checkpoint, so every replica,
@@ -51,6 +52,7 @@ class RewardIngress:
     def __init__(self, cfg: RewardConfig, sources: dict[str, DeploymentHandle]):
         self._cfg = cfg
         self._sources = sources
+        self._inline = {s.name: RuleScorer(s) for s in cfg.sources if s.in_ingress}
         self._specs = {s.name: s for s in cfg.sources}
         self._weights = {s.name: s.weight for s in cfg.sources}
         self._norm = RunningNorm() if cfg.normalize else None
@@ -70,7 +72,7 @@ class RewardIngress:
 
     def health(self) -> dict:
         """The ingress replica's pid and its source names (for debugging and the replica-death test)."""
-        return {"pid": os.getpid(), "sources": list(self._sources)}
+        return {"pid": os.getpid(), "sources": [s.name for s in self._cfg.sources]}
 
     async def score(self, requests: list[Any]) -> list[RewardResult]:
         if not isinstance(requests, list):
@@ -103,15 +105,17 @@ class RewardIngress:
         """Every source's scores for ``requests``; model sources get chunks of max_batch_size so that
         several replicas share a large call."""
         if not requests:
-            return {name: [] for name in self._sources}
+            return {name: [] for name in self._specs}
         calls: dict[str, list] = {}
         for name, handle in self._sources.items():
             spec = self._specs[name]
             size = len(requests) if spec.kind == "rule" else spec.max_batch_size
             calls[name] = [handle.score.remote(requests[i:i + size]) for i in range(0, len(requests), size)]
         names = list(calls)
-        chunks = await asyncio.gather(*(asyncio.gather(*calls[n]) for n in names))
-        return {n: [s for chunk in parts for s in chunk] for n, parts in zip(names, chunks, strict=True)}
+        pending = asyncio.gather(*(asyncio.gather(*calls[n]) for n in names))  # the deployments work meanwhile
+        inline = {name: scorer.score_now(requests) for name, scorer in self._inline.items()}
+        deployed = dict(zip(names, await pending, strict=True))
+        return {n: inline[n] if n in inline else [s for chunk in deployed[n] for s in chunk] for n in self._specs}
 
     async def stats(self) -> dict[str, float]:
         """Ingress counters plus source counters summed over live replicas: model batching and truncation;
@@ -139,10 +143,11 @@ class RewardIngress:
         return out
 
     async def source_stats(self) -> dict[str, list[dict]]:
-        """Per source, the stats() of each live replica."""
+        """Per source, the stats() of each live replica (an inline rule's: the ingress's own scorer)."""
         names = list(self._sources)
-        results = await asyncio.gather(*(_replica_stats(self._sources[n]) for n in names))
-        return dict(zip(names, results, strict=True))
+        results = dict(zip(names, await asyncio.gather(*(_replica_stats(self._sources[n]) for n in names)),
+                           strict=True))
+        return {n: [self._inline[n].stats()] if n in self._inline else results[n] for n in self._specs}
 
     async def __call__(self, http_request) -> Any:
         """POST {"requests": [{"prompt", "response", "metadata"}]} -> {"results": [...]}. A call that is not a JSON
@@ -258,9 +263,9 @@ def _bind_source(src: RewardSourceConfig, cfg: RewardConfig) -> serve.Applicatio
 
 
 def build_app(cfg: RewardConfig) -> serve.Application:
-    """The Serve application for ``cfg``: one deployment per source plus the ingress. Function files are read
-    here (see the module docstring)."""
-    sources = {src.name: _bind_source(src, cfg) for src in cfg.sources}
+    """The Serve application for ``cfg``: the ingress plus one deployment per source that is not an inline rule.
+    Function files are read here (see the module docstring)."""
+    sources = {src.name: _bind_source(src, cfg) for src in cfg.sources if not src.in_ingress}
     ingress = serve.deployment(RewardIngress).options(
         name="RewardIngress", num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING, **_health_options(cfg),
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, **_logging_options(cfg))

@@ -120,7 +120,7 @@ class FunctionRef:
 
 
 _KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "rule": ("rule", "params"),
+    "rule": ("rule", "params", "inline"),
     "model": ("model_path", "pooling", "max_length"),
     "ensemble": ("model_paths", "pooling", "max_length", "uncertainty_penalty"),
     "function": ("function", "batched", "timeout_s", "concurrency"),
@@ -173,6 +173,10 @@ class RewardSourceConfig(BaseModel):
     weight: float = Field(1.0, description="weight of this source in the combined reward")
     uncertainty_penalty: float = Field(
         0.0, ge=0.0, description="kind=ensemble: reward = mean - uncertainty_penalty * std over the models")
+    inline: bool = Field(True, description="kind=rule: score in the ingress replica, with no deployment and no Serve "
+                                           "hop of its own (a rule takes microseconds a sample; the hop took 11 ms "
+                                           "of 24 for 512 samples). false: a deployment of its own, which "
+                                           "num_replicas, autoscaling and the resources below then size")
     num_replicas: int | None = Field(None, ge=1, description="fixed replica count (default 1); "
                                                              "leave unset when autoscaling is given")
     autoscaling: AutoscalingSpec | None = Field(None, description="Serve autoscaling instead of num_replicas")
@@ -216,7 +220,21 @@ class RewardSourceConfig(BaseModel):
                              f"({self.max_batch_size}), or batches can never fill")
         if self.autoscaling is not None and self.num_replicas is not None:
             raise ValueError(f"{where}: give either num_replicas or autoscaling, not both")
+        if self.in_ingress:
+            sized = [k for k in _DEPLOYMENT_FIELDS if getattr(self, k) != type(self).model_fields[k].get_default()]
+            if sized:
+                raise ValueError(f"{where}: {', '.join(sized)} size a source's own deployment, and a rule is scored in "
+                                 "the ingress replica by default; set inline: false to give it a deployment")
         return self
+
+    @property
+    def in_ingress(self) -> bool:
+        """A rule scored inside the ingress replica (``inline``), with no deployment of its own."""
+        return self.kind == "rule" and self.inline
+
+
+_DEPLOYMENT_FIELDS = ("num_replicas", "autoscaling", "num_cpus", "num_gpus", "max_ongoing_requests")
+"""what sizes a source's own deployment, which an inline rule does not have"""
 
 
 def _resolve_function(ref: str | None, where: str) -> str:

@@ -16,8 +16,10 @@ from cluster.resources import core_layout, init_ray, local_cpus, oversubscriptio
 
 def test_requested_sums_learner_actors_and_replicas():
     cfg = load_config(None, ["generation.num_actors=3", "generation.num_cpus=2", "learner.num_cpus=1"])
-    # learner 1 + 3 actors x 2 + ingress 0.1 + one exact_match rule replica x 0.5
-    assert requested(cfg) == {"CPU": 1 + 6 + 0.1 + 0.5, "GPU": 0.0}
+    # learner 1 + 3 actors x 2 + ingress 0.1 (the exact_match rule is scored in the ingress)
+    assert requested(cfg) == {"CPU": 1 + 6 + 0.1, "GPU": 0.0}
+    deployed = load_config(None, ["reward.sources=[{name: em, kind: rule, rule: exact_match, inline: false}]"])
+    assert requested(deployed)["CPU"] == 1 + 2 + 0.1 + 0.5  # a rule with a deployment of its own: one replica
 
 
 def test_staleness_with_more_threads_than_cores_warns(monkeypatch):
@@ -85,14 +87,15 @@ def fake_ray_init(monkeypatch):
 
 def test_local_ray_holds_what_the_run_asks_for(fake_ray_init, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    # learner 1 + two actors x 1 + ingress 0.1 + exact_match 0.5 = 3.6
+    # learner 1 + two actors x 1 + ingress 0.1 = 3.1
     assert local_cpus(load_config()) == 4
     # a source of 2 CPUs a replica, autoscaled from 1 to 3: 1 + 2 + 0.1 + 2 at the fewest, + 3 x 2 = 9.1 at the most
-    scaled = load_config(None, ["reward.sources=[{name: rm, kind: rule, rule: length_penalty, num_cpus: 2, "
+    scaled = load_config(None, ["reward.sources=[{name: rm, kind: rule, rule: length_penalty, inline: false, "
+                                "num_cpus: 2, "
                                 "autoscaling: {min_replicas: 1, max_replicas: 3}}]"])
     assert requested(scaled)["CPU"] == 1 + 2 + 0.1 + 2 and local_cpus(scaled) == 10
-    grows = load_config(None, ["generation.max_num_actors=4"])  # room for the fleet to grow to 4: 1 + 4 + 0.6
-    assert requested(grows)["CPU"] == 3.6 and local_cpus(grows) == 6
+    grows = load_config(None, ["generation.max_num_actors=4"])  # room for the fleet to grow to 4: 1 + 4 + 0.1
+    assert requested(grows)["CPU"] == 3.1 and local_cpus(grows) == 6
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert local_cpus(load_config()) == 64  # a big machine: every core, as before
     init_ray(load_config(None, ["cluster.local_num_cpus=3"]), log=lambda _: None)

@@ -25,14 +25,15 @@ def test_autoscaling_replaces_num_replicas():
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0}
 
 
-def test_build_app_binds_one_deployment_per_source():
+def test_build_app_binds_one_deployment_per_source_but_inline_rules():
     cfg = RewardConfig(sources=[RewardSourceConfig(name="em", kind="rule", rule="exact_match"),
-                                RewardSourceConfig(name="fmt", kind="rule", rule="format", num_replicas=2)])
+                                RewardSourceConfig(name="fmt", kind="rule", rule="format", inline=False, num_replicas=2),
+                                RewardSourceConfig(name="rm", kind="model", model_path="/ckpt")])
     app = build_app(cfg)
     deployment = app._bound_deployment
     assert deployment.name == "RewardIngress"
     bound_sources = deployment.init_args[1]
-    assert sorted(bound_sources) == ["em", "fmt"]
+    assert sorted(bound_sources) == ["fmt", "rm"]  # em is scored in the ingress
     assert bound_sources["fmt"]._bound_deployment.num_replicas == 2
 
 
@@ -63,7 +64,8 @@ def test_code_source_options():
 def test_access_log_is_off_unless_asked():
     """reward.access_log: the ingress and every source's replicas log a line per call only when it is true."""
     for flag in (False, True):
-        cfg = RewardConfig(sources=[RewardSourceConfig(name="em", kind="rule", rule="exact_match")], access_log=flag)
+        cfg = RewardConfig(sources=[RewardSourceConfig(name="em", kind="rule", rule="exact_match", inline=False)],
+                           access_log=flag)
         ingress = build_app(cfg)._bound_deployment
         source = ingress.init_args[1]["em"]._bound_deployment
         for deployment in (ingress, source):

@@ -96,8 +96,8 @@ def good(cluster, files):
         _fn("lengths", f"{files['good']}:score_batch", batched=True, weight=0.0),
         _fn("module", "tests.reward_service.user_rewards:length_score", weight=0.0),
         RewardSourceConfig(name="tags", kind="rule", rule="format", params={"tags": ["think", "answer"]},
-                           weight=0.0, num_cpus=0.1),
-        RewardSourceConfig(name="overlong", kind="rule", rule="overlong", weight=0.0, num_cpus=0.1,
+                           weight=0.0),
+        RewardSourceConfig(name="overlong", kind="rule", rule="overlong", weight=0.0,
                            params={"max_tokens": 10, "overlong_buffer": 4}),
     ], http_enabled=False)
     c = RewardClient.deploy(cfg, app_name="fn-good")
@@ -214,7 +214,8 @@ def test_a_function_that_cannot_be_imported_fails_the_deploy(cluster, files):
 
 def test_deploy_gives_up_after_deploy_timeout_s(cluster):
     """A replica that never starts (here: more CPUs than the cluster has) fails the deploy in bounded time."""
-    cfg = RewardConfig(sources=[RewardSourceConfig(name="huge", kind="rule", rule="exact_match", num_cpus=64)],
+    cfg = RewardConfig(sources=[RewardSourceConfig(name="huge", kind="rule", rule="exact_match", inline=False,
+                                                   num_cpus=64)],
                        http_enabled=False, deploy_timeout_s=3)
     start = time.monotonic()
     with pytest.raises(RewardDeployError, match=r"'fn-huge' did not start within deploy_timeout_s=3s: source-huge: "

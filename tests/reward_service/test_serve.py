@@ -58,8 +58,8 @@ def cluster():
 def client(cluster, ckpts):
     cfg = RewardConfig(
         sources=[
-            RewardSourceConfig(name="exact_match", kind="rule", rule="exact_match", weight=1.0, num_cpus=0.1),
-            RewardSourceConfig(name="format", kind="rule", rule="format", weight=0.5, num_cpus=0.1),
+            RewardSourceConfig(name="exact_match", kind="rule", rule="exact_match", weight=1.0),  # in the ingress
+            RewardSourceConfig(name="format", kind="rule", rule="format", weight=0.5, inline=False, num_cpus=0.1),
             RewardSourceConfig(name="rm", kind="model", model_path=str(ckpts["rm"]), weight=0.25, num_cpus=0.5,
                                max_batch_size=16, batch_wait_timeout_s=0.05),
             RewardSourceConfig(name="ens", kind="ensemble", model_paths=[str(ckpts["one"]), str(ckpts["three"])],
@@ -72,10 +72,10 @@ def client(cluster, ckpts):
 
 
 def _rule_app(name: str, **cfg_kwargs) -> RewardClient:
-    cfg = RewardConfig(sources=[RewardSourceConfig(name="exact_match", kind="rule", rule="exact_match", weight=3.0,
-                                                   num_cpus=0.1),
+    # exact_match is scored in the ingress; length has a replica of its own (the failure tests stop it)
+    cfg = RewardConfig(sources=[RewardSourceConfig(name="exact_match", kind="rule", rule="exact_match", weight=3.0),
                                 RewardSourceConfig(name="length", kind="rule", rule="length_penalty", weight=1.0,
-                                                   num_cpus=0.1)],
+                                                   inline=False, num_cpus=0.1)],
                        http_enabled=False, **cfg_kwargs)
     return RewardClient.deploy(cfg, app_name=name)
 
@@ -95,6 +95,22 @@ def test_handle_scores_combine_rules_model_and_ensemble(client, ckpts):
         assert res.components["ens"] == pytest.approx(ens)
         assert res.components["ens/mean"] == pytest.approx(2.0) and res.components["ens/std"] == pytest.approx(1.0)
         assert res.reward == pytest.approx(1.0 * em + 0.5 * fmt + 0.25 * rm + 0.1 * ens, abs=1e-5)
+
+
+def test_an_inline_rule_is_scored_in_the_ingress(client):
+    """exact_match (inline, the default for a rule) runs in the ingress replica with no deployment of its own;
+    format (inline: false) in a replica of its own; both are counted."""
+    from ray import serve
+
+    before = {name: reps[0]["calls"] for name, reps in client.source_stats().items() if name in ("exact_match", "format")}
+    client.score([GOOD, WRONG])
+    stats, ingress = client.source_stats(), client.health()
+    assert stats["exact_match"][0]["pid"] == ingress["pid"] != stats["format"][0]["pid"]
+    assert stats["exact_match"][0]["calls"] == before["exact_match"] + 1 and stats["format"][0]["calls"] == \
+        before["format"] + 1
+    assert ingress["sources"] == ["exact_match", "format", "rm", "ens"]
+    deployments = set(serve.status().applications["reward-test"].deployments)
+    assert deployments == {"RewardIngress", "source-format", "source-rm", "source-ens"}
 
 
 def test_http_route(client):
@@ -203,7 +219,7 @@ def test_connect_to_running_app(client):
 
 
 def test_nan_rewards_are_excluded_and_counted(cluster, ckpts):
-    cfg = RewardConfig(sources=[RewardSourceConfig(name="exact_match", kind="rule", rule="exact_match", num_cpus=0.1),
+    cfg = RewardConfig(sources=[RewardSourceConfig(name="exact_match", kind="rule", rule="exact_match"),
                                 RewardSourceConfig(name="nan_rm", kind="model", model_path=str(ckpts["nan"]),
                                                    num_cpus=0.2)],
                        http_enabled=False)
