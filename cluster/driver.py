@@ -224,12 +224,12 @@ class Driver(Recovery):
         return picked, [Prompt(first_group + j, self.train_prompts[i].text, self.train_prompts[i].token_ids,
                                self.train_prompts[i].metadata) for j, i in enumerate(picked)]
 
-    def launch(self, step: int) -> tuple[list[int], Launch]:
-        """Start sampling the prompts of ``step`` on the fleet."""
+    def launch(self, step: int, version: int | None = None) -> tuple[list[int], Launch]:
+        """Start sampling the prompts of ``step`` on the fleet (``version``: the one every rollout must carry)."""
         picked, prompts = self.next_prompts()
         seeds = [sampling_seed(self.cfg.train.seed, step, p.index) for p in prompts] \
             if self.cfg.train.deterministic else None
-        return picked, self.fleet.launch(prompts, seeds=seeds)
+        return picked, self.fleet.launch(prompts, seeds=seeds, version=version)
 
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], dict[str, float]]:
         start = time.perf_counter()
@@ -276,11 +276,16 @@ class Driver(Recovery):
         scores = [0.0 if r.reward is None else r.reward for r in self.eval_reward.score(requests)]
         return sum(scores) / len(scores)
 
-    def sync(self) -> dict[str, float]:
-        """Publish the learner's weights once and have every actor load them."""
+    def sync(self, launch_next: bool = False) -> dict[str, float]:
+        """Publish the learner's weights once and have every actor load them. ``launch_next`` (on-policy): launch
+        the next step's batch before waiting for the loads; each actor samples it right after its own load, so
+        the driver's wait and the next call's hop are off the critical path."""
         start = time.perf_counter()
         version, ref, stats = self._publish()
-        stats.update(self.fleet.load(version, ref))
+        loading = self.fleet.start_load(version, ref)
+        if launch_next:
+            self.inflight.append(self.launch(self.step + 1, version))
+        stats.update(self.fleet.finish_load(version, loading))
         stats["sync/seconds"] = time.perf_counter() - start
         return stats
 
@@ -407,13 +412,14 @@ class Driver(Recovery):
 
     def _step(self) -> dict[str, float]:
         """One on-policy step: sample the batch, score it, train, publish, every actor loads (in order, so
-        deterministic mode is exact). Streaming (``max_staleness`` >= 1) is ``_stream_step``."""
+        deterministic mode is exact), and the next step's batch is launched right behind the loads. Streaming
+        (``max_staleness`` >= 1) is ``_stream_step``."""
         if self.stream is not None:
             return self._stream_step()
         t0 = time.perf_counter()
         version = max(self.store.latest_version, self.fleet.start_version)
         if not self.inflight:
-            self.inflight.append(self.launch(self.step + 1))
+            self.inflight.append(self.launch(self.step + 1, version))
         _, launched = self.inflight[0]
         rollouts, gen_seconds = self.fleet.collect(launched)
         metrics = self.rollout_stats(rollouts, gen_seconds, max(version, 0))
@@ -424,7 +430,7 @@ class Driver(Recovery):
         metrics.update(self._learner_call(self.learner.train_step, scored))
         self.inflight.popleft()  # trained: from here on it is never redone
         self.step += 1
-        metrics.update(self.sync())
+        metrics.update(self.sync(launch_next=self.step < self.cfg.train.steps))
         metrics.update(self.fleet.take_counts())
         self.fleet.grow()
         metrics["system/step_seconds"] = time.perf_counter() - t0

@@ -38,6 +38,10 @@ class FleetError(RuntimeError):
     """No generation actor is left to take work."""
 
 
+class WrongVersion(RuntimeError):
+    """An on-policy shard came back sampled by another version than the one it was launched for."""
+
+
 @dataclass
 class Member:
     """One actor slot. ``state``: joining (engine starting or restarting) -> live -> joining ... -> retired."""
@@ -63,6 +67,7 @@ class Launch:
     refs: list
     n: int | None
     seeds: list[list[int]] | None
+    version: int | None = None  # on-policy: the version every rollout must carry (a shard sampled by another is redone)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -189,12 +194,15 @@ class Fleet:
 
     # ---- work -----------------------------------------------------------------------------------
     def launch(self, prompts: list[Prompt], n: int | None = None, seeds: list[int] | None = None,
-               kind: str = "generate", slot: int | None = None) -> Launch:
+               kind: str = "generate", slot: int | None = None, version: int | None = None) -> Launch:
         """Start ``kind`` (generate: ``n`` samples per prompt, one seed per prompt if given; greedy) of
         ``prompts`` over the live actors, one contiguous shard each; ``slot``: all of it on that actor (the
-        streaming loop's launches), or over the live actors as before if it is not live."""
+        streaming loop's launches), or over the live actors as before if it is not live. ``version``: every
+        rollout must come from it, or its shard is sampled again (the on-policy loop launches right behind a load)."""
         with self.lock:
-            return self._launch(prompts, n, seeds, kind, slot)
+            launch = self._launch(prompts, n, seeds, kind, slot)
+        launch.version = version
+        return launch
 
     def _launch(self, prompts: list[Prompt], n: int | None, seeds: list[int] | None, kind: str,
                 slot: int | None = None) -> Launch:
@@ -224,15 +232,19 @@ class Fleet:
                 result = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
                 if launch.kind == "generate":
                     self._note(self.members[launch.slots[i]], result)
+                    held = {r.policy_version for r in result.rollouts}
+                    if launch.version is not None and held - {launch.version}:
+                        # its load failed and it sampled before it was restarted: redone, never trained on
+                        raise WrongVersion(f"sampled with version {sorted(held)}, launched for {launch.version}")
                     out.extend(result.rollouts)
                 else:
                     out.extend(result)
-            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+            except (RayActorError, RayTaskError, GetTimeoutError, WrongVersion) as e:
                 member = self.members[launch.slots[i]]
                 # a shard of the member's previous process: it has been handled (and restarted) already
                 reason = self._fail(member, e) if member.restarts == launch.incarnations[i] else _reason(e)
                 self.resampled[reason] = self.resampled.get(reason, 0) + len(launch.shards[i])
-                out.extend(self._redo(launch.kind, launch.shards[i], launch.n, seeds))
+                out.extend(self._redo(launch.kind, launch.shards[i], launch.n, seeds, launch.version))
         return out, time.perf_counter() - launch.started
 
     def generate(self, prompts: list[Prompt], n: int | None = None,
@@ -254,18 +266,25 @@ class Fleet:
             return member.handle.greedy.remote(shard)
         return member.handle.generate.remote(shard, n, seeds)
 
-    def _redo(self, kind: str, shard: list[Prompt], n: int | None, seeds: list[int] | None) -> list:
+    def _redo(self, kind: str, shard: list[Prompt], n: int | None, seeds: list[int] | None,
+              version: int | None = None) -> list:
         """Sample a failed actor's shard on the live actors; with none live, wait for a joining one."""
-        return self.collect(self.launch(shard, n, seeds, kind))[0]  # launch waits for a restarting one if need be
+        return self.collect(self.launch(shard, n, seeds, kind, version=version))[0]  # waits for a restarting one
 
     # ---- weights --------------------------------------------------------------------------------
     def load(self, version: int, ref) -> dict[str, float]:
         """Every live actor loads ``version`` (published as ``ref``, already in the store); returns the
         slowest fetch + load and the slowest fetch alone."""
-        members = self.live
-        refs = [m.handle.update_weights.remote(version, [ref]) for m in members]
+        return self.finish_load(version, self.start_load(version, ref))
+
+    def start_load(self, version: int, ref) -> list[tuple[Member, object]]:
+        """``load`` without waiting: each live actor runs the load before any call submitted to it after this."""
+        return [(m, m.handle.update_weights.remote(version, [ref])) for m in self.live]
+
+    def finish_load(self, version: int, loading: list[tuple[Member, object]]) -> dict[str, float]:
+        """Wait for ``start_load``'s loads; an actor whose load failed is restarted (``_fail``) and catches up."""
         slowest = fetch = 0.0
-        for m, r in zip(members, refs, strict=True):
+        for m, r in loading:
             try:
                 stats = ray.get(r, timeout=self.cfg.timeout_s)
                 slowest = max(slowest, stats["sync/load_seconds"] + stats["sync/fetch_seconds"])
@@ -319,7 +338,7 @@ class Fleet:
         self.log(f"generation actor {member.slot} {reason} ({_first_line(error)}); the others take its work while "
                  "it restarts")
         self._count("system/actor_failures_total", actor_id=str(member.slot), reason=reason)
-        if reason in ("stuck", "error"):  # alive but not serving (or its engine raised): Ray restarts it
+        if reason in ("stuck", "error", "wrong_version"):  # alive but not serving right: Ray restarts it
             ray.kill(member.handle, no_restart=False)
         member.state, member.ready = "joining", member.handle.health.remote()
         member.deadline = time.monotonic() + self.cfg.start_timeout_s
@@ -359,9 +378,12 @@ class Fleet:
 
 
 def _reason(error: Exception) -> str:
-    """died (the process is gone), stuck (missed its deadline) or error (a call raised: a wedged engine)."""
+    """died (the process is gone), stuck (missed its deadline), error (a call raised: a wedged engine) or
+    wrong_version (it sampled with weights it should no longer hold: restarted, it catches up)."""
     if isinstance(error, GetTimeoutError):
         return "stuck"
+    if isinstance(error, WrongVersion):
+        return "wrong_version"
     return "error" if isinstance(error, RayTaskError) else "died"
 
 

@@ -153,6 +153,34 @@ def test_actor_that_missed_versions_catches_up_from_latest_ref(driver):
     assert_close(vllm_logprobs(lagging.handle), learner_logprobs(driver))
 
 
+def test_on_policy_shard_from_other_weights_is_redone_and_its_actor_restarted(driver):
+    """The on-policy loop launches the next batch right behind each actor's load; an actor that still holds an
+    older version (here: it skipped the load, as after a failed one) has its shard sampled again by one that
+    holds the version launched for, and is restarted, catching up."""
+    one_training_step(driver)
+    version, ref, _ = driver.learner.publish()
+    driver.store.add(version, ref[0])
+    first = driver.fleet.members[0]
+    loading = [(first, first.handle.update_weights.remote(version, ref))]  # actor 1 misses the load
+    _, prompts = driver.next_prompts()
+    launched = driver.fleet.launch(prompts, version=version)
+    assert driver.fleet.finish_load(version, loading)["sync/load_seconds"] > 0
+    lines = []
+    driver.fleet.log = lines.append
+    try:
+        rollouts, _ = driver.fleet.collect(launched)
+    finally:
+        driver.fleet.log = driver.log
+    k = driver.cfg.generation.samples_per_prompt
+    assert Counter(r.group_id for r in rollouts) == {p.index: k for p in prompts}
+    assert {r.policy_version for r in rollouts} == {version} and {r.actor_id for r in rollouts} == {0}
+    assert any("generation actor 1 wrong_version" in line for line in lines), lines
+    counts = driver.fleet.take_counts()
+    assert counts["rollout/prompts_resampled_total{reason=wrong_version}"] == len(launched.shards[1])
+    assert settled(driver, 1) == "live"
+    assert ray.get(handle(driver, 1).health.remote(), timeout=30)["policy_version"] == version
+
+
 def test_run_survives_a_crashed_generation_actor(driver):
     one_training_step(driver)
     driver.sync()

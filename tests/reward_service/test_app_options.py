@@ -27,7 +27,8 @@ def test_autoscaling_replaces_num_replicas():
 
 def test_build_app_binds_one_deployment_per_source_but_inline_rules():
     cfg = RewardConfig(sources=[RewardSourceConfig(name="em", kind="rule", rule="exact_match"),
-                                RewardSourceConfig(name="fmt", kind="rule", rule="format", inline=False, num_replicas=2),
+                                RewardSourceConfig(name="fmt", kind="rule", rule="format", inline=False,
+                                                   num_replicas=2),
                                 RewardSourceConfig(name="rm", kind="model", model_path="/ckpt")])
     app = build_app(cfg)
     deployment = app._bound_deployment

@@ -102,7 +102,7 @@ def test_an_inline_rule_is_scored_in_the_ingress(client):
     format (inline: false) in a replica of its own; both are counted."""
     from ray import serve
 
-    before = {name: reps[0]["calls"] for name, reps in client.source_stats().items() if name in ("exact_match", "format")}
+    before = {name: client.source_stats()[name][0]["calls"] for name in ("exact_match", "format")}
     client.score([GOOD, WRONG])
     stats, ingress = client.source_stats(), client.health()
     assert stats["exact_match"][0]["pid"] == ingress["pid"] != stats["format"][0]["pid"]
