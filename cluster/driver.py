@@ -534,11 +534,12 @@ class Driver(Recovery):
             out["interrupted"] = interrupted
         return out
 
-    def shutdown(self) -> None:
+    def shutdown(self, stop_serve: bool = True) -> None:
+        """Delete the reward apps; ``stop_serve``: stop Serve too when no other app is left (``RewardClient``)."""
         for client in (self.eval_reward, getattr(self, "reward", None)):  # start() may have stopped before either
             try:
                 if client is not None:
-                    client.shutdown()
+                    client.shutdown(stop_serve)
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
 

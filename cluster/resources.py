@@ -28,7 +28,7 @@ def init_ray(cfg: RelayConfig, log=print, log_to_driver: bool = False, link_logs
     """
     if ray.is_initialized():
         return False
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(cfg)
     if address:
         context = ray.init(address=address, log_to_driver=log_to_driver)
         log(f"joined Ray cluster at {address}")
@@ -46,6 +46,11 @@ def init_ray(cfg: RelayConfig, log=print, log_to_driver: bool = False, link_logs
     if not log_to_driver:
         quiet_libraries()
     return True
+
+
+def ray_address(cfg: RelayConfig) -> str | None:
+    """The cluster a run joins (``cluster.address``, else ``RAY_ADDRESS``); None: it starts a local Ray."""
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS")
 
 
 def core_layout(cfg: RelayConfig, cores: list[int]) -> dict[str, list] | None:
@@ -71,8 +76,7 @@ def _overlapping_threads(cfg: RelayConfig) -> tuple[int, int] | None:
     """(all generation actors' engine threads, one learner rank's torch threads) of a local CPU run that
     generates and learns at once (``max_staleness`` >= 1); None for on-policy, GPU or joined-cluster runs."""
     g, lc = cfg.generation, cfg.learner
-    remote = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if cfg.algorithm.max_staleness == 0 or g.num_gpus > 0 or lc.num_gpus > 0 or remote:
+    if cfg.algorithm.max_staleness == 0 or g.num_gpus > 0 or lc.num_gpus > 0 or ray_address(cfg):
         return None
     return g.num_actors * g.engine_threads, lc.torch_threads or max(1, round(lc.num_cpus))
 

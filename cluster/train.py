@@ -11,7 +11,7 @@ import ray
 from cluster import checkpoint
 from cluster.config import RelayConfig
 from cluster.driver import Driver, Encoded, RunError, check_model_path, encode_data, resolve_policy
-from cluster.resources import check_resources, core_layout, init_ray, oversubscription_warning
+from cluster.resources import check_resources, core_layout, init_ray, oversubscription_warning, ray_address
 from core.affinity import pin_process, process_cores
 from core.data import load_splits
 
@@ -59,6 +59,7 @@ def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> di
 
 
 def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, layout: dict | None) -> dict:
+    started_here = not ray.is_initialized() and not ray_address(cfg)
     connected = init_ray(cfg, log=log, log_to_driver=cfg.metrics.log_to_driver, link_logs=Path(cfg.train.run_dir))
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
@@ -73,7 +74,7 @@ def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, 
         try:
             return driver.run()
         finally:
-            driver.shutdown()
+            driver.shutdown(stop_serve=not (connected and started_here))  # a Ray started here takes Serve with it
     finally:
         if connected:
             ray.shutdown()

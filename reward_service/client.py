@@ -117,10 +117,12 @@ class RewardClient:
         """The ingress replica's pid and source names."""
         return self._handle.health.remote().result(timeout_s=self.cfg.timeout_s)
 
-    def shutdown(self) -> None:
-        """Delete this app; stop Serve too if no other application is left."""
+    def shutdown(self, stop_serve: bool = True) -> None:
+        """Delete this app; stop Serve too if no other application is left (``stop_serve``). A caller about to
+        stop its own local Ray passes False: Serve goes with it, and stopping it first kills its controller under
+        the long-poll calls still waiting on it, whose failures Ray prints on the console."""
         serve.delete(self.app_name)
-        if not serve.status().applications:
+        if stop_serve and not serve.status().applications:
             serve.shutdown()
 
 

@@ -34,6 +34,8 @@ def test_pipeline_from_a_jsonl_file_with_a_function_reward(tmp_path):
            "--set", "reward.http_enabled=false", "--set", "metrics.progress=false"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the local Ray takes Serve down with it: no console lines about calls to a Serve controller killed under them
+    assert "ServeController" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 
     sft = json.loads((run / "sft" / "stage_done.json").read_text())
     assert 0.0 <= sft["metrics"]["heldout_greedy_accuracy"] <= 1.0
