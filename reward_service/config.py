@@ -223,8 +223,8 @@ class RewardSourceConfig(BaseModel):
         if self.in_ingress:
             sized = [k for k in _DEPLOYMENT_FIELDS if getattr(self, k) != type(self).model_fields[k].get_default()]
             if sized:
-                raise ValueError(f"{where}: {', '.join(sized)} size a source's own deployment, and a rule is scored in "
-                                 "the ingress replica by default; set inline: false to give it a deployment")
+                raise ValueError(f"{where}: a rule is scored in the ingress replica by default, with no deployment "
+                                 f"of its own for {', '.join(sized)} to size; set inline: false to give it one")
         return self
 
     @property

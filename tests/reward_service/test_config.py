@@ -62,9 +62,9 @@ def test_backbone_default_is_the_packaged_minilm():
     ({"kind": "function", "function": "my-pkg.rewards:score"}, "neither a .py file nor a dotted module name"),
     ({"kind": "function", "function": "pkg.rewards:score", "model_path": "/ckpt"}, "model_path only applies"),
     ({"kind": "rule", "rule": "format", "num_replicas": 2, "autoscaling": {}}, "either num_replicas or autoscaling"),
-    ({"kind": "rule", "rule": "format", "num_replicas": 2}, r"num_replicas size a source's own deployment.*set "
-                                                            r"inline: false"),
-    ({"kind": "rule", "rule": "format", "num_cpus": 1, "autoscaling": {}}, "autoscaling, num_cpus size"),
+    ({"kind": "rule", "rule": "format", "num_replicas": 2}, r"no deployment of its own for num_replicas to size; "
+                                                            r"set inline: false"),
+    ({"kind": "rule", "rule": "format", "num_cpus": 1, "autoscaling": {}}, "for autoscaling, num_cpus to size"),
     ({"kind": "model", "model_path": "/ckpt", "inline": False}, "inline only applies to kind=rule"),
     ({"kind": "rule", "rule": "format", "pooling": "max"}, "pooling"),
     ({"kind": "rule", "rule": "format", "max_batch_size": 0}, "max_batch_size"),
