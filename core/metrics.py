@@ -100,7 +100,7 @@ _SPECS = [
        ("reason",)),
     _c("rollout/samples_total", "rollouts produced"),
     _c("rollout/prompts_resampled_total", "prompts sampled again on another actor or after a restart, by why their "
-       "first actor failed (died, stuck, error)", ("reason",)),
+       "first actor failed (died, stuck, error, wrong_version)", ("reason",)),
     _c("rollout/dropped_total", "rollouts sampled but not trained on, by reason (stale)", ("reason",)),
     # reward/: the reward service
     _h("reward/latency_seconds", "wall time of one reward batch", SECONDS_BUCKETS),
@@ -198,7 +198,9 @@ _SPECS = [
     _c("system/actor_restarts_total", "actor restarts observed by the driver", ("actor_id",)),
     _c("system/actor_failures_total", "generation actor failures, by kind: died (crashed), error (a call raised, "
        "e.g. a dead engine; killed and restarted), stuck (missed its "
-       "deadline and was killed), retired (out of restarts, or its node is gone)", ("actor_id", "reason")),
+       "deadline and was killed), wrong_version (an on-policy shard came back from other weights than it was "
+       "launched for, as after a failed load: redone, and the actor killed and restarted), retired (out of "
+       "restarts, or its node is gone)", ("actor_id", "reason")),
     _g("system/fleet_size", "generation actors taking work"),
     _c("system/actors_added_total", "generation actors that joined a running job (generation.max_num_actors)"),
     _c("system/learner_restores_total", "times the learner was rebuilt from the last checkpoint after it died"),
