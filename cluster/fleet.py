@@ -200,12 +200,10 @@ class Fleet:
         streaming loop's launches), or over the live actors as before if it is not live. ``version``: every
         rollout must come from it, or its shard is sampled again (the on-policy loop launches right behind a load)."""
         with self.lock:
-            launch = self._launch(prompts, n, seeds, kind, slot)
-        launch.version = version
-        return launch
+            return self._launch(prompts, n, seeds, kind, slot, version)
 
     def _launch(self, prompts: list[Prompt], n: int | None, seeds: list[int] | None, kind: str,
-                slot: int | None = None) -> Launch:
+                slot: int | None = None, version: int | None = None) -> Launch:
         members = [m for m in self.live if m.slot == slot] or self.live
         joining = [m for m in self.members if m.state == "joining"]
         while not members and joining:  # every actor is restarting: wait for the first back
@@ -219,7 +217,8 @@ class Fleet:
         seed_shards = contiguous_shards(seeds, len(members)) if seeds else None
         refs = [self._submit(m, kind, s, n, seed_shards[i] if seed_shards else None)
                 for i, (m, s) in enumerate(zip(members, shards, strict=True))]
-        return Launch(kind, shards, [m.slot for m in members], [m.restarts for m in members], refs, n, seed_shards)
+        return Launch(kind, shards, [m.slot for m in members], [m.restarts for m in members], refs, n, seed_shards,
+                      version)
 
     def collect(self, launch: Launch) -> tuple[list, float]:
         """Wait for a launch: rollouts (generate) or texts (greedy) in prompt order, and the seconds since
@@ -272,17 +271,14 @@ class Fleet:
         return self.collect(self.launch(shard, n, seeds, kind, version=version))[0]  # waits for a restarting one
 
     # ---- weights --------------------------------------------------------------------------------
-    def load(self, version: int, ref) -> dict[str, float]:
-        """Every live actor loads ``version`` (published as ``ref``, already in the store); returns the
-        slowest fetch + load and the slowest fetch alone."""
-        return self.finish_load(version, self.start_load(version, ref))
-
     def start_load(self, version: int, ref) -> list[tuple[Member, object]]:
-        """``load`` without waiting: each live actor runs the load before any call submitted to it after this."""
+        """Every live actor starts loading ``version`` (published as ``ref``, already in the store); each runs its
+        load before any call submitted to it after this one. ``finish_load`` waits."""
         return [(m, m.handle.update_weights.remote(version, [ref])) for m in self.live]
 
     def finish_load(self, version: int, loading: list[tuple[Member, object]]) -> dict[str, float]:
-        """Wait for ``start_load``'s loads; an actor whose load failed is restarted (``_fail``) and catches up."""
+        """Wait for ``start_load``'s loads: the slowest fetch + load and the slowest fetch alone. An actor whose
+        load failed is restarted (``_fail``) and catches up."""
         slowest = fetch = 0.0
         for m, r in loading:
             try:

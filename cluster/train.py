@@ -59,7 +59,6 @@ def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> di
 
 
 def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, layout: dict | None) -> dict:
-    started_here = not ray.is_initialized() and not ray_address(cfg)
     connected = init_ray(cfg, log=log, log_to_driver=cfg.metrics.log_to_driver, link_logs=Path(cfg.train.run_dir))
     try:
         check_resources(cfg)  # before minutes of SFT, so an impossible request fails at once
@@ -74,7 +73,7 @@ def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, 
         try:
             return driver.run()
         finally:
-            driver.shutdown(stop_serve=not (connected and started_here))  # a Ray started here takes Serve with it
+            driver.shutdown(stop_serve=not connected or bool(ray_address(cfg)))  # a local Ray takes Serve with it
     finally:
         if connected:
             ray.shutdown()
