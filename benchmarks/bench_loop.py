@@ -18,7 +18,9 @@ Everything on the embedded default (tiny Qwen2, 64 prompts x 8 samples a step), 
 
 The limits: on-policy, bare two-engine generation plus the bare learner at 2 threads; streaming, the larger
 of one-thread generation and the one-thread learner, measured right before the streaming loop (which runs
-first) and again right after it, as this machine's speed drifts by 10-20% over minutes. Writes
+first) and again right after it; and, as this machine's speed drifts by 10-50% within minutes, once more with
+the limit measured inside a second streaming run, which is frozen every few seconds for bare steps on its own
+cores (``interleaved``). Writes
 ``benchmarks/results/loop/results.json`` and ``results.md``.
 """
 
@@ -27,10 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,13 +254,24 @@ def hf_generate(path: str, prompts: list, g, threads: int, repeats: int = 3) -> 
     return statistics.median(times[1:])
 
 
-def relay_train(run_dir: Path, seconds: float, overrides: list[str], evaluate: bool = True) -> list[dict]:
+def relay_train(run_dir: Path, seconds: float, overrides: list[str], evaluate: bool = True,
+                while_running: Callable[[subprocess.Popen], None] | None = None) -> list[dict]:
     """A ``relay train`` of ``seconds`` in a subprocess, with the default evaluations or (``evaluate`` false) only
-    at the ends; the rows of its metrics.jsonl."""
+    at the ends; the rows of its metrics.jsonl. ``while_running(process)``: called once it has started, returns
+    when it has ended."""
     cmd = [sys.executable, "-m", "cluster.cli", "train", "--set", f"train.time_limit_s={seconds}",
            "--set", f"train.run_dir={run_dir}", "--set", "metrics.progress=false",
            *(() if evaluate else ("--set", "train.eval_every=100000")), *[a for o in overrides for a in ("--set", o)]]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        try:
+            if while_running:
+                while_running(proc)
+            proc.wait(timeout=seconds + 600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    if proc.returncode:
+        raise RuntimeError(f"relay train ({' '.join(overrides)}) exited with {proc.returncode}; its logs: {run_dir}")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -281,6 +297,154 @@ def loop(name: str, overrides: list[str], seconds: float) -> dict:
             "step_s": median("system/step_seconds"), "learner_s": median("learner/step_seconds{phase=total}"),
             "wait_s": median("rollout/wait_seconds"), "swap_s": median("sync/swap_seconds"),
             "sync_s": median("sync/seconds"), "staleness": median("rollout/staleness_versions")}
+
+
+def interleaved(seconds: float, every: float = 8.0, repeats: int = 3) -> dict:
+    """The streaming loop with its limit measured inside it. This machine's speed drifts by 10-50% within
+    minutes, so a limit measured before or after a loop can be far from the limit while it ran. Here, every
+    ``every`` seconds the whole ``relay train`` process tree is frozen (SIGSTOP: every process of the loop stops
+    where it is, Ray's daemons included, so nothing of it runs), ``repeats`` bare steps are timed on the loop's own
+    cores, one side at a time, with nothing else running: one-thread generation (Relay's actor, no Ray hop) on the
+    generation actor's core, then the one-thread learner on the learner's core; then the loop goes on (SIGCONT).
+    The limit of the loop's steps between two freezes is the mean of the larger side's median at the two; a step
+    that overlaps a freeze (or ends within 0.5 s after one) is left out of the loop's figures."""
+    import multiprocessing
+
+    import psutil
+
+    from cluster.config import load_config
+    from cluster.resources import core_layout
+
+    layout = core_layout(load_config(overrides=LOOPS[STREAMING]), list(range(os.cpu_count() or 1)))
+    if layout is None:
+        raise RuntimeError("the interleaved measurement needs the streaming layout's disjoint cores (2 or more)")
+    ctx = multiprocessing.get_context("spawn")
+    gen_end, gen_side = ctx.Pipe()
+    learn_end, learn_side = ctx.Pipe()
+    sides = [ctx.Process(target=_bare_side, args=("generation", layout["actors"][0], gen_side)),
+             ctx.Process(target=_bare_side, args=("learner", layout["rest"], learn_side))]
+    for side in sides:
+        side.start()
+    freezes: list[dict] = []
+    run_dir = Path("/tmp/relay-bench-loop") / "interleaved"
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's rows would start the freezes too soon
+
+    def measure(proc: subprocess.Popen) -> None:
+        while proc.poll() is None and not _steps_past(run_dir / "metrics.jsonl", 10):
+            time.sleep(0.5)
+        while proc.poll() is None:
+            time.sleep(every)
+            try:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            start = time.time()
+            _signal(tree, "suspend")
+            try:
+                time.sleep(0.1)  # every process of the loop off its core
+                gen_end.send(repeats)
+                generation = _answer(gen_end)
+                learn_end.send(repeats)
+                learner = _answer(learn_end)
+            finally:
+                _signal(tree, "resume")
+            freezes.append({"start": start, "end": time.time(), "generation_s": statistics.median(generation),
+                            "learner_s": statistics.median(learner)})
+
+    try:
+        gen_end.send("scored")
+        learn_end.send(_answer(gen_end))  # the learner side's batch: the generation side's first, scored
+        _answer(learn_end)  # warmed up
+        rows = relay_train(run_dir, seconds, LOOPS[STREAMING], evaluate=False, while_running=measure)
+    finally:
+        for end in (gen_end, learn_end):
+            end.send(None)
+        _reap(sides)
+    return interleaved_figures(rows, freezes)
+
+
+def interleaved_figures(rows: list[dict], freezes: list[dict], guard: float = 0.5) -> dict:
+    """Per stretch between two freezes: the loop's median step against the mean of the two limits around it."""
+    steps = [(r["time"] - r["system/step_seconds"], r["time"], r["system/step_seconds"]) for r in rows
+             if "system/step_seconds" in r and r["step"] > 10]
+    stretches = []
+    for before, after in zip(freezes, freezes[1:], strict=False):
+        inside = [s for start, end, s in steps if start >= before["end"] + guard and end <= after["start"]]
+        if len(inside) < 3:
+            continue
+        limit = (max(before["generation_s"], before["learner_s"]) + max(after["generation_s"], after["learner_s"])) / 2
+        stretches.append({"steps": len(inside), "step_s": statistics.median(inside), "limit_s": limit,
+                          "of_limit": limit / statistics.median(inside), "seconds": sum(inside),
+                          "limit_seconds": limit * len(inside)})
+    if not stretches:
+        raise RuntimeError("no stretch of the interleaved loop had 3 steps between two freezes: run it longer")
+    return {"freezes": freezes, "stretches": stretches,
+            "of_limit_median": statistics.median(s["of_limit"] for s in stretches),
+            "of_limit_time": sum(s["limit_seconds"] for s in stretches) / sum(s["seconds"] for s in stretches),
+            "generation_s": statistics.median(f["generation_s"] for f in freezes),
+            "learner_s": statistics.median(f["learner_s"] for f in freezes),
+            "step_s": statistics.median(s["step_s"] for s in stretches)}
+
+
+def _bare_side(side: str, cores: list[int], conn) -> None:
+    """``interleaved``'s bare measurements, pinned to ``cores`` with one thread: on "scored" (generation side)
+    sample one batch and answer (policy path, scored rollouts); on a (path, scored) pair (learner side) build the
+    learner and answer when warm; on a number k time k steps and answer their seconds; on None end."""
+    from core.affinity import pin_process
+
+    pin_process(cores)
+    if side == "generation":
+        cfg, path, data, actor = _setup(1)
+        per_step = cfg.train.prompts_per_step
+        batches = [data.train[i * per_step:(i + 1) * per_step] for i in range(4)]
+    while (ask := conn.recv()) is not None:
+        if ask == "scored":
+            conn.send((path, _scored(actor.generate(batches[0]).rollouts)))
+        elif isinstance(ask, tuple):
+            import torch
+
+            torch.set_num_threads(1)
+            path, scored = ask
+            learner = _learner(_config(1), path)
+            learner.train_step(scored)
+            conn.send("warm")
+        else:
+            times = []
+            for i in range(ask):
+                t = time.perf_counter()
+                if side == "generation":
+                    actor.generate(batches[i % len(batches)])
+                else:
+                    learner.train_step(scored)
+                times.append(time.perf_counter() - t)
+            conn.send(times)
+
+
+def _answer(conn, timeout: float = 600.0):
+    if not conn.poll(timeout):
+        raise TimeoutError(f"a bare measurement did not answer in {timeout:.0f} s")
+    return conn.recv()
+
+
+def _signal(processes: list, action: str) -> None:
+    """``suspend`` or ``resume`` each of ``processes`` (psutil), skipping any that has ended."""
+    import psutil
+
+    for process in processes:
+        try:
+            getattr(process, action)()
+        except psutil.NoSuchProcess:
+            continue
+
+
+def _steps_past(path: Path, step: int) -> bool:
+    """Whether the metrics file at ``path`` has a row past ``step``."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return False
+    last = next((m for line in reversed(lines) if (m := re.match(r'\{"step": (\d+),', line))), None)
+    return last is not None and int(last.group(1)) > step
 
 
 def learning(name: str, overrides: list[str], seconds: float) -> dict:
@@ -383,6 +547,16 @@ def table(results: dict) -> str:
             lines.append(f"Against one-thread generation beside a working learner ({co['engine_both_s']:.3f} s, "
                          f"measured before the loops; {co['engine_alone_s']:.3f} s alone then) the loop reaches "
                          f"{100 * lim['streaming_of_corun']:.0f}%.")
+    inter = results.get("interleaved")
+    if inter:
+        limits = [s["limit_s"] for s in inter["stretches"]]
+        lines += ["", f"Streaming 1+1 with its limit measured inside it (frozen every few seconds for "
+                      f"{len(inter['freezes'])} bare measurements on its own cores; `interleaved`): the limit ranged "
+                      f"{min(limits):.3f}-{max(limits):.3f} s over the run (generation {inter['generation_s']:.3f} s, "
+                      f"learner {inter['learner_s']:.3f} s, medians), the loop's step {inter['step_s']:.3f} s. Over "
+                      f"{len(inter['stretches'])} stretches between freezes the loop reaches **"
+                      f"{100 * inter['of_limit_median']:.0f}%** of its limit (median; "
+                      f"{100 * inter['of_limit_time']:.0f}% of the time the limit allows over all their steps)."]
     if co:
         lines += ["", "| 1 thread each, own cores | alone | while the other works |", "|---|---|---|",
                   f"| Relay `GenerationActor.generate` | {co['engine_alone_s']:.3f} s | {co['engine_both_s']:.3f} s |",
@@ -445,6 +619,10 @@ def main() -> None:
             if name == STREAMING and not args.skip_bare:
                 results["bare_after"] = {"1": _measure("--bare-only", "1", "--repeats", str(args.repeats))}
                 print(f"bare again right after the streaming loop, 1 thread: {results['bare_after']['1']}", flush=True)
+                if (os.cpu_count() or 1) >= 2:
+                    results["interleaved"] = interleaved(args.seconds)
+                    print(f"streaming with its limit inside it: {results['interleaved']['of_limit_median']:.3f}",
+                          flush=True)
     if args.learning:
         results["learning"] = {name: learning(_run_name(name), LOOPS[name], args.learning)
                                for name in (DEFAULT, STREAMING)}
