@@ -37,12 +37,15 @@ class GenerationActor:
     """Holds one vLLM engine; samples ``samples_per_prompt`` responses per prompt."""
 
     def __init__(self, cfg: GenerationConfig, model_path: str, dtype: str, actor_id: int = 0, version: int = 0,
-                 cores: list[int] | None = None):
+                 cores: list[int] | None = None, background_cores: list[int] | None = None):
         """``version``: the policy version of the weights at ``model_path`` (non-zero when a run resumes);
-        ``cores``: pin this process to them (``cluster.resources.core_layout``; a restart pins again)."""
+        ``cores``: pin this process to them (``cluster.resources.core_layout``; a restart pins again);
+        ``background_cores``: where the background fetch's thread runs (the layout's shared cores, so preparing
+        a version takes nothing from generation's own), None = with the rest of the process."""
         from core.affinity import pin_process
 
         pin_process(cores or [])
+        self.background_cores = background_cores
         _engine_env(cfg)
         import torch
         from vllm import LLM
@@ -76,7 +79,7 @@ class GenerationActor:
 
         self.sink = MetricSink("generation", {"actor_id": str(actor_id)})
         self.sink.heartbeat()
-        self._staged: tuple[int, list, float] | None = None  # version, (name, tensor) pairs, fetch seconds
+        self._staged: tuple[int, tuple, float] | None = None  # version, ((name, tensor) pairs, prepared), seconds
         self._staged_lock = threading.Lock()
         self._fetched = threading.Condition(self._staged_lock)  # notified when a background fetch ends
         self._fetching: int | None = None  # the version stage_weights is fetching now
@@ -205,11 +208,17 @@ class GenerationActor:
         """Fetch version ``version`` in the background (call it in ``WEIGHTS_GROUP``) and keep it for the next
         request to swap in; a newer staged version replaces an older one not swapped in yet."""
         start = time.perf_counter()
+        if self.background_cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, self.background_cores)  # this thread only
         with self._staged_lock:
             self._fetching = version
         named = None
         try:
-            named = self._fetch(version, packed_ref)
+            fetched = self._fetch(version, packed_ref)
+            # Most of a load is packing the new weights for the CPU GEMMs: done here, beside generation, so the
+            # swap between requests only installs them (actors/vllm_ext.py; None where the load is layerwise).
+            named = (fetched, self.llm.collective_rpc("relay_prepare_weights", args=(fetched,))[0]
+                     if self.cfg.num_gpus == 0 else None)
         finally:
             seconds = time.perf_counter() - start
             with self._staged_lock:  # staged and no longer fetching in one step: a waiting request sees both
@@ -241,14 +250,18 @@ class GenerationActor:
         if staged is None or staged[0] <= self.policy_version:
             return
         start = time.perf_counter()
-        self._load(staged[0], staged[1])
+        self._load(staged[0], *staged[1])
         seconds = time.perf_counter() - start
         self.swap_seconds += seconds
         self.sink.log({"sync/swap_seconds": seconds})
 
-    def _load(self, version: int, named: list) -> None:
+    def _load(self, version: int, named: list, prepared=None) -> None:
+        """Load ``named``, or install ``prepared`` (``stage_weights``' work on it) where there is one."""
         self._engine_thread()
-        self.llm.collective_rpc("relay_load_weights", args=(named,))
+        if prepared is None:
+            self.llm.collective_rpc("relay_load_weights", args=(named,))
+        else:
+            self.llm.collective_rpc("relay_install_weights", args=(prepared,))
         # Cached prefixes hold keys/values computed by the old weights.
         self.llm.reset_prefix_cache()
         self.policy_version = version

@@ -52,6 +52,18 @@ class RelayWorkerExtension:
         _load_direct(plan, dict(named))
         return "direct"
 
+    def relay_prepare_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> Prepared | None:
+        """The part of a direct load that can run beside generation (``_prepare``), for ``relay_install_weights``
+        to finish between requests; None where the load is layerwise (``relay_load_weights`` then does it all)."""
+        named = list(named)
+        plan = self._relay_direct_plan([name for name, _ in named])
+        return None if plan is None else _prepare(plan, dict(named))
+
+    def relay_install_weights(self, prepared: Prepared) -> str:
+        """Install what ``relay_prepare_weights`` built (between requests); the load's kind, as relay_load_weights."""
+        _install(prepared)
+        return "direct"
+
     def _relay_direct_plan(self, names: list[str]) -> list[_Target] | None:
         """The direct load's plan for these names (built once, kept while the names stay the same), or None
         where the layerwise reload must do it."""
@@ -146,9 +158,30 @@ def _vllm_names(mapper, names: list[str]) -> dict[str, tuple[str, object]]:
     return out
 
 
+class _Shadow:
+    """Stands in for a linear layer while vLLM's ``process_weights_after_loading`` packs a new weight for its CPU
+    GEMM beside generation: it gets the weight, and ``cpu_linear`` the packing sets (``_cpu_skip_gemm_dispatch``
+    copied from the layer, so the method takes the layer's own path)."""
+
+    def __init__(self, module: torch.nn.Module, weight: torch.Tensor):
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None  # the layer's own bias is copied in place when the packing is installed
+        self._cpu_skip_gemm_dispatch = getattr(module, "_cpu_skip_gemm_dispatch", False)
+
+
+@dataclass
+class Prepared:
+    """A version ready to install: per plan target its new value, and for a packed layer the packing built aside."""
+
+    steps: list[tuple[_Target, torch.Tensor | None, _Shadow | None]]
+
+
 @torch.no_grad()
-def _load_direct(plan: list[_Target], tensors: dict[str, torch.Tensor]) -> None:
-    for t in plan:  # every shape checked before anything is copied: a refused load leaves the engine as it was
+def _prepare(plan: list[_Target], tensors: dict[str, torch.Tensor]) -> Prepared:
+    """Everything of a direct load that need not stop generation: the shapes checked (a refused load leaves the
+    engine as it was) and every packed layer's new packing built on a stand-in. The packing is most of a load
+    (oneDNN reorders each weight), so a background fetch runs this and the swap between requests only installs."""
+    for t in plan:
         if t.parts:
             parts = [tensors[name].shape for name in t.parts]
             shape = (sum(p[0] for p in parts), *parts[0][1:]) if len(parts) > 1 else tuple(parts[0])
@@ -156,22 +189,46 @@ def _load_direct(plan: list[_Target], tensors: dict[str, torch.Tensor]) -> None:
                 raise ValueError(f"{', '.join(t.parts)}: shape {[tuple(p) for p in parts]}, the engine's {t.attr} "
                                  f"is {t.shape}; the published weights are not of the model this engine was built "
                                  f"from")
+    steps, embedding = [], None
     for t in plan:
         param = getattr(t.module, t.attr)
-        if not t.parts:  # lm_head tied to the embedding just loaded
-            t.module.quant_method.process_weights_after_loading(t.module)
+        if not t.parts:  # lm_head tied to the embedding: packed from the embedding as it will be once installed
+            steps.append((t, None, _packed(t.module, embedding)))
             continue
         new = [tensors[name] for name in t.parts]
         value = torch.cat(new) if len(new) > 1 else new[0]
-        if t.repack and param.numel() == 0:
-            # vLLM dropped this weight after packing it for oneDNN: hand it a fresh one to pack (a copy, not the
-            # object store's view), as its loader does; the packing drops it again.
-            fresh = value.to(param.dtype, copy=len(new) == 1)  # torch.cat already made one
-            t.module.weight = torch.nn.Parameter(fresh, requires_grad=False)
-        elif t.padded:
-            param[:value.shape[0]].copy_(value)
-            param[value.shape[0]:].zero_()
-        else:
-            param.copy_(value)
-        if t.repack:
-            t.module.quant_method.process_weights_after_loading(t.module)
+        if t.padded:  # the padded rows past the tokenizer's vocabulary stay zero
+            full = torch.zeros(param.shape, dtype=param.dtype)
+            full[:value.shape[0]] = value
+            embedding = full
+        steps.append((t, value, _packed(t.module, embedding if t.padded else value.to(param.dtype, copy=len(new) == 1))
+                      if t.repack else None))
+    return Prepared(steps)
+
+
+def _packed(module: torch.nn.Module, weight: torch.Tensor) -> _Shadow:
+    """``module``'s GEMM packed from ``weight`` (a tensor of this load's own: vLLM may keep it) on a stand-in."""
+    shadow = _Shadow(module, weight)
+    module.quant_method.process_weights_after_loading(shadow)
+    return shadow
+
+
+@torch.no_grad()
+def _install(prepared: Prepared) -> None:
+    """Put a prepared version in place: copies of the unpacked tensors (norms, biases, the embedding) and the new
+    packings' GEMMs. Run between requests: the engine's weights change only there."""
+    for t, value, shadow in prepared.steps:
+        param = getattr(t.module, t.attr)
+        if value is not None and param.numel() > 0:  # a packed layer whose GEMM still reads its weight keeps it too
+            if t.padded:
+                param[:value.shape[0]].copy_(value)
+                param[value.shape[0]:].zero_()
+            else:
+                param.copy_(value)
+        if shadow is not None:
+            t.module.cpu_linear = shadow.cpu_linear
+            t.module._relay_packed = shadow  # whatever the packing holds lives as long as it is installed
+
+
+def _load_direct(plan: list[_Target], tensors: dict[str, torch.Tensor]) -> None:
+    _install(_prepare(plan, tensors))

@@ -122,12 +122,12 @@ def encode_data(cfg: RelayConfig, splits: Splits, tokenizer=None, log=print) -> 
 
 class Driver(Recovery):
     def __init__(self, cfg: RelayConfig, policy_path: str, data: Splits | Encoded | None = None, log=print,
-                 resume_from: Path | None = None, actor_cores: list[list[int]] | None = None):
+                 resume_from: Path | None = None, layout: dict[str, list] | None = None):
         """``policy_path``: the starting policy, which is also the frozen reference; ``data``: the splits, or
         already encoded (``train`` does both before Ray starts), None = read them now; ``resume_from``: a
-        checkpoint of this run to continue from (``cluster/checkpoint.py``); ``actor_cores``: the generation
-        actors' own cores (``cluster.resources.core_layout``), None = unpinned."""
-        self.cfg, self.log, self.actor_cores = cfg, log, actor_cores
+        checkpoint of this run to continue from (``cluster/checkpoint.py``); ``layout``: the generation
+        actors' own cores and the shared ones (``cluster.resources.core_layout``), None = unpinned."""
+        self.cfg, self.log, self.layout = cfg, log, layout
         if not isinstance(data, Encoded):
             from transformers import AutoTokenizer
 
@@ -165,7 +165,9 @@ class Driver(Recovery):
         state = checkpoint.read_state(self.resume_from) if self.resume_from else None
         start_path = str(self.resume_from) if state else self.policy_path
         self.learner = self._start_learner(start_path, with_state=state is not None)
-        self.fleet = Fleet(g, start_path, self.cfg.model.dtype, self.store, self.runtime_env, cores=self.actor_cores,
+        layout = self.layout or {}
+        self.fleet = Fleet(g, start_path, self.cfg.model.dtype, self.store, self.runtime_env,
+                           cores=layout.get("actors"), background_cores=layout.get("rest"),
                            version=state["version"] if state else 0, log=self.log, sink=self.sink)
         self.fleet.start()
         if self.cfg.algorithm.max_staleness > 0:

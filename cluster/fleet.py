@@ -80,13 +80,15 @@ def contiguous_shards(items: list, k: int) -> list[list]:
 class Fleet:
     def __init__(self, cfg: GenerationConfig, policy_path: str, dtype: str, store: VersionStore,
                  runtime_env: dict | None = None, version: int = 0, log=print, sink=None,
-                 cores: list[list[int]] | None = None):
+                 cores: list[list[int]] | None = None, background_cores: list[int] | None = None):
         """``version``: that of the weights at ``policy_path`` (a resumed run's checkpoint); ``cores``: core sets
-        to pin actors to, one actor per set (``cluster.resources.core_layout``); an actor beyond them is unpinned."""
+        to pin actors to, one actor per set (``cluster.resources.core_layout``); an actor beyond them is unpinned;
+        ``background_cores``: where a pinned actor's background weight fetch runs (the layout's shared cores)."""
         from actors.generation import GenerationActor
 
         self.cfg, self.policy_path, self.dtype, self.store = cfg, policy_path, dtype, store
         self.start_version, self.log, self.sink, self.cores = version, log, sink, cores or []
+        self.background_cores = background_cores
         from actors.generation import WEIGHTS_GROUP
 
         self._cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
@@ -120,7 +122,8 @@ class Fleet:
         slot = len(self.members)
         taken = [m.cores for m in self.members if m.state != "retired"]
         cores = next((c for c in self.cores if c not in taken), None)  # a retired actor's cores pass to its heir
-        handle = self._cls.remote(self.cfg, self.policy_path, self.dtype, slot, self.start_version, cores)
+        handle = self._cls.remote(self.cfg, self.policy_path, self.dtype, slot, self.start_version, cores,
+                                  cores and self.background_cores)
         member = Member(slot, handle, self.start_version, state="joining", ready=handle.health.remote(),
                         deadline=time.monotonic() + self.cfg.start_timeout_s, cores=cores)
         self.members.append(member)

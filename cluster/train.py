@@ -68,7 +68,7 @@ def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, 
         if resume_from is not None:
             check_same_model(resume_from, policy_path)
         driver = Driver(cfg, policy_path, data, log=log, resume_from=resume_from,
-                        actor_cores=layout and layout["actors"])
+                        layout=layout)
         driver.start()
         try:
             return driver.run()

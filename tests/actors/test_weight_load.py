@@ -8,6 +8,7 @@ and reports vLLM's logprobs of a fixed sequence against Hugging Face's on the sa
 from __future__ import annotations
 
 import multiprocessing
+import threading
 
 import pytest
 
@@ -62,6 +63,17 @@ def _probe(policy: str, queue) -> None:
     except Exception as e:  # noqa: BLE001 - reported to the test process as text
         out["wrong_shape"] = str(e)
     out["after_refused"] = actor.sequence_logprobs(PROMPT, RESPONSE)
+    # The hidden sync's split: the packing prepared in another thread (as the background fetch does), installed
+    # between requests.
+    third, prepared = perturbed(3), []
+    thread = threading.Thread(target=lambda: prepared.append(
+        actor.llm.collective_rpc("relay_prepare_weights", args=(third,))[0]))
+    thread.start()
+    thread.join(timeout=120)
+    out["prepared_not_installed"] = actor.sequence_logprobs(PROMPT, RESPONSE)
+    out["install_path"] = actor.llm.collective_rpc("relay_install_weights", args=(prepared[0],))[0]
+    actor.llm.reset_prefix_cache()
+    out["installed"], out["hf_third"] = actor.sequence_logprobs(PROMPT, RESPONSE), hf_logprobs()
     queue.put(out)
 
 
@@ -106,3 +118,10 @@ def test_direct_plan_refuses_names_that_leave_a_parameter_uncovered(probe):
 def test_direct_load_of_a_wrong_shape_names_the_tensor_and_changes_nothing(probe):
     assert "o_proj.weight" in probe["wrong_shape"] and "not of the model" in probe["wrong_shape"]
     assert _max_gap(probe["after_refused"], probe["direct"]) < 1e-6  # still the weights loaded before
+
+
+def test_prepared_beside_generation_changes_nothing_until_installed_then_matches(probe):
+    assert _max_gap(probe["prepared_not_installed"], probe["direct"]) < 1e-6  # still the weights loaded before
+    assert probe["install_path"] == "direct"
+    assert _max_gap(probe["installed"], probe["direct"]) > 1e-2
+    assert _max_gap(probe["installed"], probe["hf_third"]) < 1e-4
