@@ -36,6 +36,7 @@ from core import heap
 from core.data import DataConfig, DataError, Example, Splits, format_prompt, load_splits
 from core.metrics import JsonlLogger, MetricSink
 from core.records import Prompt, Rollout, ScoredRollout
+from learner.group import GroupCall
 from learner.weights import VersionStore
 from reward_service.client import RewardClient
 from reward_service.records import RewardRequest
@@ -291,9 +292,11 @@ class Driver(Recovery):
         stats["sync/seconds"] = time.perf_counter() - start
         return stats
 
-    def _publish(self) -> tuple[int, object, dict[str, float]]:
-        """The learner puts its weights once; the ref goes into the version store."""
-        version, ref, stats = self._learner_call(self.learner.publish)
+    def _publish(self, queued: GroupCall | None = None) -> tuple[int, object, dict[str, float]]:
+        """The learner puts its weights once (``queued``: a publish already sent); the ref goes into the version
+        store."""
+        version, ref, stats = self._learner_call(queued.results)[0] if queued else self._learner_call(
+            self.learner.publish)
         self.store.add(version, ref[0])
         return version, ref[0], stats
 
@@ -449,13 +452,14 @@ class Driver(Recovery):
         if self.cfg.algorithm.dynamic_sampling:
             metrics["rollout/extra_prompts"] = metrics.get("rollout/filtered_total{reason=uniform}", 0.0)
         call = self._learner_call(self.learner.train_step_async, [s for g in groups for s in g.samples])
-        while len(ray.wait(call.refs, num_returns=len(call.refs), timeout=0)[0]) < len(call.refs) \
-                and time.monotonic() < call.deadline:
-            self.stream.pump(timeout=1.0, also=call.refs)  # sample and score while the learner trains
+        publishing = self._learner_call(self.learner.publish_async)  # runs right after the step, on the learner
+        while len(ray.wait(publishing.refs, num_returns=len(publishing.refs), timeout=0)[0]) < len(publishing.refs) \
+                and time.monotonic() < publishing.deadline:
+            self.stream.pump(timeout=1.0, also=publishing.refs)  # sample and score while the learner trains
         metrics.update(self._learner_call(call.results)[0])
         self.step += 1
         started = time.perf_counter()
-        version, ref, stats = self._publish()
+        version, ref, stats = self._publish(publishing)
         self.fleet.stage(version, ref)  # hidden sync: fetched beside generation, swapped between requests
         metrics.update(stats)
         metrics["sync/seconds"] = time.perf_counter() - started

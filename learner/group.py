@@ -109,7 +109,12 @@ class LearnerGroup:
         return self._submit("train_step", per_rank=[(share, width) for share in shares])
 
     def publish(self):
-        return self._all("publish")[0]
+        return self.publish_async().results()[0]
+
+    def publish_async(self) -> GroupCall:
+        """Queue a publish on every rank behind what each already has queued: sent right behind a step, the learner
+        packs the new version as soon as it has trained, without waiting for the driver to ask."""
+        return self._submit("publish")
 
     def save(self, path: str) -> str:
         return self._all("save", path)[0]
