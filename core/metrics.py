@@ -152,9 +152,10 @@ _SPECS = [
     _g("sync/publish_seconds", "learner time to pack and ray.put one weight version"),
     _g("sync/gather_seconds", "part of publish_seconds spent gathering sharded weights (fsdp) or merging LoRA"),
     _g("sync/load_seconds", "slowest actor's time to fetch and load one weight version"),
-    _g("sync/swap_seconds", "generation time an actor lost swapping in weights fetched in the background (hidden "
-       "sync, streaming loop), summed over the step's calls", ("actor_id",)),
-    _g("sync/fetch_seconds", "slowest actor's ray.get of the published version (zero-copy from the object store)"),
+    _g("sync/swap_seconds", "generation time an actor lost installing weights fetched and prepared in the background "
+       "(hidden sync, streaming loop), summed over the step's calls", ("actor_id",)),
+    _g("sync/fetch_seconds", "slowest actor's ray.get of the published version (zero-copy from the object store); "
+       "in the streaming loop's background fetch, with packing it for the CPU GEMMs"),
     # offline/: preference optimisation (relay dpo), per step; eval/*_heldout: the same on held-out pairs
     _g("offline/loss", "the step's loss: preference loss (relay dpo) or weighted negative log-likelihood (relay rwr)"),
     _g("offline/chosen_reward", "implicit reward beta * (log pi - log ref) of the chosen responses"),
