@@ -4,6 +4,7 @@ Ray, and run the ``Driver`` (``cluster/driver.py``); ``--resume`` continues from
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import ray
@@ -14,6 +15,9 @@ from cluster.driver import Driver, Encoded, RunError, check_model_path, encode_d
 from cluster.resources import check_resources, core_layout, init_ray, oversubscription_warning, ray_address
 from core.affinity import pin_process, process_cores
 from core.data import load_splits
+
+WORKER_NICENESS = "RAY_worker_niceness"
+"""read by a local Ray's raylet when it starts: the niceness of the workers it starts, 15 by default"""
 
 
 def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
@@ -47,8 +51,15 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
 def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> dict:
     cores = process_cores()
     layout = None if ray.is_initialized() else core_layout(cfg, cores)
+    niceness = os.environ.get(WORKER_NICENESS)
     if layout:  # before a local Ray starts: its daemons and workers inherit this mask
         pin_process(layout["rest"])
+        # Ray starts its workers at nice 15 and its daemons at this process's 0. On the shared cores the learner
+        # (a worker) then yields to every wake-up of the driver, GCS, raylet and dashboard agent, even while they
+        # only do background work: one niceness for all (as Ray's job manager does for job drivers). Measured on 2
+        # cores, streaming 1+1, 25 s windows alternating in one run: learner step 0.187 and 0.213 s against 0.222
+        # and 0.218 s, loop step 0.239 and 0.258 s against 0.268 and 0.272 s.
+        os.environ[WORKER_NICENESS] = "0" if niceness is None else niceness  # a user's own setting stands
         log(f"pinned the driver, the learner, the reward replicas and Ray's daemons to cores {layout['rest']}, "
             f"the generation actors to {layout['actors']} (cluster.pin_cores)")
     try:
@@ -56,6 +67,10 @@ def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> di
     finally:
         if layout:
             pin_process(cores)  # this process may outlive the run (tests, notebooks)
+            if niceness is None:
+                os.environ.pop(WORKER_NICENESS, None)
+            else:
+                os.environ[WORKER_NICENESS] = niceness
 
 
 def _run_on_ray(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log, layout: dict | None) -> dict:
