@@ -306,8 +306,12 @@ def interleaved(seconds: float, every: float = 8.0, repeats: int = 3) -> dict:
     where it is, Ray's daemons included, so nothing of it runs), ``repeats`` bare steps are timed on the loop's own
     cores, one side at a time, with nothing else running: one-thread generation (Relay's actor, no Ray hop) on the
     generation actor's core, then the one-thread learner on the learner's core; then the loop goes on (SIGCONT).
-    The limit of the loop's steps between two freezes is the mean of the larger side's median at the two; a step
-    that overlaps a freeze (or ends within 0.5 s after one) is left out of the loop's figures."""
+    The learner's work grows as the policy learns: groups whose samples all score alike are dropped
+    (``algorithm.drop_uniform_groups``), and fewer are as the task score rises. So the bare learner trains on a
+    step of 64 groups with as many mixed ones as the loop kept since the last freeze (``learner/kept_fraction``),
+    drawn from a pool the start policy sampled. The limit of the loop's steps between two freezes is the mean of
+    the larger side's median at the two; a step that overlaps a freeze (or ends within 0.5 s after one) is left
+    out of the loop's figures."""
     import multiprocessing
 
     import psutil
@@ -338,22 +342,23 @@ def interleaved(seconds: float, every: float = 8.0, repeats: int = 3) -> dict:
                 tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
+            kept = _kept_since(run_dir / "metrics.jsonl", freezes[-1]["end"] if freezes else 0.0)
             start = time.time()
             _signal(tree, "suspend")
             try:
                 time.sleep(0.1)  # every process of the loop off its core
                 gen_end.send(repeats)
                 generation = _answer(gen_end)
-                learn_end.send(repeats)
-                learner = _answer(learn_end)
+                learn_end.send((repeats, kept))
+                learner, mixed = _answer(learn_end)
             finally:
                 _signal(tree, "resume")
             freezes.append({"start": start, "end": time.time(), "generation_s": statistics.median(generation),
-                            "learner_s": statistics.median(learner)})
+                            "learner_s": statistics.median(learner), "loop_kept": kept, "bare_kept": mixed})
 
     try:
         gen_end.send("scored")
-        learn_end.send(_answer(gen_end))  # the learner side's batch: the generation side's first, scored
+        learn_end.send(_answer(gen_end))  # the learner side's pool: the generation side's first batches, scored
         _answer(learn_end)  # warmed up
         rows = relay_train(run_dir, seconds, LOOPS[STREAMING], evaluate=False, while_running=measure)
     finally:
@@ -383,13 +388,16 @@ def interleaved_figures(rows: list[dict], freezes: list[dict], guard: float = 0.
             "of_limit_time": sum(s["limit_seconds"] for s in stretches) / sum(s["seconds"] for s in stretches),
             "generation_s": statistics.median(f["generation_s"] for f in freezes),
             "learner_s": statistics.median(f["learner_s"] for f in freezes),
-            "step_s": statistics.median(s["step_s"] for s in stretches)}
+            "step_s": statistics.median(s["step_s"] for s in stretches),
+            "kept": [(f.get("loop_kept"), f.get("bare_kept")) for f in freezes]}
 
 
 def _bare_side(side: str, cores: list[int], conn) -> None:
-    """``interleaved``'s bare measurements, pinned to ``cores`` with one thread: on "scored" (generation side)
-    sample one batch and answer (policy path, scored rollouts); on a (path, scored) pair (learner side) build the
-    learner and answer when warm; on a number k time k steps and answer their seconds; on None end."""
+    """``interleaved``'s bare measurements, pinned to ``cores`` with one thread. Generation side: on "scored"
+    sample four batches and answer (policy path, their scored groups); on a number k time k steps and answer
+    their seconds. Learner side: on a (path, groups) pair build the learner and answer when warm; on (k, kept)
+    time k steps, each on 64 groups of which a fraction ``kept`` (None: as sampled) have rewards that differ,
+    and answer (their seconds, the fraction they had). On None end."""
     from core.affinity import pin_process
 
     pin_process(cores)
@@ -399,25 +407,59 @@ def _bare_side(side: str, cores: list[int], conn) -> None:
         batches = [data.train[i * per_step:(i + 1) * per_step] for i in range(4)]
     while (ask := conn.recv()) is not None:
         if ask == "scored":
-            conn.send((path, _scored(actor.generate(batches[0]).rollouts)))
-        elif isinstance(ask, tuple):
+            conn.send((path, [g for b in batches for g in _by_group(_scored(actor.generate(b).rollouts))]))
+        elif side == "learner" and isinstance(ask[0], str):
             import torch
 
             torch.set_num_threads(1)
-            path, scored = ask
+            path, pool = ask
+            mixed = [g for g in pool if len({s.reward for s in g}) > 1]
+            uniform = [g for g in pool if len({s.reward for s in g}) == 1]
             learner = _learner(_config(1), path)
-            learner.train_step(scored)
+            learner.train_step([s for g in pool[:64] for s in g])
             conn.send("warm")
+        elif side == "learner":
+            count, kept = ask
+            n = 64 if kept is None else min(round(kept * 64), len(mixed))
+            groups = (pool[:64] if kept is None else mixed[:n] + uniform[:64 - n])
+            times = []
+            for _ in range(count):
+                t = time.perf_counter()
+                learner.train_step([s for g in groups for s in g])
+                times.append(time.perf_counter() - t)
+            conn.send((times, sum(len({s.reward for s in g}) > 1 for g in groups) / len(groups)))
         else:
             times = []
             for i in range(ask):
                 t = time.perf_counter()
-                if side == "generation":
-                    actor.generate(batches[i % len(batches)])
-                else:
-                    learner.train_step(scored)
+                actor.generate(batches[i % len(batches)])
                 times.append(time.perf_counter() - t)
             conn.send(times)
+
+
+def _by_group(scored: list) -> list[list]:
+    """``scored`` as its groups (the samples of one prompt), in order."""
+    groups: dict[int, list] = {}
+    for s in scored:
+        groups.setdefault(s.rollout.group_id, []).append(s)
+    return list(groups.values())
+
+
+def _kept_since(path: Path, since: float) -> float | None:
+    """The mean ``learner/kept_fraction`` of the loop's steps logged after ``since`` (past step 10); None if none."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the line being written
+            continue
+        if row.get("step", 0) > 10 and row.get("time", 0.0) > since and "learner/kept_fraction" in row:
+            kept.append(row["learner/kept_fraction"])
+    return statistics.mean(kept) if kept else None
 
 
 def _answer(conn, timeout: float = 600.0):
