@@ -437,6 +437,12 @@ def _bare_side(side: str, cores: list[int], conn) -> None:
             conn.send(times)
 
 
+def _span(values: list) -> str:
+    """``a-b`` over the values that are not None, or "not recorded"."""
+    values = [v for v in values if v is not None]
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "not recorded"
+
+
 def _by_group(scored: list) -> list[list]:
     """``scored`` as its groups (the samples of one prompt), in order."""
     groups: dict[int, list] = {}
@@ -595,7 +601,9 @@ def table(results: dict) -> str:
         lines += ["", f"Streaming 1+1 with its limit measured inside it (frozen every few seconds for "
                       f"{len(inter['freezes'])} bare measurements on its own cores; `interleaved`): the limit ranged "
                       f"{min(limits):.3f}-{max(limits):.3f} s over the run (generation {inter['generation_s']:.3f} s, "
-                      f"learner {inter['learner_s']:.3f} s, medians), the loop's step {inter['step_s']:.3f} s. Over "
+                      f"learner {inter['learner_s']:.3f} s, medians; the learner on steps with the loop's share "
+                      f"of mixed groups, {_span([k for _, k in inter.get('kept', [])])}), the loop's step "
+                      f"{inter['step_s']:.3f} s. Over "
                       f"{len(inter['stretches'])} stretches between freezes the loop reaches **"
                       f"{100 * inter['of_limit_median']:.0f}%** of its limit (median; "
                       f"{100 * inter['of_limit_time']:.0f}% of the time the limit allows over all their steps)."]
