@@ -217,8 +217,13 @@ class GenerationActor:
             fetched = self._fetch(version, packed_ref)
             # Most of a load is packing the new weights for the CPU GEMMs: done here, beside generation, so the
             # swap between requests only installs them (actors/vllm_ext.py; None where the load is layerwise).
-            named = (fetched, self.llm.collective_rpc("relay_prepare_weights", args=(fetched,))[0]
-                     if self.cfg.num_gpus == 0 else None)
+            prepared = None
+            if self.cfg.num_gpus == 0:
+                try:
+                    prepared = self.llm.collective_rpc("relay_prepare_weights", args=(fetched,))[0]
+                except Exception:  # noqa: BLE001 - the swap then loads it whole, and fails there as any load would
+                    prepared = None
+            named = (fetched, prepared)
         finally:
             seconds = time.perf_counter() - start
             with self._staged_lock:  # staged and no longer fetching in one step: a waiting request sees both

@@ -344,8 +344,8 @@ def interleaved(seconds: float, every: float = 8.0, repeats: int = 3) -> dict:
                 return
             kept = _kept_since(run_dir / "metrics.jsonl", freezes[-1]["end"] if freezes else 0.0)
             start = time.time()
-            _signal(tree, "suspend")
             try:
+                _signal(tree, "suspend")
                 time.sleep(0.1)  # every process of the loop off its core
                 gen_end.send(repeats)
                 generation = _answer(gen_end)
@@ -363,7 +363,10 @@ def interleaved(seconds: float, every: float = 8.0, repeats: int = 3) -> dict:
         rows = relay_train(run_dir, seconds, LOOPS[STREAMING], evaluate=False, while_running=measure)
     finally:
         for end in (gen_end, learn_end):
-            end.send(None)
+            try:
+                end.send(None)
+            except (BrokenPipeError, OSError):  # that side has ended already
+                continue
         _reap(sides)
     return interleaved_figures(rows, freezes)
 

@@ -453,12 +453,13 @@ class Driver(Recovery):
             metrics["rollout/extra_prompts"] = metrics.get("rollout/filtered_total{reason=uniform}", 0.0)
         call = self._learner_call(self.learner.train_step_async, [s for g in groups for s in g.samples])
         publishing = self._learner_call(self.learner.publish_async)  # runs right after the step, on the learner
-        while len(ray.wait(publishing.refs, num_returns=len(publishing.refs), timeout=0)[0]) < len(publishing.refs) \
-                and time.monotonic() < publishing.deadline:
-            self.stream.pump(timeout=1.0, also=publishing.refs)  # sample and score while the learner trains
-        metrics.update(self._learner_call(call.results)[0])
+        while len(ray.wait(call.refs, num_returns=len(call.refs), timeout=0)[0]) < len(call.refs) \
+                and time.monotonic() < call.deadline:
+            self.stream.pump(timeout=1.0, also=call.refs)  # sample and score while the learner trains
+        metrics.update(self._learner_call(call.results)[0])  # a failed step raises here, before its publish
         self.step += 1
         started = time.perf_counter()
+        publishing.deadline = time.monotonic() + publishing.timeout_s  # its own limit, from the step's end
         version, ref, stats = self._publish(publishing)
         self.fleet.stage(version, ref)  # hidden sync: fetched beside generation, swapped between requests
         metrics.update(stats)

@@ -146,7 +146,8 @@ _SPECS = [
     _c("learner/bad_steps_total", "steps with a non-finite loss or gradient, skipped (learner.max_bad_steps)"),
     _g("learner/critic_warmup", "1 while the policy is held and only the critic learns (learner.critic_warmup_steps)"),
     # sync/: weight publication through the object store
-    _g("sync/seconds", "publish plus slowest load of one weight sync"),
+    _g("sync/seconds", "publish plus slowest load of one weight sync (on-policy); streaming: the driver's time from "
+       "the step's end to the version published and staged"),
     _g("sync/bytes", "bytes published per weight version"),
     _g("sync/policy_version", "policy version loaded by an actor", ("actor_id",)),
     _g("sync/publish_seconds", "learner time to pack and ray.put one weight version"),

@@ -46,7 +46,8 @@ def test_pinned_streaming_run_keeps_generation_alone_and_one_niceness(tmp_path):
            "--set", "train.eval_every=100000", "--set", "metrics.progress=false",
            "--set", f"train.run_dir={tmp_path / 'run'}", "--set", f"model.cache_dir={REPO / '.relay_cache'}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = (tmp_path / "console.txt").open("w")  # a file, not a pipe nobody reads while the run goes on
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     seen = None
     try:
         root = psutil.Process(proc.pid)
@@ -56,16 +57,21 @@ def test_pinned_streaming_run_keeps_generation_alone_and_one_niceness(tmp_path):
             metrics = tmp_path / "run" / "metrics.jsonl"
             if not metrics.exists() or metrics.read_text().count("system/step_seconds") < 5:
                 continue  # a few steps in: weights were published and fetched in the background
-            (actor,), (learner,) = _processes(root, "ray::GenerationActor"), _processes(root, "ray::Learner")
+            actors, learners = _processes(root, "ray::GenerationActor"), _processes(root, "ray::Learner")
+            if len(actors) != 1 or len(learners) != 1:
+                continue
+            (actor,), (learner,) = actors, learners
             seen = {"actor": _thread_cores(actor.pid), "actor_main": sorted(actor.cpu_affinity()),
                     "nice": {"driver": root.nice(), "actor": actor.nice(), "learner": learner.nice()},
                     "learner": sorted(learner.cpu_affinity())}
     finally:
         try:
-            out = proc.communicate(timeout=300)[0]  # the run ends by itself and stops its Ray
+            proc.wait(timeout=300)  # the run ends by itself and stops its Ray
         except subprocess.TimeoutExpired:
             proc.kill()
-            out = proc.communicate()[0]
+            proc.wait()
+        log.close()
+    out = (tmp_path / "console.txt").read_text()
     assert proc.returncode == 0 and seen is not None, f"the run did not get 5 steps in; its output:\n{out[-3000:]}"
     own, shared = cores[-1:], cores[:-1]
     assert seen["actor_main"] == own and seen["learner"] == shared
