@@ -401,6 +401,7 @@ def _bare_side(side: str, cores: list[int], conn) -> None:
     their seconds. Learner side: on a (path, groups) pair build the learner and answer when warm; on (k, kept)
     time k steps, each on 64 groups of which a fraction ``kept`` (None: as sampled) have rewards that differ,
     and answer (their seconds, the fraction they had). On None end."""
+    from cluster.rollout_buffer import by_group
     from core.affinity import pin_process
 
     pin_process(cores)
@@ -410,7 +411,7 @@ def _bare_side(side: str, cores: list[int], conn) -> None:
         batches = [data.train[i * per_step:(i + 1) * per_step] for i in range(4)]
     while (ask := conn.recv()) is not None:
         if ask == "scored":
-            conn.send((path, [g for b in batches for g in _by_group(_scored(actor.generate(b).rollouts))]))
+            conn.send((path, [g for b in batches for g in by_group(_scored(actor.generate(b).rollouts)).values()]))
         elif side == "learner" and isinstance(ask[0], str):
             import torch
 
@@ -446,28 +447,16 @@ def _span(values: list) -> str:
     return f"{min(values):.2f}-{max(values):.2f}" if values else "not recorded"
 
 
-def _by_group(scored: list) -> list[list]:
-    """``scored`` as its groups (the samples of one prompt), in order."""
-    groups: dict[int, list] = {}
-    for s in scored:
-        groups.setdefault(s.rollout.group_id, []).append(s)
-    return list(groups.values())
-
-
 def _kept_since(path: Path, since: float) -> float | None:
     """The mean ``learner/kept_fraction`` of the loop's steps logged after ``since`` (past step 10); None if none."""
+    from core.metrics import read_jsonl
+
     try:
-        lines = path.read_text().splitlines()
+        rows = read_jsonl(path)  # skips the line being written
     except OSError:
         return None
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # the line being written
-            continue
-        if row.get("step", 0) > 10 and row.get("time", 0.0) > since and "learner/kept_fraction" in row:
-            kept.append(row["learner/kept_fraction"])
+    kept = [r["learner/kept_fraction"] for r in rows
+            if r.get("step", 0) > 10 and r.get("time", 0.0) > since and "learner/kept_fraction" in r]
     return statistics.mean(kept) if kept else None
 
 
