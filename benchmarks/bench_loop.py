@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -52,15 +50,16 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({model}), no GPU"
 
 
-def _config(threads: int):
+def _config(threads: int, overrides: tuple[str, ...] = ()):
     from cluster.config import load_config
 
-    return load_config(overrides=[f"generation.torch_threads={threads}", f"learner.torch_threads={threads}"])
+    threads_each = [f"generation.torch_threads={threads}", f"learner.torch_threads={threads}"]
+    return load_config(overrides=[*overrides, *threads_each])
 
 
-def _setup(threads: int):
+def _setup(threads: int, overrides: tuple[str, ...] = ()):
     """Config, policy path, encoded data and a Relay generation actor (no Ray), with ``threads`` torch threads
-    for both sides (call in a fresh process: the thread count is global)."""
+    for both sides (call in a fresh process: the thread count is global) and the loop's ``overrides``."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
 
@@ -69,7 +68,7 @@ def _setup(threads: int):
     from cluster.driver import encode_data, resolve_policy
     from core.data import load_splits
 
-    cfg = _config(threads)
+    cfg = _config(threads, overrides)
     path = resolve_policy(cfg, log=lambda *_: None)
     data = encode_data(cfg, load_splits(cfg.data, cfg.model.cache_dir, log=lambda *_: None), log=lambda *_: None)
     return cfg, path, data, GenerationActor(cfg.generation, path, cfg.model.dtype)
@@ -299,192 +298,10 @@ def loop(name: str, overrides: list[str], seconds: float) -> dict:
             "sync_s": median("sync/seconds"), "staleness": median("rollout/staleness_versions")}
 
 
-def interleaved(seconds: float, every: float = 8.0, repeats: int = 3) -> dict:
-    """The streaming loop with its limit measured inside it. This machine's speed drifts by 10-50% within
-    minutes, so a limit measured before or after a loop can be far from the limit while it ran. Here, every
-    ``every`` seconds the whole ``relay train`` process tree is frozen (SIGSTOP: every process of the loop stops
-    where it is, Ray's daemons included, so nothing of it runs), ``repeats`` bare steps are timed on the loop's own
-    cores, one side at a time, with nothing else running: one-thread generation (Relay's actor, no Ray hop) on the
-    generation actor's core, then the one-thread learner on the learner's core; then the loop goes on (SIGCONT).
-    The learner's work grows as the policy learns: groups whose samples all score alike are dropped
-    (``algorithm.drop_uniform_groups``), and fewer are as the task score rises. So the bare learner trains on a
-    step of 64 groups with as many mixed ones as the loop kept since the last freeze (``learner/kept_fraction``),
-    drawn from a pool the start policy sampled. The limit of the loop's steps between two freezes is the mean of
-    the larger side's median at the two; a step that overlaps a freeze (or ends within 0.5 s after one) is left
-    out of the loop's figures."""
-    import multiprocessing
-
-    import psutil
-
-    from cluster.config import load_config
-    from cluster.resources import core_layout
-
-    layout = core_layout(load_config(overrides=LOOPS[STREAMING]), list(range(os.cpu_count() or 1)))
-    if layout is None:
-        raise RuntimeError("the interleaved measurement needs the streaming layout's disjoint cores (2 or more)")
-    ctx = multiprocessing.get_context("spawn")
-    gen_end, gen_side = ctx.Pipe()
-    learn_end, learn_side = ctx.Pipe()
-    sides = [ctx.Process(target=_bare_side, args=("generation", layout["actors"][0], gen_side)),
-             ctx.Process(target=_bare_side, args=("learner", layout["rest"], learn_side))]
-    for side in sides:
-        side.start()
-    freezes: list[dict] = []
-    run_dir = Path("/tmp/relay-bench-loop") / "interleaved"
-    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's rows would start the freezes too soon
-
-    def measure(proc: subprocess.Popen) -> None:
-        while proc.poll() is None and not _steps_past(run_dir / "metrics.jsonl", 10):
-            time.sleep(0.5)
-        while proc.poll() is None:
-            time.sleep(every)
-            try:
-                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            kept = _kept_since(run_dir / "metrics.jsonl", freezes[-1]["end"] if freezes else 0.0)
-            start = time.time()
-            try:
-                _signal(tree, "suspend")
-                time.sleep(0.1)  # every process of the loop off its core
-                gen_end.send(repeats)
-                generation = _answer(gen_end)
-                learn_end.send((repeats, kept))
-                learner, mixed = _answer(learn_end)
-            finally:
-                _signal(tree, "resume")
-            freezes.append({"start": start, "end": time.time(), "generation_s": statistics.median(generation),
-                            "learner_s": statistics.median(learner), "loop_kept": kept, "bare_kept": mixed})
-
-    try:
-        gen_end.send("scored")
-        learn_end.send(_answer(gen_end))  # the learner side's pool: the generation side's first batches, scored
-        _answer(learn_end)  # warmed up
-        rows = relay_train(run_dir, seconds, LOOPS[STREAMING], evaluate=False, while_running=measure)
-    finally:
-        for end in (gen_end, learn_end):
-            try:
-                end.send(None)
-            except (BrokenPipeError, OSError):  # that side has ended already
-                continue
-        _reap(sides)
-    return interleaved_figures(rows, freezes)
-
-
-def interleaved_figures(rows: list[dict], freezes: list[dict], guard: float = 0.5) -> dict:
-    """Per stretch between two freezes: the loop's median step against the mean of the two limits around it."""
-    steps = [(r["time"] - r["system/step_seconds"], r["time"], r["system/step_seconds"]) for r in rows
-             if "system/step_seconds" in r and r["step"] > 10]
-    stretches = []
-    for before, after in zip(freezes, freezes[1:], strict=False):
-        inside = [s for start, end, s in steps if start >= before["end"] + guard and end <= after["start"]]
-        if len(inside) < 3:
-            continue
-        limit = (max(before["generation_s"], before["learner_s"]) + max(after["generation_s"], after["learner_s"])) / 2
-        stretches.append({"steps": len(inside), "step_s": statistics.median(inside), "limit_s": limit,
-                          "of_limit": limit / statistics.median(inside), "seconds": sum(inside),
-                          "limit_seconds": limit * len(inside)})
-    if not stretches:
-        raise RuntimeError("no stretch of the interleaved loop had 3 steps between two freezes: run it longer")
-    return {"freezes": freezes, "stretches": stretches,
-            "of_limit_median": statistics.median(s["of_limit"] for s in stretches),
-            "of_limit_time": sum(s["limit_seconds"] for s in stretches) / sum(s["seconds"] for s in stretches),
-            "generation_s": statistics.median(f["generation_s"] for f in freezes),
-            "learner_s": statistics.median(f["learner_s"] for f in freezes),
-            "step_s": statistics.median(s["step_s"] for s in stretches),
-            "kept": [(f.get("loop_kept"), f.get("bare_kept")) for f in freezes]}
-
-
-def _bare_side(side: str, cores: list[int], conn) -> None:
-    """``interleaved``'s bare measurements, pinned to ``cores`` with one thread. Generation side: on "scored"
-    sample four batches and answer (policy path, their scored groups); on a number k time k steps and answer
-    their seconds. Learner side: on a (path, groups) pair build the learner and answer when warm; on (k, kept)
-    time k steps, each on 64 groups of which a fraction ``kept`` (None: as sampled) have rewards that differ,
-    and answer (their seconds, the fraction they had). On None end."""
-    from cluster.rollout_buffer import by_group
-    from core.affinity import pin_process
-
-    pin_process(cores)
-    if side == "generation":
-        cfg, path, data, actor = _setup(1)
-        per_step = cfg.train.prompts_per_step
-        batches = [data.train[i * per_step:(i + 1) * per_step] for i in range(4)]
-    while (ask := conn.recv()) is not None:
-        if ask == "scored":
-            conn.send((path, [g for b in batches for g in by_group(_scored(actor.generate(b).rollouts)).values()]))
-        elif side == "learner" and isinstance(ask[0], str):
-            import torch
-
-            torch.set_num_threads(1)
-            path, pool = ask
-            mixed = [g for g in pool if len({s.reward for s in g}) > 1]
-            uniform = [g for g in pool if len({s.reward for s in g}) == 1]
-            learner = _learner(_config(1), path)
-            learner.train_step([s for g in pool[:64] for s in g])
-            conn.send("warm")
-        elif side == "learner":
-            count, kept = ask
-            n = 64 if kept is None else min(round(kept * 64), len(mixed))
-            groups = (pool[:64] if kept is None else mixed[:n] + uniform[:64 - n])
-            times = []
-            for _ in range(count):
-                t = time.perf_counter()
-                learner.train_step([s for g in groups for s in g])
-                times.append(time.perf_counter() - t)
-            conn.send((times, sum(len({s.reward for s in g}) > 1 for g in groups) / len(groups)))
-        else:
-            times = []
-            for i in range(ask):
-                t = time.perf_counter()
-                actor.generate(batches[i % len(batches)])
-                times.append(time.perf_counter() - t)
-            conn.send(times)
-
-
 def _span(values: list) -> str:
     """``a-b`` over the values that are not None, or "not recorded"."""
     values = [v for v in values if v is not None]
     return f"{min(values):.2f}-{max(values):.2f}" if values else "not recorded"
-
-
-def _kept_since(path: Path, since: float) -> float | None:
-    """The mean ``learner/kept_fraction`` of the loop's steps logged after ``since`` (past step 10); None if none."""
-    from core.metrics import read_jsonl
-
-    try:
-        rows = read_jsonl(path)  # skips the line being written
-    except OSError:
-        return None
-    kept = [r["learner/kept_fraction"] for r in rows
-            if r.get("step", 0) > 10 and r.get("time", 0.0) > since and "learner/kept_fraction" in r]
-    return statistics.mean(kept) if kept else None
-
-
-def _answer(conn, timeout: float = 600.0):
-    if not conn.poll(timeout):
-        raise TimeoutError(f"a bare measurement did not answer in {timeout:.0f} s")
-    return conn.recv()
-
-
-def _signal(processes: list, action: str) -> None:
-    """``suspend`` or ``resume`` each of ``processes`` (psutil), skipping any that has ended."""
-    import psutil
-
-    for process in processes:
-        try:
-            getattr(process, action)()
-        except psutil.NoSuchProcess:
-            continue
-
-
-def _steps_past(path: Path, step: int) -> bool:
-    """Whether the metrics file at ``path`` has a row past ``step``."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return False
-    last = next((m for line in reversed(lines) if (m := re.match(r'\{"step": (\d+),', line))), None)
-    return last is not None and int(last.group(1)) > step
 
 
 def learning(name: str, overrides: list[str], seconds: float) -> dict:
@@ -514,12 +331,24 @@ def plot_learning(curves: dict[str, tuple[list, int]], path: Path, xlabel: str) 
     fig.savefig(path, dpi=110)
 
 
-DEFAULT, ONE_ENGINE, STREAMING = "on-policy 2x1+2", "on-policy 1x2+2", "streaming 1+1"
+DEFAULT, ONE_ENGINE, STREAMING, STREAMING_S2 = "on-policy 2x1+2", "on-policy 1x2+2", "streaming 1+1", "streaming 1+1 s2"
 LOOPS = {  # engines x threads each + learner threads
     DEFAULT: [],
     ONE_ENGINE: ["generation.num_actors=1", "generation.torch_threads=2"],
     STREAMING: ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"],
+    # two steps of room between the sides: a slow step on one side no longer stalls the other
+    STREAMING_S2: ["algorithm.max_staleness=2", "generation.num_actors=1", "learner.torch_threads=1"],
 }
+STREAMING_LOOPS = (STREAMING, STREAMING_S2)
+
+
+def _loop_names(arg: str) -> list[str]:
+    """The loops named in a comma-separated ``arg``; an unknown name is an error that lists the known ones."""
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOOPS]
+    if unknown:
+        raise SystemExit(f"unknown loop(s) {unknown}: the loops are {list(LOOPS)}")
+    return names
 
 
 def _run_name(loop_name: str) -> str:
@@ -528,88 +357,128 @@ def _run_name(loop_name: str) -> str:
 
 
 def table(results: dict) -> str:
-    lines = []
+    sections = (_bare_table(results), _loops_table(results), _limits_text(results), _interleaved_text(results),
+                _corun_table(results), _learning_table(results))
+    return "\n\n".join(s for s in sections if s)
+
+
+def _bare_table(results: dict) -> str:
     b1, b2 = results.get("bare", {}).get("1"), results.get("bare", {}).get("2")
-    if b1 and b2:
-        lines += ["| bare, per step (64 prompts x 8) | 1 thread | 2 threads |", "|---|---|---|"]
-        for key, label in (("engine_s", "vLLM `LLM.generate`"), ("relay_actor_s", "Relay `GenerationActor.generate` "
-                                                                                   "(no Ray hop)"),
-                           ("hf_generate_s", "HF `generate`"), ("learner_s", "learner step")):
-            lines.append(f"| {label} | {b1[key]:.3f} s | {b2[key]:.3f} s |")
-        lines.append(f"| engine / Relay actor throughput | {b1['engine_s'] / b1['relay_actor_s']:.2f}x | "
-                     f"{b2['engine_s'] / b2['relay_actor_s']:.2f}x |")
-        lines.append("")
+    if not (b1 and b2):
+        return ""
+    lines = ["| bare, per step (64 prompts x 8) | 1 thread | 2 threads |", "|---|---|---|"]
+    for key, label in (("engine_s", "vLLM `LLM.generate`"), ("relay_actor_s", "Relay `GenerationActor.generate` "
+                                                                               "(no Ray hop)"),
+                       ("hf_generate_s", "HF `generate`"), ("learner_s", "learner step")):
+        lines.append(f"| {label} | {b1[key]:.3f} s | {b2[key]:.3f} s |")
+    lines.append(f"| engine / Relay actor throughput | {b1['engine_s'] / b1['relay_actor_s']:.2f}x | "
+                 f"{b2['engine_s'] / b2['relay_actor_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _loops_table(results: dict) -> str:
     loops = results.get("loops", {})
-    if loops:
-        lines += ["| loop | steps | median step | learner | waited for rollouts | swap | staleness |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, r in loops.items():
-            fmt = lambda v: "" if v is None else f"{v:.3f} s"  # noqa: E731
-            lines.append(f"| {name} | {r['steps']} | {fmt(r['step_s'])} | {fmt(r['learner_s'])} | {fmt(r['wait_s'])} "
-                         f"| {fmt(r['swap_s'])} | {'' if r['staleness'] is None else int(r['staleness'])} |")
-    two, co = results.get("two_engines"), results.get("corun")
-    if b1 and b2 and two:
-        lines += ["", f"Two single-thread engines on cores of their own, half of each batch each: "
-                      f"{two['engines_s']:.3f} s a batch (the halves {two['half_s'][0]:.3f} and "
-                      f"{two['half_s'][1]:.3f} s), "
-                      f"**{b2['relay_actor_s'] / two['engines_s']:.2f}x** one 2-thread engine."]
-    if b1 and b2 and two and DEFAULT in loops and STREAMING in loops:
-        sync_limit = two["engines_s"] + b2["learner_s"]
-        async_limit = max(b1["relay_actor_s"], b1["learner_s"])
-        default, streaming = loops[DEFAULT]["step_s"], loops[STREAMING]["step_s"]
-        results["limits"] = lim = {
-            "sync_limit_s": sync_limit, "async_limit_s": async_limit, "speedup_bound": sync_limit / async_limit,
-            "speedup": default / streaming, "streaming_of_limit": async_limit / streaming,
-            "on_policy_of_limit": sync_limit / default}
-        lines += ["", f"Limits per step: on-policy, bare two-engine generation + the bare learner at 2 threads = "
-                      f"{sync_limit:.3f} s (the default loop reaches **{100 * lim['on_policy_of_limit']:.0f}%** of "
-                      f"it); "
-                      f"streaming, the larger of generation and learner at 1 thread = {async_limit:.3f} s (the loop "
-                      f"reaches **{100 * lim['streaming_of_limit']:.0f}%** of it). Streaming 1+1 against the default "
-                      f"on-policy loop: **{lim['speedup']:.2f}x** the steps per second (the limits alone would give "
-                      f"{lim['speedup_bound']:.2f}x)."]
-        if ONE_ENGINE in loops:
-            lim["default_over_one_engine"] = loops[ONE_ENGINE]["step_s"] / default
-            lines.append(f"The default on-policy loop against the same loop with one 2-thread engine: "
-                         f"**{lim['default_over_one_engine']:.2f}x** the steps per second.")
-        after = results.get("bare_after", {}).get("1")
-        if after:
-            limit_after = max(after["relay_actor_s"], after["learner_s"])
-            mean = (async_limit + limit_after) / 2
-            lim.update(async_limit_after_s=limit_after, streaming_of_limit_after=limit_after / streaming,
-                       streaming_of_limit_mean=mean / streaming)
-            lines.append(f"The streaming loop ran between two measurements of its limit: {async_limit:.3f} s right "
-                         f"before it, {limit_after:.3f} s right after (the loop reaches "
-                         f"{100 * lim['streaming_of_limit_after']:.0f}% of the second, **"
-                         f"{100 * lim['streaming_of_limit_mean']:.0f}%** of their mean).")
-        if co:  # what generation can do while the learner works on the other core
-            lim["streaming_of_corun"] = co["engine_both_s"] / streaming
-            lines.append(f"Against one-thread generation beside a working learner ({co['engine_both_s']:.3f} s, "
-                         f"measured before the loops; {co['engine_alone_s']:.3f} s alone then) the loop reaches "
-                         f"{100 * lim['streaming_of_corun']:.0f}%.")
-    inter = results.get("interleaved")
-    if inter:
+    if not loops:
+        return ""
+    lines = ["| loop | steps | median step | learner | waited for rollouts | swap | staleness |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in loops.items():
+        fmt = lambda v: "" if v is None else f"{v:.3f} s"  # noqa: E731
+        lines.append(f"| {name} | {r['steps']} | {fmt(r['step_s'])} | {fmt(r['learner_s'])} | {fmt(r['wait_s'])} "
+                     f"| {fmt(r['swap_s'])} | {'' if r['staleness'] is None else int(r['staleness'])} |")
+    return "\n".join(lines)
+
+
+def _limits_text(results: dict) -> str:
+    """The limits per step and each loop against its own; also fills ``results["limits"]``."""
+    b1, b2 = results.get("bare", {}).get("1"), results.get("bare", {}).get("2")
+    two, co, loops = results.get("two_engines"), results.get("corun"), results.get("loops", {})
+    if not (b1 and b2 and two):
+        return ""
+    lines = [f"Two single-thread engines on cores of their own, half of each batch each: {two['engines_s']:.3f} s a "
+             f"batch (the halves {two['half_s'][0]:.3f} and {two['half_s'][1]:.3f} s), "
+             f"**{b2['relay_actor_s'] / two['engines_s']:.2f}x** one 2-thread engine."]
+    if not (DEFAULT in loops and STREAMING in loops):
+        return "\n".join(lines)
+    sync_limit = two["engines_s"] + b2["learner_s"]
+    async_limit = max(b1["relay_actor_s"], b1["learner_s"])
+    default, streaming = loops[DEFAULT]["step_s"], loops[STREAMING]["step_s"]
+    results["limits"] = lim = {
+        "sync_limit_s": sync_limit, "async_limit_s": async_limit, "speedup_bound": sync_limit / async_limit,
+        "speedup": default / streaming, "streaming_of_limit": async_limit / streaming,
+        "on_policy_of_limit": sync_limit / default}
+    lines += ["", f"Limits per step: on-policy, bare two-engine generation + the bare learner at 2 threads = "
+                  f"{sync_limit:.3f} s (the default loop reaches **{100 * lim['on_policy_of_limit']:.0f}%** of it); "
+                  f"streaming, the larger of generation and learner at 1 thread = {async_limit:.3f} s (the loop "
+                  f"reaches **{100 * lim['streaming_of_limit']:.0f}%** of it). Streaming 1+1 against the default "
+                  f"on-policy loop: **{lim['speedup']:.2f}x** the steps per second (the limits alone would give "
+                  f"{lim['speedup_bound']:.2f}x)."]
+    if ONE_ENGINE in loops:
+        lim["default_over_one_engine"] = loops[ONE_ENGINE]["step_s"] / default
+        lines.append(f"The default on-policy loop against the same loop with one 2-thread engine: "
+                     f"**{lim['default_over_one_engine']:.2f}x** the steps per second.")
+    after = results.get("bare_after", {}).get("1")
+    if after:
+        limit_after = max(after["relay_actor_s"], after["learner_s"])
+        mean = (async_limit + limit_after) / 2
+        lim.update(async_limit_after_s=limit_after, streaming_of_limit_after=limit_after / streaming,
+                   streaming_of_limit_mean=mean / streaming)
+        lines.append(f"The streaming loop ran between two measurements of its limit: {async_limit:.3f} s right "
+                     f"before it, {limit_after:.3f} s right after (the loop reaches "
+                     f"{100 * lim['streaming_of_limit_after']:.0f}% of the second, **"
+                     f"{100 * lim['streaming_of_limit_mean']:.0f}%** of their mean).")
+    if STREAMING_S2 in loops:  # run right after the second measurement of the limit
+        s2, s2_limit = loops[STREAMING_S2]["step_s"], lim.get("async_limit_after_s", async_limit)
+        lim.update(speedup_s2=default / s2, streaming_s2_of_limit=s2_limit / s2)
+        lines.append(f"With two steps of staleness (`{STREAMING_S2}`, run right after that measurement): "
+                     f"**{lim['speedup_s2']:.2f}x** the default loop's steps per second, "
+                     f"{100 * lim['streaming_s2_of_limit']:.0f}% of the limit measured right before it "
+                     f"({s2_limit:.3f} s).")
+    if co:  # what generation can do while the learner works on the other core
+        lim["streaming_of_corun"] = co["engine_both_s"] / streaming
+        lines.append(f"Against one-thread generation beside a working learner ({co['engine_both_s']:.3f} s, "
+                     f"measured before the loops; {co['engine_alone_s']:.3f} s alone then) the loop reaches "
+                     f"{100 * lim['streaming_of_corun']:.0f}%.")
+    return "\n".join(lines)
+
+
+def _interleaved_text(results: dict) -> str:
+    runs = results.get("interleaved") or {}
+    if "stretches" in runs:  # written before there was one per streaming loop
+        runs = {STREAMING: runs}
+    lines = []
+    for name, inter in runs.items():
         limits = [s["limit_s"] for s in inter["stretches"]]
-        lines += ["", f"Streaming 1+1 with its limit measured inside it (frozen every few seconds for "
-                      f"{len(inter['freezes'])} bare measurements on its own cores; `interleaved`): the limit ranged "
-                      f"{min(limits):.3f}-{max(limits):.3f} s over the run (generation {inter['generation_s']:.3f} s, "
-                      f"learner {inter['learner_s']:.3f} s, medians; the learner on steps with the loop's share "
-                      f"of mixed groups, {_span([k for _, k in inter.get('kept', [])])}), the loop's step "
-                      f"{inter['step_s']:.3f} s. Over "
-                      f"{len(inter['stretches'])} stretches between freezes the loop reaches **"
-                      f"{100 * inter['of_limit_median']:.0f}%** of its limit (median; "
-                      f"{100 * inter['of_limit_time']:.0f}% of the time the limit allows over all their steps)."]
-    if co:
-        lines += ["", "| 1 thread each, own cores | alone | while the other works |", "|---|---|---|",
-                  f"| Relay `GenerationActor.generate` | {co['engine_alone_s']:.3f} s | {co['engine_both_s']:.3f} s |",
-                  f"| learner step | {co['learner_alone_s']:.3f} s | {co['learner_both_s']:.3f} s |"]
-    if results.get("learning"):
-        lines += ["", "| loop, default evaluations | run on | steps | held-out start | last three evaluations | gain |",
-                  "|---|---|---|---|---|---|"]
-        for name, run in results["learning"].items():
-            sm = run["summary"]
-            lines.append(f"| {name} | {run.get('date', '')} | {sm['steps']} | {sm['eval_start']:.3f} | "
-                         f"{sm['eval_last3_mean']:.3f} | {sm['eval_gain_points']:+.1f} |")
+        lines.append(f"{name.capitalize()} with its limit measured inside it (frozen every few seconds for "
+                     f"{len(inter['freezes'])} bare measurements on its own cores; `benchmarks/interleaved.py`): the "
+                     f"limit ranged {min(limits):.3f}-{max(limits):.3f} s over the run (generation "
+                     f"{inter['generation_s']:.3f} s, learner {inter['learner_s']:.3f} s, medians; the learner on "
+                     f"steps with the loop's share of mixed groups, {_span([k for _, k in inter.get('kept', [])])}), "
+                     f"the loop's step {inter['step_s']:.3f} s. Over {len(inter['stretches'])} stretches between "
+                     f"freezes the loop reaches **{100 * inter['of_limit_median']:.0f}%** of its limit (median; "
+                     f"{100 * inter['of_limit_time']:.0f}% of the time the limit allows over all their steps).")
+    return "\n\n".join(lines)
+
+
+def _corun_table(results: dict) -> str:
+    co = results.get("corun")
+    if not co:
+        return ""
+    return "\n".join(["| 1 thread each, own cores | alone | while the other works |", "|---|---|---|",
+                      f"| Relay `GenerationActor.generate` | {co['engine_alone_s']:.3f} s | "
+                      f"{co['engine_both_s']:.3f} s |",
+                      f"| learner step | {co['learner_alone_s']:.3f} s | {co['learner_both_s']:.3f} s |"])
+
+
+def _learning_table(results: dict) -> str:
+    if not results.get("learning"):
+        return ""
+    lines = ["| loop, default evaluations | run on | steps | held-out start | last three evaluations | gain |",
+             "|---|---|---|---|---|---|"]
+    for name, run in results["learning"].items():
+        sm = run["summary"]
+        lines.append(f"| {name} | {run.get('date', '')} | {sm['steps']} | {sm['eval_start']:.3f} | "
+                     f"{sm['eval_last3_mean']:.3f} | {sm['eval_gain_points']:+.1f} |")
     return "\n".join(lines)
 
 
@@ -620,8 +489,10 @@ def main() -> None:
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-loops", action="store_true")
     p.add_argument("--loops", default=",".join(LOOPS), help="which loops to run (comma-separated names of LOOPS)")
-    p.add_argument("--learning", type=float, help="also run the default on-policy loop and streaming 1+1 for this "
-                   "many seconds with the default evaluations, and plot held-out score against wall time")
+    p.add_argument("--learning", type=float, help="also run the --learning-loops for this many seconds with the "
+                   "default evaluations, and plot held-out score against wall time")
+    p.add_argument("--learning-loops", default=f"{DEFAULT},{STREAMING}",
+                   help="which loops --learning runs (comma-separated names of LOOPS; earlier runs of others are kept)")
     p.add_argument("--bare-only", type=int, help=argparse.SUPPRESS)  # internal: one bare measurement, JSON out
     p.add_argument("--corun-only", action="store_true", help=argparse.SUPPRESS)  # internal: as --bare-only
     p.add_argument("--two-engines-only", action="store_true", help=argparse.SUPPRESS)  # internal: as --bare-only
@@ -654,20 +525,24 @@ def main() -> None:
             print(f"bare, {threads} thread(s): {results['bare'][str(threads)]}", flush=True)
     if not args.skip_loops:
         results["loops"] = {k: v for k, v in results.get("loops", {}).items() if k in LOOPS}  # drop retired layouts
-        names = args.loops.split(",")
-        for name in sorted(names, key=lambda n: n != STREAMING):  # streaming first, next to its limit
+        names = _loop_names(args.loops)
+        for name in sorted(names, key=lambda n: n not in STREAMING_LOOPS):  # streaming first, next to its limit
             results["loops"][name] = loop(_run_name(name), LOOPS[name], args.seconds)
             print(f"{name}: {results['loops'][name]}", flush=True)
             if name == STREAMING and not args.skip_bare:
                 results["bare_after"] = {"1": _measure("--bare-only", "1", "--repeats", str(args.repeats))}
                 print(f"bare again right after the streaming loop, 1 thread: {results['bare_after']['1']}", flush=True)
-                if (os.cpu_count() or 1) >= 2:
-                    results["interleaved"] = interleaved(args.seconds)
-                    print(f"streaming with its limit inside it: {results['interleaved']['of_limit_median']:.3f}",
-                          flush=True)
+        if not args.skip_bare and (os.cpu_count() or 1) >= 2:
+            from benchmarks.interleaved import interleaved
+
+            results["interleaved"] = {}
+            for name in (n for n in STREAMING_LOOPS if n in names):
+                results["interleaved"][name] = interleaved(args.seconds, LOOPS[name], _run_name(name) + "-interleaved")
+                print(f"{name} with its limit inside it: {results['interleaved'][name]['of_limit_median']:.3f}",
+                      flush=True)
     if args.learning:
-        results["learning"] = {name: learning(_run_name(name), LOOPS[name], args.learning)
-                               for name in (DEFAULT, STREAMING)}
+        results["learning"] = results.get("learning", {}) | {
+            name: learning(_run_name(name), LOOPS[name], args.learning) for name in _loop_names(args.learning_loops)}
         plot_learning({name: (run["curve"], run["summary"]["steps"]) for name, run in results["learning"].items()},
                       OUT / "learning.png", "seconds of RL (when the evaluated step was trained)")
     md = table(results)

@@ -1,8 +1,8 @@
-"""The loop benchmark's interleaved figures (``benchmarks/bench_loop.py``): hand-computed stretches."""
+"""The loop benchmark's interleaved figures (``benchmarks/interleaved.py``): hand-computed stretches."""
 
 import pytest
 
-from benchmarks.bench_loop import interleaved_figures
+from benchmarks.interleaved import interleaved_figures
 
 
 def _rows(ends: list[float], step: float) -> list[dict]:
@@ -34,3 +34,31 @@ def test_no_stretch_with_three_steps_is_an_error_that_says_what_to_do():
                {"start": 20.0, "end": 21.0, "generation_s": 0.2, "learner_s": 0.1}]
     with pytest.raises(RuntimeError, match="run it longer"):
         interleaved_figures(_rows([12.0, 13.0], 0.5), freezes)
+
+
+def test_table_reports_each_streaming_loop_against_its_limit():
+    from benchmarks.bench_loop import DEFAULT, STREAMING, STREAMING_S2, table
+
+    def loop(step):
+        return {"steps": 100, "step_s": step, "learner_s": 0.2, "wait_s": 0.01, "swap_s": 0.001, "staleness": 1}
+
+    stretch = {"steps": 5, "step_s": 0.25, "limit_s": 0.2, "of_limit": 0.8, "seconds": 1.25, "limit_seconds": 1.0}
+    inter = {"freezes": [{}, {}], "stretches": [stretch], "of_limit_median": 0.8, "of_limit_time": 0.8,
+             "generation_s": 0.2, "learner_s": 0.18, "step_s": 0.25, "kept": [(0.5, 0.5)]}
+    bare = {"engine_s": 0.2, "relay_actor_s": 0.2, "learner_s": 0.18, "hf_generate_s": 0.2}
+    results = {"bare": {"1": bare, "2": bare}, "two_engines": {"engines_s": 0.1, "half_s": [0.1, 0.1]},
+               "loops": {DEFAULT: loop(0.3), STREAMING: loop(0.25), STREAMING_S2: loop(0.2)},
+               "interleaved": {STREAMING: inter, STREAMING_S2: inter | {"of_limit_median": 0.95}}}
+    md = table(results)
+    # limit: max(0.2, 0.18) = 0.2 s; 0.2 / 0.25 = 80% for staleness 1, 0.2 / 0.2 = 100% for staleness 2
+    assert results["limits"]["streaming_of_limit"] == pytest.approx(0.8)
+    assert results["limits"]["streaming_s2_of_limit"] == pytest.approx(1.0)
+    assert results["limits"]["speedup_s2"] == pytest.approx(1.5)
+    assert "**80%** of its limit" in md and "**95%** of its limit" in md
+
+
+def test_an_unknown_loop_name_lists_the_known_ones():
+    from benchmarks.bench_loop import _loop_names
+
+    with pytest.raises(SystemExit, match="streaming 1\\+1 s2"):
+        _loop_names("streaming 1+1,streaming 3+3")
