@@ -13,14 +13,15 @@ Everything on the embedded default (tiny Qwen2, 64 prompts x 8 samples a step), 
 - loops, each a ``relay train`` of ``--seconds`` with evaluation only at the ends: on-policy as configured
   by default (two single-thread engines, one per core, and a 2-thread learner: generation and learning
   alternate), on-policy with one 2-thread engine (the default before), and streaming
-  (``algorithm.max_staleness=1``) with one engine thread and one learner thread on disjoint cores. The
-  median step time after the first 10 steps.
+  (``algorithm.max_staleness=1``) with one engine thread and one learner thread on disjoint cores, and the
+  same with two steps of staleness (``streaming 1+1 s2``: room for a slow step on either side). The median step
+  time after the first 10 steps.
 
 The limits: on-policy, bare two-engine generation plus the bare learner at 2 threads; streaming, the larger
 of one-thread generation and the one-thread learner, measured right before the streaming loop (which runs
 first) and again right after it; and, as this machine's speed drifts by 10-50% within minutes, once more with
-the limit measured inside a second streaming run, which is frozen every few seconds for bare steps on its own
-cores (``interleaved``). Writes
+the limit measured inside a second run of each streaming loop, which is frozen every few seconds for bare steps
+on its own cores (``benchmarks/interleaved.py``). Writes
 ``benchmarks/results/loop/results.json`` and ``results.md``.
 """
 
