@@ -80,7 +80,9 @@ class AlgorithmConfig(Section):
     max_staleness: int = Field(0, ge=0, description="0 = on-policy: each step samples its batch with the latest "
                                "weights; s >= 1 = streaming: the actors sample all the time, groups are scored as "
                                "they land, weights are fetched in the background and swapped in between requests, "
-                               "and the learner trains on nothing older than s versions (cluster/stream.py)")
+                               "and the learner trains on nothing older than s versions (cluster/stream.py); "
+                               "s = 2 leaves the buffer a step of room, so a slow step on one side does not stall "
+                               "the other")
 
     @model_validator(mode="after")
     def _kl(self) -> AlgorithmConfig:
