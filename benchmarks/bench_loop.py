@@ -337,7 +337,7 @@ LOOPS = {  # engines x threads each + learner threads
     DEFAULT: [],
     ONE_ENGINE: ["generation.num_actors=1", "generation.torch_threads=2"],
     STREAMING: ["algorithm.max_staleness=1", "generation.num_actors=1", "learner.torch_threads=1"],
-    # two steps of room between the sides: a slow step on one side no longer stalls the other
+    # two steps of room between the sides: a slow step on one side need not stall the other
     STREAMING_S2: ["algorithm.max_staleness=2", "generation.num_actors=1", "learner.torch_threads=1"],
 }
 STREAMING_LOOPS = (STREAMING, STREAMING_S2)
@@ -428,13 +428,13 @@ def _limits_text(results: dict) -> str:
                      f"before it, {limit_after:.3f} s right after (the loop reaches "
                      f"{100 * lim['streaming_of_limit_after']:.0f}% of the second, **"
                      f"{100 * lim['streaming_of_limit_mean']:.0f}%** of their mean).")
-    if STREAMING_S2 in loops:  # run right after the second measurement of the limit
+    if STREAMING_S2 in loops:  # run right after the second measurement of the limit, when there is one
         s2, s2_limit = loops[STREAMING_S2]["step_s"], lim.get("async_limit_after_s", async_limit)
-        lim.update(speedup_s2=default / s2, streaming_s2_of_limit=s2_limit / s2)
-        lines.append(f"With two steps of staleness (`{STREAMING_S2}`, run right after that measurement): "
-                     f"**{lim['speedup_s2']:.2f}x** the default loop's steps per second, "
-                     f"{100 * lim['streaming_s2_of_limit']:.0f}% of the limit measured right before it "
-                     f"({s2_limit:.3f} s).")
+        when = "right before it" if "async_limit_after_s" in lim else "before the streaming loops"
+        lim.update(speedup_s2=default / s2, streaming_s2_of_limit=s2_limit / s2, s2_over_s1=streaming / s2)
+        lines.append(f"With two steps of staleness (`{STREAMING_S2}`): **{lim['speedup_s2']:.2f}x** the default "
+                     f"loop's steps per second and {lim['s2_over_s1']:.2f}x staleness 1's; **"
+                     f"{100 * lim['streaming_s2_of_limit']:.0f}%** of the limit measured {when} ({s2_limit:.3f} s).")
     if co:  # what generation can do while the learner works on the other core
         lim["streaming_of_corun"] = co["engine_both_s"] / streaming
         lines.append(f"Against one-thread generation beside a working learner ({co['engine_both_s']:.3f} s, "
@@ -498,6 +498,7 @@ def main() -> None:
     p.add_argument("--corun-only", action="store_true", help=argparse.SUPPRESS)  # internal: as --bare-only
     p.add_argument("--two-engines-only", action="store_true", help=argparse.SUPPRESS)  # internal: as --bare-only
     args = p.parse_args()
+    names, learning_names = _loop_names(args.loops), _loop_names(args.learning_loops)  # a typo fails now, not later
     if args.bare_only:
         print(json.dumps(bare(args.bare_only, args.repeats)))
         return
@@ -512,7 +513,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     results["machine"] = machine()
     results["date"] = time.strftime("%Y-%m-%d")
-    # This machine's speed drifts by 10-20% over minutes, so the streaming loop runs between two measurements of
+    # This machine's speed drifts by 10-50% within minutes, so the streaming loop runs between two measurements of
     # its limit (the bare 1-thread timings): the last bare measurement before it, and one right after it.
     if not args.skip_bare:
         results["bare"] = {}
@@ -526,8 +527,10 @@ def main() -> None:
             print(f"bare, {threads} thread(s): {results['bare'][str(threads)]}", flush=True)
     if not args.skip_loops:
         results["loops"] = {k: v for k, v in results.get("loops", {}).items() if k in LOOPS}  # drop retired layouts
-        names = _loop_names(args.loops)
-        for name in sorted(names, key=lambda n: n not in STREAMING_LOOPS):  # streaming first, next to its limit
+        order = list(LOOPS)
+        # the streaming loops first, in LOOPS' order: staleness 1 next to its limit, staleness 2 right after the
+        # limit's second measurement
+        for name in sorted(names, key=lambda n: (n not in STREAMING_LOOPS, order.index(n))):
             results["loops"][name] = loop(_run_name(name), LOOPS[name], args.seconds)
             print(f"{name}: {results['loops'][name]}", flush=True)
             if name == STREAMING and not args.skip_bare:
@@ -536,14 +539,15 @@ def main() -> None:
         if not args.skip_bare and (os.cpu_count() or 1) >= 2:
             from benchmarks.interleaved import interleaved
 
-            results["interleaved"] = {}
+            earlier = results.get("interleaved") or {}
+            results["interleaved"] = {STREAMING: earlier} if "stretches" in earlier else earlier  # the older form
             for name in (n for n in STREAMING_LOOPS if n in names):
                 results["interleaved"][name] = interleaved(args.seconds, LOOPS[name], _run_name(name) + "-interleaved")
                 print(f"{name} with its limit inside it: {results['interleaved'][name]['of_limit_median']:.3f}",
                       flush=True)
     if args.learning:
         results["learning"] = results.get("learning", {}) | {
-            name: learning(_run_name(name), LOOPS[name], args.learning) for name in _loop_names(args.learning_loops)}
+            name: learning(_run_name(name), LOOPS[name], args.learning) for name in learning_names}
         plot_learning({name: (run["curve"], run["summary"]["steps"]) for name, run in results["learning"].items()},
                       OUT / "learning.png", "seconds of RL (when the evaluated step was trained)")
     md = table(results)

@@ -81,8 +81,9 @@ class AlgorithmConfig(Section):
                                "weights; s >= 1 = streaming: the actors sample all the time, groups are scored as "
                                "they land, weights are fetched in the background and swapped in between requests, "
                                "and the learner trains on nothing older than s versions (cluster/stream.py); "
-                               "s = 2 leaves the buffer a step of room, so a slow step on one side does not stall "
-                               "the other")
+                               "s = 2 leaves the buffer a step of room, so a slow step on one side need not stall "
+                               "the other, but the learner then trains on rollouts a version older (see README, "
+                               "The streaming loop)")
 
     @model_validator(mode="after")
     def _kl(self) -> AlgorithmConfig:

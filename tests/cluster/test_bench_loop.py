@@ -1,4 +1,5 @@
-"""The loop benchmark's interleaved figures (``benchmarks/interleaved.py``): hand-computed stretches."""
+"""The loop benchmark's figures: the interleaved stretches (``benchmarks/interleaved.py``) against hand-computed
+values, the table's limits per streaming loop, and its loop names (``benchmarks/bench_loop.py``)."""
 
 import pytest
 
@@ -55,6 +56,14 @@ def test_table_reports_each_streaming_loop_against_its_limit():
     assert results["limits"]["streaming_s2_of_limit"] == pytest.approx(1.0)
     assert results["limits"]["speedup_s2"] == pytest.approx(1.5)
     assert "**80%** of its limit" in md and "**95%** of its limit" in md
+    assert "1.25x staleness 1's; **100%** of the limit measured before the streaming loops (0.200 s)" in md
+    # measured again right after the staleness-1 loop, i.e. right before staleness 2: that is its limit
+    results["bare_after"] = {"1": bare | {"relay_actor_s": 0.25}}
+    md = table(results)
+    assert results["limits"]["streaming_s2_of_limit"] == pytest.approx(0.25 / 0.2)
+    assert "of the limit measured right before it (0.250 s)" in md
+    # results written before there was one interleaved run per streaming loop
+    assert "**80%** of its limit" in table(results | {"interleaved": inter})
 
 
 def test_an_unknown_loop_name_lists_the_known_ones():
