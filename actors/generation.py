@@ -11,12 +11,15 @@ start of the next request (``_swap_staged``), the only part of a sync that stops
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 
 from actors.config import GenerationConfig
 from core.records import Generated, Prompt, Rollout
+
+logger = logging.getLogger(__name__)
 
 EXTENSION = "actors.vllm_ext.RelayWorkerExtension"
 WEIGHTS_GROUP = "weights"
@@ -222,7 +225,8 @@ class GenerationActor:
                 try:
                     prepared = self.llm.collective_rpc("relay_prepare_weights", args=(fetched,))[0]
                 except Exception:  # noqa: BLE001 - the swap then loads it whole, and fails there as any load would
-                    prepared = None
+                    logger.warning("packing version %d in the background failed; the swap loads it whole", version,
+                                   exc_info=True)
             named = (fetched, prepared)
         finally:
             seconds = time.perf_counter() - start
