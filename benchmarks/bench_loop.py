@@ -443,12 +443,16 @@ def _limits_text(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _interleaved_text(results: dict) -> str:
+def interleaved_runs(results: dict) -> dict[str, dict]:
+    """The interleaved figures by streaming loop; results written before there was one run per streaming loop held
+    a single run, of staleness 1."""
     runs = results.get("interleaved") or {}
-    if "stretches" in runs:  # written before there was one per streaming loop
-        runs = {STREAMING: runs}
+    return {STREAMING: runs} if "stretches" in runs else runs
+
+
+def _interleaved_text(results: dict) -> str:
     lines = []
-    for name, inter in runs.items():
+    for name, inter in interleaved_runs(results).items():
         limits = [s["limit_s"] for s in inter["stretches"]]
         lines.append(f"{name.capitalize()} with its limit measured inside it (frozen every few seconds for "
                      f"{len(inter['freezes'])} bare measurements on its own cores; `benchmarks/interleaved.py`): the "
@@ -539,8 +543,7 @@ def main() -> None:
         if not args.skip_bare and (os.cpu_count() or 1) >= 2:
             from benchmarks.interleaved import interleaved
 
-            earlier = results.get("interleaved") or {}
-            results["interleaved"] = {STREAMING: earlier} if "stretches" in earlier else earlier  # the older form
+            results["interleaved"] = interleaved_runs(results)
             for name in (n for n in STREAMING_LOOPS if n in names):
                 results["interleaved"][name] = interleaved(args.seconds, LOOPS[name], _run_name(name) + "-interleaved")
                 print(f"{name} with its limit inside it: {results['interleaved'][name]['of_limit_median']:.3f}",

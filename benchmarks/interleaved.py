@@ -10,7 +10,6 @@ two freezes against the limit measured at its two ends.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -118,12 +117,12 @@ def interleaved_figures(rows: list[dict], freezes: list[dict], guard: float = 0.
 
 def _bare_side(side: str, cores: list[int], conn, overrides: tuple[str, ...]) -> None:
     """``interleaved``'s bare measurements, pinned to ``cores`` with one thread and the loop's ``overrides``
-    (its learner's precision, say). Generation side: on "scored"
-    sample four batches and answer (policy path, their scored groups); on a number k time k steps and answer
-    their seconds. Learner side: on a (path, groups) pair build the learner and answer when warm; on (k, kept)
-    time k steps, each on 64 groups of which a fraction ``kept`` (None: as sampled) have rewards that differ,
-    and answer (their seconds, the fraction they had). On None end."""
-    from cluster.rollout_buffer import by_group
+    (its learner's precision, say). Generation side: on "scored" sample four batches and answer (policy path,
+    their scored groups); on a number k time k steps and answer their seconds. Learner side: on a (path, groups)
+    pair build the learner and answer when warm; on (k, kept) time k steps, each on 64 groups of which a fraction
+    ``kept`` (None: as sampled) have rewards that differ, and answer (their seconds, the fraction they had). On
+    None end."""
+    from cluster.rollout_buffer import Group, by_group, informative
     from core.affinity import pin_process
 
     pin_process(cores)
@@ -133,16 +132,17 @@ def _bare_side(side: str, cores: list[int], conn, overrides: tuple[str, ...]) ->
         batches = [data.train[i * per_step:(i + 1) * per_step] for i in range(4)]
     while (ask := conn.recv()) is not None:
         if ask == "scored":
-            conn.send((path, [g for b in batches for g in by_group(_scored(actor.generate(b).rollouts)).values()]))
+            groups = [g for b in batches for g in by_group(_scored(actor.generate(b).rollouts)).values()]
+            conn.send((path, [Group(-1, g) for g in groups]))  # as the buffer holds them (no prompt index here)
         elif side == "learner" and isinstance(ask[0], str):
             import torch
 
             torch.set_num_threads(1)
             path, pool = ask
-            mixed = [g for g in pool if len({s.reward for s in g}) > 1]
-            uniform = [g for g in pool if len({s.reward for s in g}) == 1]
+            mixed = [g for g in pool if informative(g)]
+            uniform = [g for g in pool if not informative(g)]
             learner = _learner(_config(1, overrides), path)
-            learner.train_step([s for g in pool[:64] for s in g])
+            learner.train_step([s for g in pool[:64] for s in g.samples])
             conn.send("warm")
         elif side == "learner":
             count, kept = ask
@@ -151,9 +151,9 @@ def _bare_side(side: str, cores: list[int], conn, overrides: tuple[str, ...]) ->
             times = []
             for _ in range(count):
                 t = time.perf_counter()
-                learner.train_step([s for g in groups for s in g])
+                learner.train_step([s for g in groups for s in g.samples])
                 times.append(time.perf_counter() - t)
-            conn.send((times, sum(len({s.reward for s in g}) > 1 for g in groups) / len(groups)))
+            conn.send((times, sum(map(informative, groups)) / len(groups)))
         else:
             times = []
             for i in range(ask):
@@ -195,10 +195,11 @@ def _signal(processes: list, action: str) -> None:
 
 def _steps_past(path: Path, step: int) -> bool:
     """Whether the metrics file at ``path`` has a row past ``step``."""
+    from core.metrics import read_jsonl
+
     try:
-        lines = path.read_text().splitlines()
+        rows = read_jsonl(path)  # skips the line being written
     except OSError:
         return False
-    last = next((m for line in reversed(lines) if (m := re.match(r'\{"step": (\d+),', line))), None)
-    return last is not None and int(last.group(1)) > step
+    return any(r.get("step", 0) > step for r in rows)
 
