@@ -2,10 +2,10 @@
 
 A plain class, one rank of a learner group (``learner/group.py`` makes M of them Ray actors that form
 a torch.distributed group; M = 1 is the same code with no collectives). Surface: ``train_step``,
-``publish``, ``save``, ``load_state``, ``sequence_logprobs``, and the offline trainers' steps
-(``learner/offline_steps.py``). All math comes from ``learner/algos.py`` and ``learner/losses.py``.
-Every forward pass computes each distinct prompt of a micro-batch once and its samples' responses on its
-cached keys and values (``learner/shared_prompt.py``, ``learner.share_prompts``).
+``sequence_logprobs``, the weights out (``publish``, ``save``, ``load_state``: ``learner/policy_io.py``), and the
+offline trainers' steps (``learner/offline_steps.py``). All math comes from ``learner/algos.py`` and
+``learner/losses.py``. Every forward pass computes each distinct prompt of a micro-batch once and its samples'
+responses on its cached keys and values (``learner/shared_prompt.py``, ``learner.share_prompts``).
 
 One step, on this rank's share of the batch (whole groups, so group statistics stay on one rank):
 1. no-grad passes give what the update needs: the "old" logprobs (several updates per batch, or
@@ -45,12 +45,7 @@ from learner.batch import RolloutBatch, collate, padded_tokens, token_budget_spl
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.critic import Critic
 from learner.offline_steps import OfflineSteps
-from learner.weights import PackedWeights, pack_weights
-
-STATE_FILE = "trainer_state.pt"
-"""everything besides the Hugging Face weights that an exact resume needs (``Learner.save``)"""
-ADAPTER_DIR = "adapter"
-"""the LoRA adapters of a checkpoint, loadable with ``peft.PeftModel.from_pretrained``"""
+from learner.policy_io import ADAPTER_DIR, PolicyIO
 
 
 class NonFiniteError(RuntimeError):
@@ -74,7 +69,7 @@ def _stop_ids(policy_path: str, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-class Learner(OfflineSteps):
+class Learner(OfflineSteps, PolicyIO):
     def __init__(self, policy_path: str, algorithm: AlgorithmConfig, learner: LearnerConfig, dtype: str = "float32",
                  temperature: float = 1.0, max_tokens: int = 1, reference_path: str | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, address: str | None = None, min_tokens: int = 0):
@@ -551,120 +546,6 @@ class Learner(OfflineSteps):
                 raise NonFiniteError(f"the loss or gradient was not finite in {self.bad_steps} steps in a row "
                                      f"(learner.max_bad_steps); lower learner.lr (or dpo.beta)")
         return {"offline/grad_norm": grad_norm, "offline/lr": self.scheduler.get_last_lr()[0]}
-
-    # ---- weights out --------------------------------------------------------------------------
-    @torch.no_grad()
-    def _named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The policy under its Hugging Face names, whole (gathered when sharded: every rank must call this;
-        rank 0 gets them) and with LoRA merged: W + (alpha / r) B A."""
-        if self.sharded:
-            state = D.full_state(self.policy)
-            return [(n, state[n]) for n in self.published] if self.dist.rank == 0 else []
-        if self.lc.lora is None:
-            return list(self.policy.named_parameters())
-        base, out = self._base(), []
-        for name, p in base.named_parameters():
-            if "lora_" in name:
-                continue
-            if ".base_layer." in name:
-                layer = base.get_submodule(name.rsplit(".base_layer.", 1)[0])
-                merged = p.detach()
-                if name.endswith(".weight"):
-                    merged = merged + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
-                out.append((name.replace(".base_layer", ""), merged))
-            else:
-                out.append((name, p))
-        return out
-
-    def publish(self) -> tuple[int, list, dict[str, float]]:
-        """Pack the policy under its Hugging Face names and ``ray.put`` it once (rank 0); returns ``[ref]``."""
-        import ray
-
-        start = time.perf_counter()
-        self.version += 1
-        named = self._named_weights() if self.sharded or self.dist.rank == 0 else []
-        if self.dist.rank != 0:
-            return self.version, [], {}
-        gathered = time.perf_counter() - start
-        packed: PackedWeights = pack_weights(named, self.version, self.publish_dtype, reuse=self._pack_buffers)
-        ref = ray.put(packed)
-        stats = {"sync/publish_seconds": time.perf_counter() - start, "sync/gather_seconds": gathered,
-                 "sync/bytes": float(packed.nbytes)}
-        return self.version, [ref], stats
-
-    def save(self, path: str) -> str:
-        """The policy in Hugging Face format (LoRA merged, the adapters beside it in ``adapter/``; the critic's
-        too, for use elsewhere), plus ``trainer_state.pt``: optimizer, LR schedule, critic and its optimizer,
-        value head, KL controller, version and every rank's RNG states, which is what ``load_state`` needs to
-        continue exactly. A sharded group gathers everything whole (rank 0 writes it), so a checkpoint loads
-        into any number of ranks. Every rank must call this."""
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        rngs = [rng]
-        if self.dist.active:
-            rngs = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(rngs, rng)
-        weights = dict(self._named_weights()) if self.sharded or self.lc.lora is not None else None
-        optimizer = D.optimizer_state(self.policy, self.optimizer)
-        critic = None if self.critic is None else D.full_state(self.critic)
-        critic_optimizer = None if self.critic is None else D.optimizer_state(self.critic, self.critic.optimizer)
-        value_head = None if self.value_head is None else D.full_state(self.value_head)
-        if self.dist.rank != 0:
-            return path
-        if weights is None:
-            self.policy.save_pretrained(path, safe_serialization=True)
-        else:
-            self._base().save_pretrained(path, state_dict=weights, safe_serialization=True)
-        if self.lc.lora is not None:
-            self.policy.save_pretrained(str(Path(path) / ADAPTER_DIR))
-        self.tokenizer.save_pretrained(path)
-        if critic is not None:
-            self.critic.save(f"{path}/critic", critic)
-        if value_head is not None:
-            torch.save(value_head, f"{path}/value_head.pt")
-        torch.save({
-            "strategy": "fsdp" if self.sharded else "replicated",
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            "kl_coef": self.kl_ctl.value,
-            "version": self.version,
-            "bad_steps": self.bad_steps,
-            "critic": critic,
-            "critic_optimizer": critic_optimizer,
-            "value_head": value_head,
-            "rng": rngs,
-        }, Path(path) / STATE_FILE)
-        return path
-
-    def load_state(self, path: str) -> int:
-        """Continue from a ``save``d checkpoint whose policy this learner was built from; returns its version.
-        Every rank calls it."""
-        state = torch.load(Path(path) / STATE_FILE, weights_only=False, map_location="cpu")  # any device -> this one
-        fmt = "fsdp" if self.sharded else "replicated"
-        if state.get("strategy", "replicated") != fmt:
-            raise ValueError(f"the checkpoint {path} holds {state['strategy']} optimizer state but this learner is "
-                             f"{fmt} (learner.strategy, num_workers); resume with the strategy it was written with")
-        D.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.kl_ctl.value = state["kl_coef"]
-        self.version, self.bad_steps = state["version"], state["bad_steps"]
-        if self.critic is not None:
-            D.load_full_state(self.critic, state["critic"])
-            D.load_optimizer_state(self.critic, self.critic.optimizer, state["critic_optimizer"])
-        if self.value_head is not None:
-            D.load_full_state(self.value_head, state["value_head"])
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        rng = rngs[self.dist.rank % len(rngs)]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        return self.version
-
-    def set_version(self, version: int) -> None:
-        """Number the next published version after ``version`` (a learner restored while actors ran ahead)."""
-        self.version = version
 
     @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:

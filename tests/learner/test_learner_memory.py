@@ -14,7 +14,8 @@ import torch
 
 from cluster.config import load_config
 from learner.batch import collate, padded_tokens, token_budget_split
-from learner.learner import ADAPTER_DIR, Learner
+from learner.learner import Learner
+from learner.policy_io import ADAPTER_DIR
 from tests.learner.rollouts import scored_rollouts
 
 # lr 1e-4: Adam's first step is about lr * sign(g), so rounding-level gradients near 0 can move by +-lr
