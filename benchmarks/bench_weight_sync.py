@@ -11,9 +11,10 @@ shared memory instead of copying.
     python benchmarks/bench_weight_sync.py [--mb 4,64,256,1024] [--repeats 3]
 
 ``--engines``: the same sizes into a real generation actor (a Ray actor holding a vLLM engine, one thread,
-pinned to a core of its own) on a second Ray node (``ray.cluster_utils.Cluster``: its own raylet and object
-store), so its fetch is a transfer between object stores as on a cluster; the driver, which packs and puts as
-the learner does, is on the head node and the other core. A Qwen2 of each size (random weights, hidden size
+pinned to a core of its own; its background fetch, which also packs the weights for the CPU GEMMs, on the other
+core, as a pinned run lays them out) on a second Ray node (``ray.cluster_utils.Cluster``: its own raylet and
+object store), so its fetch is a transfer between object stores as on a cluster; the driver, which packs and
+puts as the learner does, is on the head node and the other core. A Qwen2 of each size (random weights, hidden size
 and layers chosen for the bytes) loads a published version with the synchronous path (``update_weights``: the
 actor's ``ray.get`` and the in-place load, generation stopped for both) and with hidden sync
 (``stage_weights`` fetches in the background while a request samples, the next request swaps it in). Per
@@ -117,7 +118,7 @@ def engine_row(mb: int, repeats: int, prompts_per_call: int) -> dict:
         cluster.add_node(num_cpus=1, resources={"generation": 1}, object_store_memory=store)
         ray.init(address=cluster.address, log_to_driver=False)
         actor = ray.remote(num_cpus=1, resources={"generation": 1}, concurrency_groups={WEIGHTS_GROUP: 1})(
-            GenerationActor).remote(cfg.generation, path, "float32", cores=[1])
+            GenerationActor).remote(cfg.generation, path, "float32", cores=[1], background_cores=[0])
         buffers: dict[str, torch.Tensor] = {}
         version = 0
 
