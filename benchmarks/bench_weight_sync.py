@@ -16,7 +16,7 @@ core, as a pinned run lays them out) on a second Ray node (``ray.cluster_utils.C
 object store), so its fetch is a transfer between object stores as on a cluster; the driver, which packs and
 puts as the learner does, is on the head node and the other core. A Qwen2 of each size (random weights, hidden size
 and layers chosen for the bytes) loads a published version with the synchronous path (``update_weights``: the
-actor's ``ray.get`` and the in-place load, generation stopped for both) and with hidden sync
+actor's ``ray.get`` and the direct load, generation stopped for both) and with hidden sync
 (``stage_weights`` fetches in the background while a request samples, the next request swaps it in). Per
 size: fetch and load (swap) seconds; a request's time alone; and the generation time a sync costs, with
 hidden sync off (a request, the publish and a synchronous load, then a request: the actor idles through the
