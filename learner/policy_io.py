@@ -3,7 +3,8 @@ resume needs (``save``, ``load_state``).
 
 Methods of ``learner.learner.Learner`` (a mixin, as ``learner/offline_steps.py``): they use its policy, optimizer,
 schedule, critic and distributed group. ``publish`` packs the policy under its Hugging Face names into one
-object-store buffer (``learner/weights.py``); a sharded group gathers it whole first, and LoRA is merged.
+object-store object, a buffer per dtype (``learner/weights.py``); a sharded group gathers it whole first, and
+LoRA is merged.
 """
 
 from __future__ import annotations
