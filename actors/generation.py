@@ -48,7 +48,7 @@ class GenerationActor:
         from core.affinity import pin_process
 
         pin_process(cores or [])
-        self.cores, self.background_cores = cores or [], background_cores
+        self.background_cores = background_cores
         _engine_env(cfg)
         import torch
         from vllm import LLM
@@ -86,7 +86,6 @@ class GenerationActor:
         self._staged_lock = threading.Lock()
         self._fetched = threading.Condition(self._staged_lock)  # notified when a background fetch ends
         self._fetching: int | None = None  # the version stage_weights is fetching now
-        self._fetch_thread: int | None = None  # the native id of the thread fetching it
         self.swap_seconds = 0.0
         """seconds spent swapping staged weights in, since the last generate call returned"""
 
@@ -215,7 +214,7 @@ class GenerationActor:
         if self.background_cores and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, self.background_cores)  # this thread only
         with self._staged_lock:
-            self._fetching, self._fetch_thread = version, threading.get_native_id()
+            self._fetching = version
         named = None
         try:
             fetched = self._fetch(version, packed_ref)
@@ -254,10 +253,8 @@ class GenerationActor:
             # A newer version half-fetched: wait for it (the fetch runs beside the request before, so this is
             # at most its tail) rather than start a request on weights already replaced, whose rollouts would
             # be a version older and might be dropped as stale. A failed fetch ends the wait too.
-            if self._fetching is not None and self._fetching > self.policy_version:
-                self._lend_cores()
-                self._fetched.wait_for(lambda: self._fetching is None or self._fetching <= self.policy_version,
-                                       timeout=self.cfg.timeout_s)
+            self._fetched.wait_for(lambda: self._fetching is None or self._fetching <= self.policy_version,
+                                   timeout=self.cfg.timeout_s)
             staged, self._staged = self._staged, None
         if staged is None or staged[0] <= self.policy_version:
             return
@@ -266,17 +263,6 @@ class GenerationActor:
         seconds = time.perf_counter() - start
         self.swap_seconds += seconds
         self.sink.log({"sync/swap_seconds": seconds})
-
-    def _lend_cores(self) -> None:
-        """While a request waits for the background fetch, generation's own cores are idle: let the fetching
-        thread run there too (the next ``stage_weights`` moves it back to the shared cores). On 2 cores a large
-        version's fetch and packing on the shared core alone outlasted a request (1.0 s at 270 MB beside the
-        driver and Ray's daemons) and made hidden sync slower than a synchronous load."""
-        if self.cores and self.background_cores and self._fetch_thread is not None and hasattr(os, "sched_setaffinity"):
-            try:
-                os.sched_setaffinity(self._fetch_thread, sorted({*self.background_cores, *self.cores}))
-            except OSError:  # the thread ended meanwhile: nothing to lend to
-                pass
 
     def _load(self, version: int, named: list, prepared=None) -> None:
         """Load ``named``, or install ``prepared`` (``stage_weights``' work on it) where there is one."""

@@ -432,30 +432,22 @@ def test_weights_swapped_in_between_requests_match_the_learner(driver):
 
 def test_request_waits_for_a_version_being_fetched(driver):
     """A request that starts while a newer version is still being fetched in the background waits for it and
-    samples with it: no rollout is sampled by weights already on their way out (it could be dropped as stale).
-    Pinned (the fetch on the shared core 0, generation on core 1), the waiting request lends its idle core to the
-    fetching thread."""
+    samples with it: no rollout is sampled by weights already on their way out (it could be dropped as stale)."""
     one_training_step(driver)
     version, ref, _ = driver.learner.publish()
     driver.store.add(version, ref[0])
     _, prompts = driver.next_prompts(2)
 
     def probe(actor):
-        import os
         import threading
 
-        fetch, layout = actor._fetch, (actor.cores, actor.background_cores)
-        cores = {}
+        fetch = actor._fetch
 
         def slow(*args):  # one machine's object store answers in ms; a large model's fetch takes seconds
-            cores["fetching"] = os.sched_getaffinity(0)
-            time.sleep(0.6)
-            cores["while the request waits"] = os.sched_getaffinity(0)
-            time.sleep(0.4)
+            time.sleep(1.0)
             return fetch(*args)
 
         actor._fetch = slow
-        actor.cores, actor.background_cores = [1], [0]
         try:
             staging = threading.Thread(target=actor.stage_weights, args=(version, ref))
             staging.start()
@@ -466,12 +458,10 @@ def test_request_waits_for_a_version_being_fetched(driver):
             staging.join()
         finally:
             del actor._fetch
-            actor.cores, actor.background_cores = layout
-        return {r.policy_version for r in out.rollouts}, waited, cores
+        return {r.policy_version for r in out.rollouts}, waited
 
-    versions, waited, cores = ray.get(handle(driver, 0).__ray_call__.remote(probe), timeout=120)
+    versions, waited = ray.get(handle(driver, 0).__ray_call__.remote(probe), timeout=120)
     assert versions == {version} and waited >= 0.5
-    assert cores == {"fetching": {0}, "while the request waits": {0, 1}}
     driver.sync()
 
 
