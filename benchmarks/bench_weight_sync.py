@@ -99,8 +99,8 @@ def engine_row(mb: int, repeats: int, prompts_per_call: int) -> dict:
     from core.affinity import pin_process
     from core.data import load_splits
 
-    pin_process([0])  # the driver (the learner's side: pack + put) and the actor's background fetch on core 0,
-    # the actor on core 1
+    # the driver (the learner's side: pack + put) and the actor's background fetch on core 0, the actor on core 1
+    pin_process([0])
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(mb, Path(tmp))
