@@ -27,7 +27,7 @@ import ray
 
 from cluster import checkpoint
 from cluster.config import RelayConfig
-from cluster.fleet import Fleet, Launch
+from cluster.fleet import Fleet, Launch, WeightsLost
 from cluster.progress import Progress
 from cluster.recovery import LearnerDied, Recovery, RunError, _graceful_stop
 from cluster.rollout_buffer import Group, RolloutBuffer, by_group
@@ -288,7 +288,10 @@ class Driver(Recovery):
         loading = self.fleet.start_load(version, ref)
         if launch_next:
             self.inflight.append(self.launch(self.step + 1, version))
-        stats.update(self.fleet.finish_load(version, loading))
+        try:
+            stats.update(self.fleet.finish_load(version, loading))
+        except WeightsLost as e:  # the learner died after publishing: restored like any dead learner
+            raise LearnerDied(str(e)) from None
         stats["sync/seconds"] = time.perf_counter() - start
         return stats
 

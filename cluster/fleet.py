@@ -18,6 +18,11 @@ A failed actor never holds a step back while another can do its work:
 Each failure is logged with the actor's slot and counted in ``system/actor_failures_total`` and
 ``rollout/prompts_resampled_total``. A shard is sampled again in full, so a rollout from a failed
 call is never trained on, and never twice.
+
+A published version lives in the object store as long as its owner, the learner that put it, does. A
+load that fails because the learner died with it is not the actor's failure: the actor stays live with
+the weights it holds (``WeightsLost`` tells the driver, which restores the learner and publishes again),
+and a restarted actor that cannot catch up for that reason waits for the next version.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, OwnerDiedError, RayActorError, RayTaskError
 
 from actors.config import GenerationConfig
 from core.records import Prompt, Rollout
@@ -40,6 +45,10 @@ class FleetError(RuntimeError):
 
 class WrongVersion(RuntimeError):
     """An on-policy shard came back sampled by another version than the one it was launched for."""
+
+
+class WeightsLost(RuntimeError):
+    """A version's weights left the object store with the learner that put them, before every actor loaded it."""
 
 
 @dataclass
@@ -172,6 +181,16 @@ class Fleet:
             except ActorDiedError as e:
                 self._retire(m, f"it cannot be restarted ({_first_line(e)})")
                 continue
+            except RayTaskError as e:
+                if not _weights_lost(e):
+                    raise
+                if left <= 0:  # the driver publishes again once it has restored the learner: wait for that
+                    self._retire(m, "no version it could load was published within generation.start_timeout_s")
+                    continue
+                if not wait:
+                    return
+                time.sleep(0.5)
+                continue
             except RayActorError:  # still restarting: ask again
                 if left <= 0:
                     self._retire(m, "it did not come back within generation.start_timeout_s")
@@ -281,16 +300,28 @@ class Fleet:
 
     def finish_load(self, version: int, loading: list[tuple[Member, object]]) -> dict[str, float]:
         """Wait for ``start_load``'s loads: the slowest fetch + load and the slowest fetch alone. An actor whose
-        load failed is restarted (``_fail``) and catches up."""
+        load failed is restarted (``_fail``) and catches up. Raises ``WeightsLost`` once all have answered if
+        the version went with its learner: those actors keep the weights they hold, live."""
         slowest = fetch = 0.0
+        lost = []
         for m, r in loading:
             try:
                 stats = ray.get(r, timeout=self.cfg.timeout_s)
                 slowest = max(slowest, stats["sync/load_seconds"] + stats["sync/fetch_seconds"])
                 fetch = max(fetch, stats["sync/fetch_seconds"])
                 m.version = version
-            except (RayActorError, RayTaskError, GetTimeoutError) as e:  # it catches up when it rejoins
+            except RayTaskError as e:
+                if not _weights_lost(e):
+                    self._fail(m, e)
+                    continue
+                lost.append(m.slot)
+                self.log(f"generation actor {m.slot} could not load version {version}: its learner died with it "
+                         f"({_first_line(e)}); the actor keeps version {m.version}")
+            except (RayActorError, GetTimeoutError) as e:  # it catches up when it rejoins
                 self._fail(m, e)
+        if lost:
+            raise WeightsLost(f"version {version} was lost with the learner that published it before actors "
+                              f"{lost} loaded it")
         return {"sync/load_seconds": slowest, "sync/fetch_seconds": fetch}
 
     def stage(self, version: int, ref) -> None:
@@ -388,3 +419,8 @@ def _reason(error: Exception) -> str:
 
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
+def _weights_lost(error: RayTaskError) -> bool:
+    """The call failed because the weights it fetched are gone with their owner (the learner that put them)."""
+    return isinstance(error.cause, OwnerDiedError)

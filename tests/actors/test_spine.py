@@ -13,7 +13,8 @@ import pytest
 import ray
 
 from cluster.config import load_config
-from cluster.driver import Driver, resolve_policy, sampling_seed
+from cluster.driver import Driver, LearnerDied, resolve_policy, sampling_seed
+from cluster.fleet import WeightsLost
 from cluster.resources import check_resources
 
 PROBE = ([1, 2, 3], [4, 5, 6, 7])  # a fixed token sequence: prompt ids, response ids
@@ -151,6 +152,61 @@ def test_actor_that_missed_versions_catches_up_from_latest_ref(driver):
     driver.fleet._catch_up(lagging)
     assert ray.get(lagging.handle.health.remote(), timeout=30)["policy_version"] == driver.store.latest_version
     assert_close(vllm_logprobs(lagging.handle), learner_logprobs(driver))
+
+
+@ray.remote(num_cpus=0)
+class Owner:
+    """Puts an object and so owns it: a learner that published a version and then died, when killed."""
+
+    def put(self, value):
+        return [ray.put(value)]
+
+
+def test_weights_lost_with_their_learner_leave_the_actors_live(driver, monkeypatch):
+    """A version whose learner died before the actors loaded it went with it (a ``ray.put`` object lives as long as
+    its owner). The loads fail, but not through the actors' fault: they stay live, unrestarted, with the weights
+    they hold, and the driver's sync raises LearnerDied (the run restores the learner and publishes again). An actor
+    coming back from a restart whose catch-up meets the lost version waits for the next one."""
+    one_training_step(driver)
+    version, ref, _ = driver.learner.publish()
+    owner = Owner.remote()
+    lost = ray.get(owner.put.remote(ray.get(ref[0], timeout=60)), timeout=60)
+    ray.kill(owner, no_restart=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the owner's death reaches the object store in a moment
+        try:
+            ray.get(lost[0], timeout=10)
+            time.sleep(0.2)
+        except ray.exceptions.OwnerDiedError:
+            break
+    else:
+        pytest.fail("the killed owner's object could still be read after 60 s")
+    held = {m.slot: m.version for m in driver.fleet.live}
+    restarts, lines = driver.fleet.restarts, []
+    monkeypatch.setattr(driver.fleet, "log", lines.append)
+    monkeypatch.setattr(driver, "_publish", lambda: (version, lost[0], {}))
+    with pytest.raises(LearnerDied, match=f"version {version} was lost with the learner"):
+        driver.sync()
+    assert {m.slot: m.version for m in driver.fleet.live} == held and driver.fleet.restarts == restarts
+    for m in driver.fleet.live:
+        assert ray.get(m.handle.health.remote(), timeout=30)["policy_version"] == held[m.slot]
+        assert any(f"generation actor {m.slot} could not load version {version}" in line for line in lines), lines
+    with pytest.raises(WeightsLost):  # the fleet's own call, as the driver's restore would meet it
+        driver.fleet.finish_load(version, driver.fleet.start_load(version, lost[0]))
+    monkeypatch.undo()
+
+    back = driver.fleet.live[-1]  # as an actor Ray restarted is: joining, to catch up from the store's latest
+    back.state, back.ready, back.deadline = "joining", back.handle.health.remote(), time.monotonic() + 120
+    driver.store.add(version, lost[0])
+    driver.fleet.grow()
+    assert back.state == "joining"  # not failed, not retired: waiting for a version it can load
+    one_training_step(driver)
+    fresh, ref, _ = driver.learner.publish()
+    driver.store.add(fresh, ref[0])
+    assert settled(driver, back.slot) == "live" and back.version == fresh and driver.fleet.restarts == restarts
+    driver.sync()
+    for m in driver.fleet.live:
+        assert_close(vllm_logprobs(m.handle), learner_logprobs(driver))
 
 
 def test_on_policy_shard_from_other_weights_is_redone_and_its_actor_restarted(driver):

@@ -114,7 +114,7 @@ def test_run_survives_node_loss_growth_and_learner_loss(cfg):
             cluster.shutdown()  # always: a leaked head would be found by later tests' ray.init
     print("\n" + "\n".join(f"recovery after {k}: {v:.1f} s" for k, v in recovery.items()))
     assert not errors, f"{errors[0]!r}\n" + "\n".join(log[-30:])
-    assert summary["learner_restores"] == 1 and summary["fleet_size"] == 2
+    assert summary["learner_restores"] == 1 and summary["fleet_size"] == 2, "\n".join(log)
     assert any("generation actor 1 retired" in line for line in log), log
     assert any("generation actor 2 joined" in line for line in log), log
     assert any("restoring it from" in line for line in log), log
