@@ -39,6 +39,11 @@ class GenerationConfig(Section):
                                    "continue from their prefix; each token records its version (token_versions)")
     partial_segment_tokens: int = Field(16, ge=1, description="partial_rollouts: tokens per segment, the longest a "
                                         "new version waits for an actor")
+    block_size: int | None = Field(None, ge=1, description="KV-cache block size in tokens (vLLM's); prefix caching "
+                                   "reuses whole blocks only. null = 32 on CPU with partial_rollouts, so a segment "
+                                   "recomputes under a block of its prefix (vLLM's CPU default, 128, caches nothing of "
+                                   "a shorter prefix), else vLLM's default (128 on CPU, 16 on GPU). CPU attention "
+                                   "takes multiples of 32")
     torch_threads: int | None = Field(None, ge=1, description="CPU engine threads; null = num_cpus rounded (1 in "
                                       "the default, one engine per core)")
     seed: int = Field(0, description="sampling seed of actor 0 (actor i uses seed + i)")
@@ -64,10 +69,21 @@ class GenerationConfig(Section):
 
     @model_validator(mode="after")
     def _sizes(self) -> GenerationConfig:
+        if self.block_size is not None and self.num_gpus == 0 and self.block_size % 32:
+            raise ValueError(f"generation.block_size ({self.block_size}) must be a multiple of 32 on CPU (vLLM's CPU "
+                             "attention); use 32 or 64, or null")
         if self.max_num_actors is not None and self.max_num_actors < self.num_actors:
             raise ValueError(f"generation.max_num_actors ({self.max_num_actors}) is below generation.num_actors "
                              f"({self.num_actors}); set it to at least num_actors, or null")
         return self
+
+    @property
+    def engine_block_size(self) -> int | None:
+        """The KV-cache block size given to vLLM; None: vLLM's own. Partial rollouts continue every unfinished
+        sample from its prefix, of which prefix caching reuses the whole blocks: on CPU the smallest block there."""
+        if self.block_size is None and self.partial_rollouts and self.num_gpus == 0:
+            return 32
+        return self.block_size
 
     @property
     def engine_threads(self) -> int:

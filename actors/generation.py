@@ -70,6 +70,7 @@ class GenerationActor:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=cfg.enforce_eager,
             **({} if cfg.max_num_seqs is None else {"max_num_seqs": cfg.max_num_seqs}),
+            **({} if cfg.engine_block_size is None else {"block_size": cfg.engine_block_size}),
             seed=cfg.seed + actor_id,
             worker_extension_cls=EXTENSION,
             # Sampling logprobs after temperature/top-p: the distribution that actually sampled.
@@ -290,7 +291,8 @@ class GenerationActor:
         return [step[tok].logprob for step, tok in zip(steps, response_ids, strict=True)]
 
     def health(self) -> dict[str, float]:
-        return {"actor_id": self.actor_id, "policy_version": self.policy_version, "pid": os.getpid()}
+        return {"actor_id": self.actor_id, "policy_version": self.policy_version, "pid": os.getpid(),
+                "block_size": self.llm.llm_engine.vllm_config.cache_config.block_size}
 
 
 def _logprobs(sample, ids: list[int]) -> list[float]:

@@ -528,7 +528,8 @@ def test_partial_rollouts_swap_mid_response_and_record_token_versions(driver):
     cfg = driver.cfg.generation.model_copy(update={"partial_rollouts": True, "partial_segment_tokens": 1})
     actor = driver.fleet._cls.remote(cfg, driver.fleet.policy_path, driver.fleet.dtype, 9, 0)  # at version 0
     try:
-        ray.get(actor.health.remote(), timeout=300)
+        assert ray.get(actor.health.remote(), timeout=300)["block_size"] == 32  # a prefix is cached to its last block
+        assert ray.get(handle(driver, driver.fleet.live[0].slot).health.remote(), timeout=30)["block_size"] == 128
         one_training_step(driver)
         version, ref, _ = driver.learner.publish()
         driver.store.add(version, ref[0])

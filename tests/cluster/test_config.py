@@ -91,6 +91,18 @@ def test_cross_field_checks():
                                "algorithm.max_staleness=1"])
     with pytest.raises(ConfigError, match="Set max_staleness to 0, or deterministic to false"):
         load_config(overrides=["train.deterministic=true", "algorithm.max_staleness=1"])
+    with pytest.raises(ConfigError, match=r"block_size \(16\) must be a multiple of 32 on CPU"):
+        load_config(overrides=["generation.block_size=16"])
+
+
+def test_partial_rollouts_take_the_smallest_cpu_block():
+    g = load_config(overrides=["generation.partial_rollouts=true", "algorithm.max_staleness=1"]).generation
+    assert g.engine_block_size == 32
+    assert load_config().generation.engine_block_size is None  # vLLM's own default
+    assert load_config(overrides=["generation.partial_rollouts=true", "algorithm.max_staleness=1",
+                                  "generation.block_size=64"]).generation.engine_block_size == 64
+    assert load_config(overrides=["generation.partial_rollouts=true", "algorithm.max_staleness=1",
+                                  "generation.num_gpus=1"]).generation.engine_block_size is None
 
 
 def test_readme_config_reference_matches_the_schema():
