@@ -412,6 +412,9 @@ class Driver(Recovery):
             return {}
         job.thread.join()
         self._eval_job = None
+        if isinstance(job.error, WeightsLost):  # the learner died under it: that step goes unevaluated
+            self.log(f"the evaluation of step {job.step} did not run ({job.error})")
+            return {}
         if job.error is not None:
             raise job.error
         self.evals.append((job.step, job.result["eval/task_score"]))

@@ -21,8 +21,9 @@ call is never trained on, and never twice.
 
 A published version lives in the object store as long as its owner, the learner that put it, does. A
 load that fails because the learner died with it is not the actor's failure: the actor stays live with
-the weights it holds (``WeightsLost`` tells the driver, which restores the learner and publishes again),
-and a restarted actor that cannot catch up for that reason waits for the next version.
+the weights it holds, and ``WeightsLost`` tells the driver, which restores the learner and publishes
+again. A restarted actor that cannot catch up for that reason stays joining until then (or raises
+``WeightsLost`` where a launch waits for it).
 """
 
 from __future__ import annotations
@@ -184,13 +185,13 @@ class Fleet:
             except RayTaskError as e:
                 if not _weights_lost(e):
                     raise
-                if left <= 0:  # the driver publishes again once it has restored the learner: wait for that
+                if wait:  # only the driver publishes anew, once it has restored the learner: not while it waits here
+                    raise WeightsLost(f"generation actor {m.slot} cannot catch up: version {self.store.latest_version} "
+                                      "was lost with the learner that published it") from None
+                if left <= 0:
                     self._retire(m, "no version it could load was published within generation.start_timeout_s")
                     continue
-                if not wait:
-                    return
-                time.sleep(0.5)
-                continue
+                return  # still joining: a later grow tries again, once a new version is published
             except RayActorError:  # still restarting: ask again
                 if left <= 0:
                     self._retire(m, "it did not come back within generation.start_timeout_s")

@@ -16,6 +16,7 @@ from pathlib import Path
 import ray
 
 from cluster import checkpoint
+from cluster.fleet import WeightsLost
 
 
 class RunError(RuntimeError):
@@ -33,7 +34,7 @@ class Recovery:
         """``_step``, restoring the learner from the last checkpoint if it died (None then)."""
         try:
             return self._step()
-        except LearnerDied as e:
+        except (LearnerDied, WeightsLost) as e:  # weights lost with the learner that published them: it died
             self._restore_learner(e)
             return None
 
@@ -54,7 +55,7 @@ class Recovery:
                 raise RunError(f"{e.cause} The last checkpoint is {last}") from None
             raise
 
-    def _restore_learner(self, error: LearnerDied) -> None:
+    def _restore_learner(self, error: Exception) -> None:
         """Rebuild a dead learner from the last checkpoint and roll the run back to it; or stop, saying how
         to resume."""
         where = self.last_checkpoint

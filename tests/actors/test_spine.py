@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from cluster.config import load_config
-from cluster.driver import Driver, LearnerDied, resolve_policy, sampling_seed
+from cluster.driver import Driver, LearnerDied, _BackgroundEval, resolve_policy, sampling_seed
 from cluster.fleet import WeightsLost
 from cluster.resources import check_resources
 
@@ -166,7 +166,8 @@ def test_weights_lost_with_their_learner_leave_the_actors_live(driver, monkeypat
     """A version whose learner died before the actors loaded it went with it (a ``ray.put`` object lives as long as
     its owner). The loads fail, but not through the actors' fault: they stay live, unrestarted, with the weights
     they hold, and the driver's sync raises LearnerDied (the run restores the learner and publishes again). An actor
-    coming back from a restart whose catch-up meets the lost version waits for the next one."""
+    coming back from a restart whose catch-up meets the lost version waits for the next one (or, where a launch waits
+    for it, raises WeightsLost, which the driver treats as the learner's death)."""
     one_training_step(driver)
     version, ref, _ = driver.learner.publish()
     owner = Owner.remote()
@@ -197,9 +198,25 @@ def test_weights_lost_with_their_learner_leave_the_actors_live(driver, monkeypat
 
     back = driver.fleet.live[-1]  # as an actor Ray restarted is: joining, to catch up from the store's latest
     back.state, back.ready, back.deadline = "joining", back.handle.health.remote(), time.monotonic() + 120
+    ray.get(back.ready, timeout=60)  # it answers: what it meets next is the catch-up
     driver.store.add(version, lost[0])
+    tried = []
+    monkeypatch.setattr(driver.fleet, "_catch_up", lambda m, catch_up=driver.fleet._catch_up: (
+        tried.append(m.slot), catch_up(m)))
     driver.fleet.grow()
-    assert back.state == "joining"  # not failed, not retired: waiting for a version it can load
+    assert tried == [back.slot] and back.state == "joining"  # not failed, not retired: it waits for a new version
+    with pytest.raises(WeightsLost, match=f"actor {back.slot} cannot catch up"):
+        driver.fleet._settle(back, wait=True)  # a launch waiting for it: the driver restores the learner first
+    assert back.state == "joining" and driver.fleet.restarts == restarts
+
+    def evaluate():  # a background evaluation's launch met the same: that step goes unevaluated, the run goes on
+        raise WeightsLost(f"version {version} was lost")
+
+    monkeypatch.setattr(driver, "log", lines.append)
+    driver._eval_job = _BackgroundEval(evaluate, driver.step)
+    assert driver._finish_eval(wait=True) == {} and driver._eval_job is None
+    assert any(f"the evaluation of step {driver.step} did not run" in line for line in lines), lines
+    monkeypatch.undo()
     one_training_step(driver)
     fresh, ref, _ = driver.learner.publish()
     driver.store.add(fresh, ref[0])
