@@ -220,7 +220,8 @@ def test_deploy_gives_up_after_deploy_timeout_s(cluster):
                        http_enabled=False, deploy_timeout_s=3)
     start = time.monotonic()
     with pytest.raises(RewardDeployError, match=r"'fn-huge' did not start within deploy_timeout_s=3s: source-huge: "
-                                                r"no replica is running yet; replicas: \{'\w+': 1\}(; RewardIngress: |$)"):
+                                                r"no replica is running yet; replicas: \{'\w+': 1\}"
+                                                r"(; RewardIngress: |$)"):
         RewardClient.deploy(cfg, app_name="fn-huge")
     assert time.monotonic() - start < 10
     _wait_for_deletion("fn-huge")
