@@ -355,7 +355,11 @@ class Driver(Recovery):
                 if metrics is None:  # the learner was restored from a checkpoint: self.step went back
                     continue
                 if self.step % cfg.train.eval_every == 0 and self.stream is None:
-                    metrics.update(self.evaluate())
+                    try:
+                        metrics.update(self.evaluate())
+                    except WeightsLost as e:  # the learner died under it: restored, the steps since redone
+                        self._restore_learner(e)
+                        continue
                     self.evals.append((self.step, metrics["eval/task_score"]))
                 elif self.step % cfg.train.eval_every == 0:
                     self._start_eval()
@@ -380,7 +384,11 @@ class Driver(Recovery):
             self._close_log()
             return self._summary(rl_seconds, str(path), interrupted=self._stop)
         if self.evals[-1][0] != self.step:
-            final = self.evaluate()
+            try:
+                final = self.evaluate()
+            except WeightsLost as e:
+                raise RunError(f"the learner died before the final evaluation ({e}); continue from the last "
+                               f"checkpoint with: relay train --resume {self.run_dir}") from None
             self.evals.append((self.step, final["eval/task_score"]))
             self._emit(self.step, final)
         path = self._last_checkpoint("final", rl_seconds)
