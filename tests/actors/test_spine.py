@@ -589,3 +589,41 @@ def test_dynamic_sampling_draws_prompts_until_groups_differ(driver):
     assert all(g >= len(prompts) for g in groups)  # the uniform first batch contributed nothing
     for g in groups:
         assert len({s.reward for s in kept if s.rollout.group_id == g}) > 1
+
+
+def test_in_line_evaluation_that_meets_lost_weights_restores_the_learner(driver, tmp_path, monkeypatch):
+    """On-policy, the evaluation runs in line: if its launch waits for an actor whose catch-up meets a version lost
+    with its learner (``WeightsLost``), the run restores the learner from its last checkpoint, as for a learner
+    that died in a step, redoes the steps since, and finishes."""
+    cfg = driver.cfg
+    saved = (cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every, cfg.train.run_dir, driver.run_dir,
+             driver.last_checkpoint)
+    target = driver.step + 4
+    cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every = target, 1, 1
+    driver.run_dir = tmp_path / "lost"
+    cfg.train.run_dir = str(driver.run_dir)
+    driver.last_checkpoint = None  # an earlier test's run left its own (another run directory)
+    evaluate, calls, lines = driver.evaluate, [], []
+
+    def evaluate_once_lost():
+        calls.append(driver.step)
+        if driver.last_checkpoint is not None and len(calls) == 3:  # the second in-line one, after a checkpoint
+            raise WeightsLost("version 7 was lost with the learner that published it")
+        return evaluate()
+
+    monkeypatch.setattr(driver, "evaluate", evaluate_once_lost)
+    monkeypatch.setattr(driver, "log", lines.append)
+    restores = driver.learner_restores
+    try:
+        summary = driver.run()
+    finally:
+        (cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every, cfg.train.run_dir, driver.run_dir,
+         driver.last_checkpoint) = saved
+        monkeypatch.undo()
+        driver.sync()
+    assert summary["steps"] == target and summary["learner_restores"] == restores + 1, lines
+    assert any("version 7 was lost" in line and "restoring it from" in line for line in lines), lines
+    assert calls[3] == calls[2]  # the step whose evaluation failed was trained again from its checkpoint, evaluated
+    rows = [json.loads(line) for line in (tmp_path / "lost" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["step"] for r in rows if "reward/mean" in r]
+    assert trained == list(range(target - 3, target + 1))  # each step logged once, in order, none lost
