@@ -12,6 +12,7 @@ micro-batch slices all of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from itertools import chain
 
 import torch
 
@@ -73,9 +74,15 @@ def collate(scored: list[ScoredRollout], pad_id: int, width: int | None = None) 
     rollouts = [s.rollout for s in scored]
     batch = _collate_sequences([(r.prompt_ids, r.response_ids) for r in rollouts], [r.group_id for r in rollouts],
                                pad_id, width)
-    for i, r in enumerate(rollouts):  # token p + j (response token j) is predicted at position p + j - 1
-        p = len(r.prompt_ids)
-        batch.behaviour_logprobs[i, p - 1 : p - 1 + len(r.response_ids)] = torch.tensor(r.sampling_logprobs)
+    # token p + j (response token j) is predicted at position p + j - 1
+    logprobs = torch.tensor(list(chain.from_iterable(r.sampling_logprobs for r in rollouts)), dtype=torch.float32)
+    row, j = _ragged(torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.long))
+    if len(logprobs) != len(row):
+        bad = next(r for r in rollouts if len(r.sampling_logprobs) != len(r.response_ids))
+        raise ValueError(f"rollout of group {bad.group_id} has {len(bad.sampling_logprobs)} sampling logprobs for "
+                         f"{len(bad.response_ids)} response tokens: the sampler must return one per token")
+    prompt_len = torch.tensor([len(r.prompt_ids) for r in rollouts], dtype=torch.long)
+    batch.behaviour_logprobs[row, prompt_len[row] + j - 1] = logprobs
     return batch.with_fields(
         rewards=torch.tensor([s.reward for s in scored], dtype=torch.float32),
         versions=torch.tensor([r.policy_version for r in rollouts], dtype=torch.long),
@@ -135,15 +142,24 @@ def collate_rewarded(samples: list[RewardedSequence], pad_id: int, width: int | 
 
 def _collate_sequences(rows: list[tuple[list[int], list[int]]], index: list[int], pad_id: int,
                        width: int | None) -> RolloutBatch:
-    width = max([width or 2, *(len(a) + len(b) for a, b in rows)])
+    """One tensor op per field rather than one per row: the learner collates every step (512 rows on the default
+    task, a tenth of its step when this was a loop over rows)."""
+    prompt_len = torch.tensor([len(a) for a, _ in rows], dtype=torch.long)
+    length = prompt_len + torch.tensor([len(b) for _, b in rows], dtype=torch.long)
+    width = max(width or 2, int(length.max()) if rows else 0)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    response_mask = torch.zeros((n, width - 1))
-    for i, (prompt, response) in enumerate(rows):
-        input_ids[i, : len(prompt) + len(response)] = torch.tensor(prompt + response)
-        attention[i, : len(prompt) + len(response)] = 1
-        response_mask[i, len(prompt) - 1 : len(prompt) - 1 + len(response)] = 1
+    input_ids[_ragged(length)] = torch.tensor(list(chain.from_iterable(chain.from_iterable(rows))), dtype=torch.long)
+    attention = (torch.arange(width) < length.unsqueeze(1)).long()
+    position = torch.arange(width - 1)  # position t predicts token t + 1: the response's are p - 1 .. len - 2
+    response_mask = ((position >= prompt_len.unsqueeze(1) - 1) & (position < length.unsqueeze(1) - 1)).float()
     return RolloutBatch(input_ids, attention, response_mask, torch.zeros((n, width - 1)), torch.zeros(n),
                         torch.tensor(index, dtype=torch.long), torch.zeros(n, dtype=torch.long),
                         torch.zeros(n, dtype=torch.bool))
+
+
+def _ragged(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every element of rows of these ``lengths`` laid end to end, as index tensors."""
+    row = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    start = torch.cumsum(lengths, 0) - lengths
+    return row, torch.arange(len(row)) - start[row]
