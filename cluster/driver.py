@@ -27,9 +27,10 @@ import ray
 
 from cluster import checkpoint
 from cluster.config import RelayConfig
-from cluster.fleet import Fleet, Launch, WeightsLost
+from cluster.errors import LearnerDied, RunError, WeightsLost
+from cluster.fleet import Fleet, Launch
 from cluster.progress import Progress
-from cluster.recovery import LearnerDied, Recovery, RunError, _graceful_stop
+from cluster.recovery import Recovery, _graceful_stop
 from cluster.rollout_buffer import Group, RolloutBuffer, by_group
 from cluster.stream import RolloutStream
 from core import heap
@@ -288,10 +289,7 @@ class Driver(Recovery):
         loading = self.fleet.start_load(version, ref)
         if launch_next:
             self.inflight.append(self.launch(self.step + 1, version))
-        try:
-            stats.update(self.fleet.finish_load(version, loading))
-        except WeightsLost as e:  # the learner died after publishing: restored like any dead learner
-            raise LearnerDied(str(e)) from None
+        stats.update(self.fleet.finish_load(version, loading))  # WeightsLost: the learner died after publishing
         stats["sync/seconds"] = time.perf_counter() - start
         return stats
 

@@ -36,20 +36,9 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, OwnerDiedError, RayActorError, RayTaskError
 
 from actors.config import GenerationConfig
+from cluster.errors import FleetError, WeightsLost, WrongVersion
 from core.records import Prompt, Rollout
 from learner.weights import VersionStore
-
-
-class FleetError(RuntimeError):
-    """No generation actor is left to take work."""
-
-
-class WrongVersion(RuntimeError):
-    """An on-policy shard came back sampled by another version than the one it was launched for."""
-
-
-class WeightsLost(RuntimeError):
-    """A version's weights left the object store with the learner that put them, before every actor loaded it."""
 
 
 @dataclass

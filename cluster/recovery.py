@@ -16,15 +16,7 @@ from pathlib import Path
 import ray
 
 from cluster import checkpoint
-from cluster.fleet import WeightsLost
-
-
-class RunError(RuntimeError):
-    """A problem the user can fix, reported without a traceback by the CLI."""
-
-
-class LearnerDied(RuntimeError):
-    """The learner actor died or missed its deadline."""
+from cluster.errors import LearnerDied, RunError
 
 
 class Recovery:
@@ -34,7 +26,7 @@ class Recovery:
         """``_step``, restoring the learner from the last checkpoint if it died (None then)."""
         try:
             return self._step()
-        except (LearnerDied, WeightsLost) as e:  # weights lost with the learner that published them: it died
+        except LearnerDied as e:  # WeightsLost too: the weights went with the learner that published them
             self._restore_learner(e)
             return None
 
