@@ -384,9 +384,10 @@ class Driver(Recovery):
         if self.evals[-1][0] != self.step:
             try:
                 final = self.evaluate()
-            except WeightsLost as e:
-                raise RunError(f"the learner died before the final evaluation ({e}); continue from the last "
-                               f"checkpoint with: relay train --resume {self.run_dir}") from None
+            except WeightsLost as e:  # rare: an actor's catch-up met the lost version; the steps since are not saved
+                raise RunError(f"the learner died before the final evaluation ({e}); the last checkpoint is "
+                               f"{self.last_checkpoint or 'none yet'}. Continue with: relay train --resume "
+                               f"{self.run_dir}") from None
             self.evals.append((self.step, final["eval/task_score"]))
             self._emit(self.step, final)
         path = self._last_checkpoint("final", rl_seconds)

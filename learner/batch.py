@@ -149,7 +149,8 @@ def _collate_sequences(rows: list[tuple[list[int], list[int]]], index: list[int]
     width = max(width or 2, int(length.max()) if rows else 0)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    input_ids[_ragged(length)] = torch.tensor(list(chain.from_iterable(chain.from_iterable(rows))), dtype=torch.long)
+    tokens = chain.from_iterable(chain.from_iterable(rows))  # each row's prompt, then its response, row after row
+    input_ids[_ragged(length)] = torch.tensor(list(tokens), dtype=torch.long)
     attention = (torch.arange(width) < length.unsqueeze(1)).long()
     position = torch.arange(width - 1)  # position t predicts token t + 1: the response's are p - 1 .. len - 2
     response_mask = ((position >= prompt_len.unsqueeze(1) - 1) & (position < length.unsqueeze(1) - 1)).float()

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from cluster.config import load_config
-from cluster.driver import Driver, LearnerDied, _BackgroundEval, resolve_policy, sampling_seed
+from cluster.driver import Driver, LearnerDied, RunError, _BackgroundEval, resolve_policy, sampling_seed
 from cluster.errors import WeightsLost
 from cluster.resources import check_resources
 
@@ -628,3 +628,32 @@ def test_in_line_evaluation_that_meets_lost_weights_restores_the_learner(driver,
     rows = [json.loads(line) for line in (tmp_path / "lost" / "metrics.jsonl").read_text().splitlines()]
     trained = [r["step"] for r in rows if "reward/mean" in r]
     assert trained == list(range(target - 3, target + 1))  # each step logged once, in order, none lost
+
+
+def test_final_evaluation_that_meets_lost_weights_stops_naming_the_last_checkpoint(driver, tmp_path, monkeypatch):
+    """The final evaluation runs after the loop: a ``WeightsLost`` there stops the run with a RunError that names
+    the last checkpoint and the resume command, rather than a traceback."""
+    cfg = driver.cfg
+    saved = (cfg.train.steps, cfg.train.eval_every, cfg.train.run_dir, driver.run_dir, driver.last_checkpoint)
+    first = driver.step
+    cfg.train.steps, cfg.train.eval_every = first + 1, 100000
+    driver.run_dir = tmp_path / "final"
+    cfg.train.run_dir = str(driver.run_dir)
+    driver.last_checkpoint = None
+    evaluate = driver.evaluate
+
+    def lost_at_the_end():
+        if driver.step > first:
+            raise WeightsLost("version 9 was lost with the learner that published it")
+        return evaluate()
+
+    monkeypatch.setattr(driver, "evaluate", lost_at_the_end)
+    try:
+        with pytest.raises(RunError, match=r"before the final evaluation \(version 9 was lost.*\); the last checkpoint "
+                                           rf"is none yet\. Continue with: relay train --resume {driver.run_dir}"):
+            driver.run()
+    finally:
+        (cfg.train.steps, cfg.train.eval_every, cfg.train.run_dir, driver.run_dir, driver.last_checkpoint) = saved
+        monkeypatch.undo()
+        driver.sync()
+    assert driver.step == first + 1
