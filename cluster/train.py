@@ -35,10 +35,8 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
     lock.acquire()  # a second job on this run_dir fails here, before it touches anything
     try:
         resume_from = _resume_point(cfg, log) if resume else None
-        if resume_from is None and checkpoint.latest(run_dir) is not None:
-            moved = checkpoint.move_aside(run_dir, lock)
-            log(f"train.run_dir {run_dir} held an earlier run; moved it to {moved} (continue that one with "
-                f"relay train --resume {moved})")
+        if resume_from is None:
+            set_aside_earlier_run(run_dir, lock, log)
         if resume_from is not None and resume_from.name == "final" \
                 and checkpoint.read_state(resume_from)["step"] >= cfg.train.steps:
             log(f"the run in {run_dir} already finished train.steps={cfg.train.steps}; raise it to train further")
@@ -46,6 +44,20 @@ def train(cfg: RelayConfig, log=print, resume: bool = False) -> dict:
         return _train(cfg, data, resume_from, log)
     finally:
         lock.release()
+
+
+def set_aside_earlier_run(run_dir: Path, lock: checkpoint.RunDirLock, log=print) -> Path | None:
+    """A new run in a ``run_dir`` that holds an earlier one (its config, metrics or a checkpoint) moves that one
+    aside first, so that the two runs' metrics never share one file, whether or not the earlier one got as far as
+    a checkpoint; returns where it went (None: nothing was there)."""
+    resumable = checkpoint.latest(run_dir) is not None
+    if not (resumable or (run_dir / "config.json").exists() or (run_dir / "metrics.jsonl").exists()):
+        return None
+    moved = checkpoint.move_aside(run_dir, lock)
+    log(f"train.run_dir {run_dir} held an earlier run; moved it to {moved} "
+        + (f"(continue that one with relay train --resume {moved})" if resumable else
+           "(it wrote no checkpoint, so it cannot be resumed)"))
+    return moved
 
 
 def _train(cfg: RelayConfig, data: Encoded, resume_from: Path | None, log) -> dict:
