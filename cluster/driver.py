@@ -385,9 +385,9 @@ class Driver(Recovery):
             try:
                 final = self.evaluate()
             except WeightsLost as e:  # rare: an actor's catch-up met the lost version; the steps since are not saved
-                raise RunError(f"the learner died before the final evaluation ({e}); the last checkpoint is "
-                               f"{self.last_checkpoint or 'none yet'}. Continue with: relay train --resume "
-                               f"{self.run_dir}") from None
+                then = (f"the last checkpoint is {self.last_checkpoint}. Continue with: relay train --resume "
+                        f"{self.run_dir}") if self.last_checkpoint else "no checkpoint was written: start the run again"
+                raise RunError(f"the learner died before the final evaluation ({e}); {then}") from None
             self.evals.append((self.step, final["eval/task_score"]))
             self._emit(self.step, final)
         path = self._last_checkpoint("final", rl_seconds)

@@ -74,13 +74,14 @@ def collate(scored: list[ScoredRollout], pad_id: int, width: int | None = None) 
     rollouts = [s.rollout for s in scored]
     batch = _collate_sequences([(r.prompt_ids, r.response_ids) for r in rollouts], [r.group_id for r in rollouts],
                                pad_id, width)
+    for r in rollouts:  # checked per row: counts that only add up would shift logprobs onto other rows
+        if len(r.sampling_logprobs) != len(r.response_ids) or not r.prompt_ids:
+            raise ValueError(f"rollout of group {r.group_id} has {len(r.prompt_ids)} prompt tokens and "
+                             f"{len(r.sampling_logprobs)} sampling logprobs for {len(r.response_ids)} response tokens: "
+                             "the sampler must return one logprob per response token, after a prompt of one or more")
     # token p + j (response token j) is predicted at position p + j - 1
     logprobs = torch.tensor(list(chain.from_iterable(r.sampling_logprobs for r in rollouts)), dtype=torch.float32)
     row, j = _ragged(torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.long))
-    if len(logprobs) != len(row):
-        bad = next(r for r in rollouts if len(r.sampling_logprobs) != len(r.response_ids))
-        raise ValueError(f"rollout of group {bad.group_id} has {len(bad.sampling_logprobs)} sampling logprobs for "
-                         f"{len(bad.response_ids)} response tokens: the sampler must return one per token")
     prompt_len = torch.tensor([len(r.prompt_ids) for r in rollouts], dtype=torch.long)
     batch.behaviour_logprobs[row, prompt_len[row] + j - 1] = logprobs
     return batch.with_fields(

@@ -631,12 +631,13 @@ def test_in_line_evaluation_that_meets_lost_weights_restores_the_learner(driver,
 
 
 def test_final_evaluation_that_meets_lost_weights_stops_naming_the_last_checkpoint(driver, tmp_path, monkeypatch):
-    """The final evaluation runs after the loop: a ``WeightsLost`` there stops the run with a RunError that names
-    the last checkpoint and the resume command, rather than a traceback."""
+    """The final evaluation runs after the loop: a ``WeightsLost`` there stops the run with a RunError that says
+    what to do (here, with no checkpoint written, start again; else resume from the one it names), not a traceback."""
     cfg = driver.cfg
-    saved = (cfg.train.steps, cfg.train.eval_every, cfg.train.run_dir, driver.run_dir, driver.last_checkpoint)
+    saved = (cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every, cfg.checkpoint.every_s, cfg.train.run_dir,
+             driver.run_dir, driver.last_checkpoint)
     first = driver.step
-    cfg.train.steps, cfg.train.eval_every = first + 1, 100000
+    cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every, cfg.checkpoint.every_s = first + 1, 100000, 0, None
     driver.run_dir = tmp_path / "final"
     cfg.train.run_dir = str(driver.run_dir)
     driver.last_checkpoint = None
@@ -649,11 +650,12 @@ def test_final_evaluation_that_meets_lost_weights_stops_naming_the_last_checkpoi
 
     monkeypatch.setattr(driver, "evaluate", lost_at_the_end)
     try:
-        with pytest.raises(RunError, match=r"before the final evaluation \(version 9 was lost.*\); the last checkpoint "
-                                           rf"is none yet\. Continue with: relay train --resume {driver.run_dir}"):
+        with pytest.raises(RunError, match=r"before the final evaluation \(version 9 was lost.*\); no checkpoint was "
+                                           r"written: start the run again$"):
             driver.run()
     finally:
-        (cfg.train.steps, cfg.train.eval_every, cfg.train.run_dir, driver.run_dir, driver.last_checkpoint) = saved
+        (cfg.train.steps, cfg.train.eval_every, cfg.checkpoint.every, cfg.checkpoint.every_s, cfg.train.run_dir,
+         driver.run_dir, driver.last_checkpoint) = saved
         monkeypatch.undo()
         driver.sync()
     assert driver.step == first + 1

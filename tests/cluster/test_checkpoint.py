@@ -239,7 +239,7 @@ def test_move_aside_keeps_the_earlier_run_and_holds_the_directory_again(tmp_path
     lock.release()
 
 
-@pytest.mark.parametrize("earlier", ["checkpoint", "metrics only", "nothing"])
+@pytest.mark.parametrize("earlier", ["checkpoint", "metrics only", "config only", "nothing"])
 def test_a_new_run_sets_an_earlier_run_aside_even_without_a_checkpoint(tmp_path, earlier):
     """A run killed before its first checkpoint left its metrics: a new run in that directory must not append to
     them (they would read as one run), so it is moved aside too, said to be not resumable."""
@@ -248,8 +248,10 @@ def test_a_new_run_sets_an_earlier_run_aside_even_without_a_checkpoint(tmp_path,
     run_dir = tmp_path / "run"
     lock = RunDirLock(run_dir)
     lock.acquire()
-    if earlier != "nothing":
+    (run_dir / "relay.yaml").write_text("train: {}\n")  # a user's own file there is not a run
+    if earlier in ("checkpoint", "config only"):
         (run_dir / "config.json").write_text("{}\n")
+    if earlier in ("checkpoint", "metrics only"):
         (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
     if earlier == "checkpoint":
         checkpoint.write(run_dir, "step_5", lambda staging: None, {"step": 5})
@@ -257,9 +259,9 @@ def test_a_new_run_sets_an_earlier_run_aside_even_without_a_checkpoint(tmp_path,
     moved = set_aside_earlier_run(run_dir, lock, lines.append)
     lock.release()
     if earlier == "nothing":
-        assert moved is None and lines == [] and sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+        assert moved is None and lines == [] and sorted(p.name for p in run_dir.iterdir()) == [".lock", "relay.yaml"]
         return
-    assert (moved / "metrics.jsonl").read_text() == '{"step": 0}\n' and not (run_dir / "metrics.jsonl").exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"] and (moved / "relay.yaml").exists()
     want = f"continue that one with relay train --resume {moved}" if earlier == "checkpoint" else \
         "it wrote no checkpoint, so it cannot be resumed"
     assert lines == [f"train.run_dir {run_dir} held an earlier run; moved it to {moved} ({want})"]

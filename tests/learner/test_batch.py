@@ -59,5 +59,10 @@ def test_collation_matches_a_row_by_row_formulation(width):
 def test_zero_rows_at_a_width_and_a_logprob_count_that_does_not_match():
     empty = collate([], pad_id=0, width=6)
     assert empty.input_ids.shape == (0, 6) and empty.response_mask.shape == (0, 5)
-    with pytest.raises(ValueError, match="group 3 has 1 sampling logprobs for 2 response tokens"):
+    with pytest.raises(ValueError, match="group 3 has 2 prompt tokens and 1 sampling logprobs for 2 response tokens"):
         collate([rollout([5], [8], [-1.0]), rollout([5, 6], [8, 9], [-1.0], group=3)], pad_id=0)
+    with pytest.raises(ValueError, match="group 4 has 1 prompt tokens and 2 sampling logprobs for 1 response"):
+        # one too many here, one too few next: the counts add up, and would have shifted a logprob a row
+        collate([rollout([5], [8], [-1.0, -2.0], group=4), rollout([5], [8, 9], [-1.0], group=5)], pad_id=0)
+    with pytest.raises(ValueError, match="group 6 has 0 prompt tokens"):
+        collate([rollout([], [8], [-1.0], group=6)], pad_id=0)
