@@ -69,7 +69,8 @@ def test_gradient_equals_a_plain_formulation(loss, smoothing, policy_dir):
     torch.stack(losses).mean().backward()
     checked = 0
     for (name, ours), theirs in zip(learner.policy.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=0, msg=name)
+        # float32 rounding: 1.2e-6 on a gradient of 2.6 on an Intel Xeon (AVX-512) instance, a few ulps
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-6, msg=name)
         checked += int(theirs.grad.abs().max() > 1e-4)
     assert checked > 10  # the gradients are not all ~0
 
@@ -189,4 +190,5 @@ def test_offline_rwr_gradient_equals_a_plain_formulation(policy_dir):
     (total / len(samples)).backward()
     assert stats["offline/loss"] == pytest.approx(total.item() / len(samples), abs=1e-5)
     for (name, ours), theirs in zip(learner.policy.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=0, msg=name)
+        # float32 rounding: 1.2e-6 on a gradient of 2.6 on an Intel Xeon (AVX-512) instance, a few ulps
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-6, msg=name)
